@@ -1,0 +1,92 @@
+"""The `metaunlearn` command. Commands only parse arguments and call the library;
+a MetaunlearnError becomes one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MetaunlearnError
+
+app = typer.Typer(help="Make unlearned text-to-image diffusion models resist relearning (meta-unlearning).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class WorldPreset(str, enum.Enum):
+    default = "default"
+    reduced = "reduced"
+
+
+def user_errors(fn):
+    """Turn expected failures into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MetaunlearnError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def world(
+    name: Annotated[str, typer.Argument(help="Which built-in world; only 'digits' exists.")] = "digits",
+    out: Annotated[Optional[Path], typer.Option(help="Also copy the finished world to this folder.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild even if a cached world exists.")] = False,
+    preset: Annotated[WorldPreset, typer.Option(help="'reduced' builds in seconds for smoke tests; "
+                                                     "its quality is meaningless.")] = WorldPreset.default,
+):
+    """Build (or reuse from the cache) the built-in tiny text-to-image world and print its quality."""
+    import shutil
+
+    from .worlds.digits import REPORT_FILE, DigitsWorldConfig, get_world
+
+    if name != "digits":
+        raise MetaunlearnError(f"unknown world '{name}'; the built-in world is 'digits'")
+    config = DigitsWorldConfig() if preset is WorldPreset.default else DigitsWorldConfig.reduced()
+    folder = get_world(config, rebuild=rebuild)
+    if out is not None:
+        if out.exists() and any(out.iterdir()):
+            raise MetaunlearnError(f"'{out}' exists and is not empty; choose a new folder")
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        folder = out
+    report = json.loads((folder / REPORT_FILE).read_text())
+    _print_world_report(report, folder)
+
+
+def _print_world_report(report: dict, folder: Path) -> None:
+    m = report["metrics"]
+    typer.echo(f"digits world: {folder}")
+    typer.echo(f"  detector accuracy, held-out real digits:     {m['detector_accuracy_real']:.1%}")
+    typer.echo(f"  detector accuracy, VAE reconstructions:      {m['detector_accuracy_reconstructed']:.1%}")
+    per_digit = "  ".join(f"{d}:{v:.0%}" for d, v in m["sample_accuracy_per_digit"].items())
+    typer.echo(f"  samples classified as their digit (g={m['guidance_scale']}): {per_digit}")
+    typer.echo(f"  build time: {report['timings_s']['total']:.0f} s  ({folder / 'world.json'})")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder for the demo's outputs.")] = Path("runs/demo"),
+):
+    """The built-in study on the digits world, on a CPU, in minutes."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

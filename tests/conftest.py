@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny, randomly initialised but real pipelines built offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = ["a", "photo", "of", "the", "digit", "eight", "three", "one", "dog", "cat"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A saved tiny SD-1.x pipeline folder (random weights)."""
+    from metaunlearn.worlds.pipeline import TinyPipelineConfig, build_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "pipeline"
+    build_pipeline(TinyPipelineConfig(), WORDS, seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tiny_pipeline_dir):
+    from metaunlearn import DiffusionModel
+
+    return DiffusionModel.load(tiny_pipeline_dir)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Worlds built by tests go to a temporary cache, never the user's."""
+    monkeypatch.setenv("METAUNLEARN_CACHE", str(tmp_path / "cache"))
