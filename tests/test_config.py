@@ -1,0 +1,192 @@
+"""The study schema: the example loads, defaults fill in, every mistake is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metaunlearn.config import StudyConfig, dump_config, load_config
+from metaunlearn.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "digits-eight.yaml"
+MINIMAL = {"concepts": {"forget": {"prompts": ["a photo of the digit eight"]}}}
+
+
+def write(tmp_path: Path, data, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def error_of(tmp_path: Path, data, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_example_config_loads():
+    config = load_config(EXAMPLE)
+    assert config.name == "digits-eight"
+    assert config.model.source == "digits" and config.model.mixed_precision == "no"
+    assert config.concepts.forget.digits == ["eight"]
+    assert len(config.concepts.forget.prompts) == 3
+    assert config.concepts.related.digits == ["three", "nine"]
+    assert config.concepts.unrelated.digits == ["one", "four", "seven"]
+    assert config.method.name == "esd" and config.method.params == "noxattn"
+    assert config.method.lr == pytest.approx(1e-5)
+    assert config.meta.enabled is False
+    assert [(a.name, a.kind, a.lr) for a in config.attacks] == [
+        ("relearn-full", "full", pytest.approx(1e-4)),
+        ("relearn-lora", "lora", pytest.approx(1e-3)),
+    ]
+    assert config.run_dir() == Path("runs/digits-eight")
+
+
+def test_defaults_fill_in(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "attacks": [{"name": "short", "steps": 60}]}))
+    assert config.name == "study" and config.seeds == [0]
+    assert config.model.dtype == "float32" and config.model.device == "auto"
+    assert config.data.images_per_prompt == 8
+    assert config.method.steps == 200 and config.method.esd.eta == 1.0 and config.method.sdd.ema_decay == 0.999
+    assert config.meta.mode == "first_order" and config.meta.unrelated_after == 0.0 and config.meta.forget_after == 1.0
+    assert config.evaluation.seed_offset == 100000
+    attack = config.attacks[0]
+    assert attack.kind == "full" and attack.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert attack.eval_at == [0, 10, 25, 50, 60]  # the default schedule, cut at the attack's length
+    assert config.run_dir() == Path("runs/study")
+
+
+def test_blank_section_and_numeral_digits(tmp_path):
+    text = "concepts:\n  forget:\n    digits: [8, '3']\n  related:\nmeta:\n"
+    config = load_config(write(tmp_path, text))
+    assert config.concepts.forget.digits == ["eight", "three"]
+    assert config.concepts.related.prompts == [] and config.meta.enabled is False
+
+
+def test_unknown_nested_key_names_path_and_valid_keys(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "method": {"esd": {"etaa": 3}}})
+    assert "unknown key 'method.esd.etaa'" in message
+    assert "valid keys: eta, x_t, ddim_steps, sample_guidance" in message
+    assert message.startswith(str(tmp_path / "study.yaml"))
+
+
+def test_unknown_key_inside_a_list(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a", "stesp": 3}]})
+    assert "unknown key 'attacks.0.stesp'" in message and "steps" in message
+
+
+def test_bad_literal_lists_allowed_values(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "method": {"params": "attn"}})
+    assert "method.params" in message and "'attn'" in message
+    assert "noxattn, xattn, full, selfattn" in message
+
+
+def test_several_errors_report_the_first_and_a_count(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "method": {"name": "x", "steps": 0}})
+    assert "method.name" in message and message.endswith("(and 1 more)")
+
+
+def test_bad_number_names_path(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "data": {"images_per_prompt": 0}})
+    assert message.endswith("data.images_per_prompt: input should be greater than 0 (got 0)")
+
+
+def test_overrides_change_values(tmp_path):
+    config = load_config(EXAMPLE, [
+        "method.steps=50",
+        "method.lr=1e-4",             # YAML reads 1e-4 as a string: it must still become a float
+        "attacks.0.lr=1e-3",
+        "attacks.1.eval_at=[0, 20, 10, 20]",
+        "meta.enabled=true",
+        "meta.inner_lr_range=[1e-5, 1e-3]",
+        "model.mixed_precision=no",   # YAML's `no` is false; the field wants the text
+        "concepts.guide=a photo of the digit zero",
+        "name=123",
+    ])
+    assert config.method.steps == 50
+    assert isinstance(config.method.lr, float) and config.method.lr == pytest.approx(1e-4)
+    assert config.attacks[0].lr == pytest.approx(1e-3)
+    assert config.attacks[1].eval_at == [0, 10, 20]
+    assert config.meta.enabled is True and config.meta.inner_lr_range == pytest.approx((1e-5, 1e-3))
+    assert config.model.mixed_precision == "no"
+    assert config.concepts.guide == "a photo of the digit zero"
+    assert config.name == "123"
+
+
+def test_override_creates_missing_section(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["meta.enabled=true", "method.esd.eta=3"])
+    assert config.meta.enabled is True and config.method.esd.eta == 3.0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method.stpes=3", "unknown key 'method.stpes'; valid keys: name, params, steps, lr"),
+        ("metaa.enabled=true", "unknown key 'metaa'; valid keys: name, seeds, model, concepts"),
+        ("attacks.5.lr=1", "index 5 out of range, 'attacks' has 2 entries"),
+        ("attacks.full.lr=1", "'attacks' has no key or index 'full'"),
+        ("method.steps", "not of the form dotted.key=value"),
+    ],
+)
+def test_bad_override_fails_with_its_path(override, expected):
+    with pytest.raises(ConfigError, match="^override ") as info:
+        load_config(EXAMPLE, [override])
+    assert expected in str(info.value)
+
+
+def test_override_value_is_validated():
+    with pytest.raises(ConfigError, match=r"attacks\.0\.eval_at has \[300\], outside 0\.\.steps \(200\)"):
+        load_config(EXAMPLE, ["attacks.0.eval_at=[0, 300]"])
+
+
+def test_empty_forget_role_fails_clearly(tmp_path):
+    for concepts in ({"forget": {}}, {"forget": {"prompts": []}, "related": {"digits": ["three"]}}):
+        message = error_of(tmp_path, {"concepts": concepts})
+        assert "concepts.forget has no prompts, digits or images" in message
+
+
+def test_bad_digit_fails(tmp_path):
+    message = error_of(tmp_path, {"concepts": {"forget": {"digits": ["ten"]}}})
+    assert "concepts.forget.digits has ['ten'], not digits" in message
+
+
+def test_duplicate_attack_names_fail(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a"}, {"name": "a", "kind": "lora"}]})
+    assert "attacks has duplicate names: a" in message
+
+
+def test_file_problems_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    assert "not valid YAML at line 2" in error_of(tmp_path, "name: x\nmodel: source: digits\n")
+    assert "must be a mapping of sections" in error_of(tmp_path, "- a\n- b\n")
+    assert "got nothing" in error_of(tmp_path, "")
+
+
+def test_round_trip(tmp_path):
+    config = load_config(EXAMPLE, ["meta.enabled=true", "meta.inner_lr_range=[1e-5, 1e-3]"])
+    again = load_config(dump_config(config, tmp_path / "out" / "config.yaml"))
+    assert again == config
+    assert again.to_yaml() == config.to_yaml()
+
+
+def test_fingerprint_tracks_only_named_sections():
+    base = load_config(EXAMPLE)
+    assert base.fingerprint("method") == load_config(EXAMPLE).fingerprint("method")
+    other_method = load_config(EXAMPLE, ["method.esd.eta=3"])
+    other_attacks = load_config(EXAMPLE, ["attacks.0.lr=1e-2"])
+    assert other_method.fingerprint("method") != base.fingerprint("method")
+    assert other_attacks.fingerprint("model", "concepts", "method") == base.fingerprint("model", "concepts", "method")
+    assert other_attacks.fingerprint("attacks") != base.fingerprint("attacks")
+    assert base.fingerprint("model") != base.fingerprint("data")  # section names are part of the hash
+    assert len(base.fingerprint()) == 16
+
+
+def test_from_dict_does_not_mutate_input():
+    data = {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
+    config = StudyConfig.from_dict(data, ["meta.enabled=true"])
+    assert config.meta.enabled and data == {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
