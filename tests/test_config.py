@@ -53,7 +53,7 @@ def test_defaults_fill_in(tmp_path):
     assert config.data.images_per_prompt == 8
     assert config.method.steps == 200 and config.method.esd.eta == 1.0 and config.method.sdd.ema_decay == 0.999
     assert config.meta.mode == "first_order" and config.meta.unrelated_after == 0.0 and config.meta.forget_after == 1.0
-    assert config.evaluation.seed_offset == 100000
+    assert config.evaluation.seed_offset == 3_000_000_000
     attack = config.attacks[0]
     assert attack.kind == "full" and attack.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
     assert attack.eval_at == [0, 10, 25, 50, 60]  # the default schedule, cut at the attack's length

@@ -77,6 +77,74 @@ def _print_world_report(report: dict, folder: Path) -> None:
     typer.echo(f"  build time: {report['timings_s']['total']:.0f} s  ({folder / 'world.json'})")
 
 
+ConfigArg = Annotated[Path, typer.Argument(help="Study YAML file (see configs/).", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override one config value, e.g. --set method.steps=200 (repeatable).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Run this seed only (default: every seed of the study).")]
+
+
+def _config(path: Path, overrides: Optional[list[str]], meta: Optional[bool] = None):
+    from .config import load_config
+
+    overrides = list(overrides or [])
+    if meta is not None:
+        overrides.append(f"meta.enabled={str(meta).lower()}")
+    return load_config(path, overrides)
+
+
+@app.command()
+@user_errors
+def data(config: ConfigArg, set_: SetOpt = None,
+         split: Annotated[str, typer.Option(help="train, test or attack (the attacker's held-out images).")] = "train"):
+    """Make or collect the forget, related and unrelated data and cache their latents and prompt embeddings."""
+    from .stages import concept_data, load_model
+
+    cfg = _config(config, set_)
+    data = concept_data(cfg, load_model(cfg), split)
+    for role in ("forget", "related", "unrelated"):
+        part = getattr(data, role)
+        count = f"{len(part)} items, {len(part.prompts)} prompts" if part is not None else "none"
+        typer.echo(f"{role:>9}: {count}")
+    typer.echo(f"cached in {cfg.run_dir() / 'data' / split}")
+
+
+@app.command()
+@user_errors
+def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
+            meta: Annotated[Optional[bool], typer.Option("--meta/--no-meta", help="Add the meta objective "
+                                                         "(overrides meta.enabled).", show_default=False)] = None,
+            fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints of an interrupted run "
+                                                "instead of resuming from them.")] = False):
+    """Unlearn the forget concept with the base method (optionally plus meta); resumes an interrupted run."""
+    import shutil
+
+    from .stages import run_unlearn, unlearn_dir
+
+    cfg = _config(config, set_, meta)
+    for s in [seed] if seed is not None else cfg.seeds:
+        if fresh:
+            shutil.rmtree(unlearn_dir(cfg, s), ignore_errors=True)
+        out = run_unlearn(cfg, s)
+        typer.echo(f"seed {s}: unlearned model in {out}")
+
+
+@app.command()
+@user_errors
+def evaluate(config: ConfigArg, set_: SetOpt = None,
+             model: Annotated[Optional[Path], typer.Option(help="Model folder to evaluate (default: the "
+                                                           "study's original model).")] = None,
+             label: Annotated[Optional[str], typer.Option(help="Name of the results file in eval/.")] = None):
+    """Sample every role's prompts and report the share of samples that show the concept they name."""
+    from .stages import run_evaluate
+
+    cfg = _config(config, set_)
+    results, path = run_evaluate(cfg, model, label)
+    for role, value in results["roles"].items():
+        name = "forget rate" if role == "forget" else f"{role} accuracy"
+        typer.echo(f"{name:>20}: {value['rate']:.1%}")
+    typer.echo(f"results: {path}")
+
+
 @app.command()
 @user_errors
 def demo(

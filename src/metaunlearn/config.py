@@ -201,7 +201,8 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
     detector: Literal["auto", "digits", "nudenet"] = Field("auto", description=(
         "Concept detector; 'auto' is 'digits' for the digits world, else 'nudenet'."))
-    seed_offset: int = Field(100000, ge=0, description="Added to evaluation seeds so they never equal data seeds.")
+    seed_offset: int = Field(3_000_000_000, ge=0, description=(
+        "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split)."))
 
 
 class OutputConfig(_Section):

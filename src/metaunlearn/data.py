@@ -1,0 +1,288 @@
+"""Concept data: the forget, related and unrelated sets of the paper (hrm, tgt,
+irt), per split, as VAE latents + one text embedding per unique prompt.
+
+Training never runs the text encoder or the VAE per step: every image is
+encoded once here and every caption once, and both are cached under
+`cache_dir/<split>/` with a manifest whose fingerprint says what made them.
+A role's images come from the digits world's dataset (`digits`), an image
+folder (`images`), or, as in the paper, from the model itself (`prompts` only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import imagefolder
+from .conditioning import Conditioning
+from .config import RoleConfig, StudyConfig
+from .errors import MetaunlearnError
+from .images import grid, save_png
+from .model import DiffusionModel
+from .worlds import is_digits_world, world_report
+from .worlds.digits_data import DIGIT_WORDS, digit_of_word, prompts_for
+
+ROLES = ("forget", "related", "unrelated")
+SPLITS = ("train", "test", "attack")  # train: unlearning + meta; test: held out; attack: the attacker's only
+# Generated images: seed = base(split) + prompt_number * SEEDS_PER_PROMPT + i. Bases 1e9 apart
+# (not 1e6) keep the splits disjoint for up to 100k prompts, not just 100.
+SPLIT_SEED_BASE = {"train": 0, "test": 1_000_000_000, "attack": 2_000_000_000}
+SEEDS_PER_PROMPT = 10_000
+MANIFEST = "manifest.json"
+FORMAT = 1  # bump when the cached files change meaning
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`, renamed onto it only on success:
+    an interrupted run never leaves a file that looks complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@dataclass
+class RoleData:
+    role: str
+    latents: torch.Tensor  # (N, C, h, w) float32 scaled VAE latents
+    prompt_index: torch.Tensor  # (N,) long, index into prompts
+    prompts: list[str]  # unique captions
+    cond: Conditioning  # row i encodes prompts[i]
+    sources: list[str]  # per item: "digits:train:123", "generated:seed=17", "folder:img.png"
+
+    def __post_init__(self):
+        n = len(self.latents)
+        if len(self.prompt_index) != n or len(self.sources) != n or len(self.cond) != len(self.prompts):
+            raise ValueError(f"inconsistent role data '{self.role}': {n} latents, {len(self.prompt_index)} indices, "
+                             f"{len(self.sources)} sources, {len(self.prompts)} prompts, {len(self.cond)} rows")
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, Conditioning]:
+        return self.latents[index], self.cond[self.prompt_index[index]]
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        return self.batch(torch.randint(0, len(self), (n,), generator=generator))
+
+    def save(self, path: Path) -> None:
+        tensors = {"latents": self.latents.contiguous(), "prompt_index": self.prompt_index.contiguous(),
+                   **self.cond.to_tensors("cond.")}
+        metadata = {"format": str(FORMAT), "role": self.role, "prompts": json.dumps(self.prompts),
+                    "sources": json.dumps(self.sources)}
+        with _atomic(Path(path)) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> RoleData:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(meta["role"], tensors["latents"], tensors["prompt_index"], json.loads(meta["prompts"]),
+                   Conditioning.from_tensors(tensors, "cond."), json.loads(meta["sources"]))
+
+    @staticmethod
+    def concat(parts: list[RoleData], role: str) -> RoleData:
+        """One set from several (e.g. related + unrelated for a preservation loss);
+        a prompt shared by parts keeps one conditioning row."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            raise ValueError("concat needs at least one RoleData")
+        prompts, rows, indices = [], [], []
+        for part in parts:
+            for i, text in enumerate(part.prompts):
+                if text not in prompts:
+                    prompts.append(text)
+                    rows.append(part.cond[i])
+            remap = torch.tensor([prompts.index(t) for t in part.prompts], dtype=torch.long)
+            indices.append(remap[part.prompt_index])
+        return RoleData(role, torch.cat([p.latents for p in parts]), torch.cat(indices), prompts,
+                        Conditioning.cat(rows), [s for p in parts for s in p.sources])
+
+
+@dataclass
+class ConceptData:
+    forget: RoleData
+    related: RoleData | None
+    unrelated: RoleData | None
+    split: str
+
+
+def role_prompts(role: RoleConfig) -> list[str]:
+    """Evaluation/generation prompts of a role: its prompts, else every phrasing of its digits."""
+    if role.prompts:
+        return list(role.prompts)
+    return [p for word in role.digits for p in prompts_for(digit_of_word(word))]
+
+
+def _names_digit(prompt: str, digit: int) -> bool:
+    return re.search(rf"\b({DIGIT_WORDS[digit]}|{digit})\b", prompt.lower()) is not None
+
+
+# A feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1], captions,
+# sources), so a large role never holds all its full-size images at once.
+Chunks = Iterator[tuple[torch.Tensor, list[str], list[str]]]
+
+
+def _digit_feed(role: RoleConfig, split: str, model: DiffusionModel, seed: int, batch: int) -> tuple[int, Chunks]:
+    from sklearn.datasets import load_digits
+
+    from .worlds.digits_data import _split_indices, load_split
+
+    digits = [digit_of_word(w) for w in role.digits]
+    images, labels = load_split(split, size=model.image_size, digits=digits, seed=seed)
+    target = load_digits().target
+    indices = [i for i in _split_indices(seed)[split] if int(target[i]) in digits]  # load_split's order
+    seen = dict.fromkeys(digits, 0)
+    captions = []
+    for label in labels.tolist():  # cycle the role's prompts naming this digit, else its phrasings
+        options = [p for p in role.prompts if _names_digit(p, label)] or prompts_for(label)
+        captions.append(options[seen[label] % len(options)])
+        seen[label] += 1
+    chunks = ((images[i:i + batch], captions[i:i + batch], [f"digits:{split}:{j}" for j in indices[i:i + batch]])
+              for i in range(0, len(images), batch))
+    return len(images), chunks
+
+
+def _folder_feed(items: list[imagefolder.FolderItem], size: int, batch: int) -> tuple[int, Chunks]:
+    chunks = ((torch.stack([imagefolder.load_image(it.path, size) for it in items[i:i + batch]]),
+               [it.text for it in items[i:i + batch]], [f"folder:{it.name}" for it in items[i:i + batch]])
+              for i in range(0, len(items), batch))
+    return len(items), chunks
+
+
+def _generated_feed(prompts: list[str], split: str, config: StudyConfig, model: DiffusionModel) -> tuple[int, Chunks]:
+    data = config.data
+    if data.images_per_prompt > SEEDS_PER_PROMPT:
+        raise MetaunlearnError(f"data.images_per_prompt is at most {SEEDS_PER_PROMPT}")
+    jobs = [(p, SPLIT_SEED_BASE[split] + k * SEEDS_PER_PROMPT + i)
+            for k, p in enumerate(prompts) for i in range(data.images_per_prompt)]
+
+    def chunks() -> Chunks:
+        for i in range(0, len(jobs), data.batch_size):
+            texts, seeds = map(list, zip(*jobs[i:i + data.batch_size]))
+            images = model.sample(texts, seeds, steps=data.generation_steps, guidance_scale=data.guidance_scale,
+                                  batch_size=data.batch_size, progress=False)  # our bar counts the whole role
+            yield images * 2 - 1, texts, [f"generated:seed={s}" for s in seeds]
+
+    return len(jobs), chunks()
+
+
+def _uses_digits_world(config: StudyConfig, model: DiffusionModel) -> tuple[bool, int]:
+    """Whether the model is the digits world, and the seed its dataset splits were made with."""
+    loaded_from = getattr(model.pipe, "name_or_path", None)  # set by from_pretrained
+    place = loaded_from if loaded_from and Path(loaded_from).is_dir() else config.model.source
+    if is_digits_world(place):
+        return True, int(world_report(place).get("config", {}).get("seed", 0))
+    return place == "digits", 0  # a pipeline built in memory for the config's "digits"
+
+
+def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: DiffusionModel, split: str,
+                preview: Path, progress: bool) -> RoleData | None:
+    where, batch = f"concepts.{name}", config.data.batch_size
+    feeds = []
+    if role.digits:
+        digits_world, seed = _uses_digits_world(config, model)
+        if not digits_world:
+            raise MetaunlearnError(f"{where}.digits needs the built-in digits world (model.source: digits)")
+        feeds.append(_digit_feed(role, split, model, seed, batch))
+    if role.images:
+        items = imagefolder.read_items(role.images, split, f"{where}.images")
+        feeds.append(_folder_feed(items, model.image_size, batch))
+    if role.prompts and not (role.digits or role.images):  # else the prompts are captions only
+        feeds.append(_generated_feed(list(dict.fromkeys(role.prompts)), split, config, model))
+
+    latents, captions, origins, shown = [], [], [], []
+    with tqdm(total=sum(n for n, _ in feeds), desc=f"{name} ({split})", unit="img", disable=not progress,
+              leave=False) as bar:
+        for _, chunks in feeds:
+            for images, texts, came_from in chunks:
+                latents.append(model.encode_images(images, batch_size=batch).float().cpu())
+                captions += texts
+                origins += came_from
+                if sum(map(len, shown)) < 16:
+                    shown.append(images[:16].float().cpu())
+                bar.update(len(images))
+    if not captions:
+        return None
+    prompts = list(dict.fromkeys(captions))
+    position = {p: i for i, p in enumerate(prompts)}
+    cond = model.encode_prompts(prompts, batch_size=batch).to("cpu", torch.float32)
+    with _atomic(preview) as tmp:  # a glance at what the role trains on; nothing reads it back
+        save_png(grid((torch.cat(shown)[:16] + 1) / 2, nrow=8, scale=max(1, 64 // model.image_size)), tmp)
+    return RoleData(name, torch.cat(latents), torch.tensor([position[c] for c in captions], dtype=torch.long),
+                    prompts, cond, origins)
+
+
+def _folder_signatures(config: StudyConfig) -> dict[str, str]:
+    return {name: imagefolder.signature(getattr(config.concepts, name).images)
+            for name in ROLES if getattr(config.concepts, name).images}
+
+
+def _load_cached(folder: Path, fingerprint: str, folders: dict[str, str]) -> dict[str, RoleData | None] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if (manifest.get("format"), manifest.get("fingerprint"), manifest.get("folders")) != (
+                FORMAT, fingerprint, folders):
+            return None
+        return {name: None if manifest["counts"][name] is None else RoleData.load(folder / f"{name}.safetensors")
+                for name in ROLES}
+    except (OSError, ValueError, KeyError, SafetensorError):  # absent, unreadable or partial: recompute
+        return None
+
+
+def prepare_concept_data(config: StudyConfig, model: DiffusionModel, split: str, cache_dir: Path,
+                         progress: bool = True, log: Callable[[str], None] = print) -> ConceptData:
+    """The three roles of one split, from the cache when nothing that determines them changed."""
+    if split not in SPLITS:
+        raise MetaunlearnError(f"unknown data split '{split}'; choose one of {', '.join(SPLITS)}")
+    folder = Path(cache_dir) / split
+    fingerprint = config.fingerprint("model", "concepts", "data")
+    folders = _folder_signatures(config)
+    cached = _load_cached(folder, fingerprint, folders)
+    if cached is not None:
+        log(f"concept data ({split}): cached")
+        return ConceptData(**cached, split=split)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # No manifest while the role files change: a stale one must never vouch for new files.
+    (folder / MANIFEST).unlink(missing_ok=True)
+    roles: dict[str, RoleData | None] = {}
+    for name in ROLES:
+        role = getattr(config.concepts, name)
+        data = None
+        if role.prompts or role.digits or role.images:
+            data = _build_role(name, role, config, model, split, folder / f"{name}.png", progress)
+        if data is None and name == "forget":
+            hint = (f": image folder '{role.images}' has no {split}/ subfolder (a folder without "
+                    f"train/, test/, attack/ subfolders is train data only)") if role.images else ""
+            raise MetaunlearnError(f"concepts.forget has no data for the '{split}' split{hint}")
+        if data is not None:
+            data.save(folder / f"{name}.safetensors")
+        else:  # leftovers of an earlier config must not pass for this one's
+            for stale in (folder / f"{name}.safetensors", folder / f"{name}.png"):
+                stale.unlink(missing_ok=True)
+        roles[name] = data
+    counts = {name: None if d is None else len(d) for name, d in roles.items()}
+    manifest = {"format": FORMAT, "split": split, "fingerprint": fingerprint, "folders": folders, "counts": counts}
+    with _atomic(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    summary = ", ".join(f"{name} {n}" for name, n in counts.items() if n is not None)
+    log(f"concept data ({split}): {summary} items -> {folder}")
+    return ConceptData(**roles, split=split)

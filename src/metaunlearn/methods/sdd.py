@@ -1,0 +1,50 @@
+"""SDD, Safe self-Distillation Diffusion (Kim et al. 2023).
+
+The student's prediction for the forget prompt c is distilled onto the
+unconditional prediction of an EMA teacher of itself:
+
+    loss = || eps(x_t, t, c) - sg(eps_ema(x_t, t, {})) ||^2
+
+with x_t from partial sampling of the EMA teacher with the forget prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..params import snapshot
+from .base import Method, StepContext
+
+
+class SddMethod(Method):
+    name = "sdd"
+
+    def setup(self, model, trainable, data) -> None:
+        super().setup(model, trainable, data)
+        self.ema = snapshot(trainable)
+        self.uncond = model.empty_conditioning()
+
+    @torch.no_grad()
+    def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return self.model.predict(x_t, t, self.uncond.expand(len(x_t)), self.ema)
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        cfg = self.config.sdd
+        cond = self.forget_batch(ctx)
+        x_t, t = self.make_x_t(ctx, cond, cfg.x_t, cfg.ddim_steps, cfg.sample_guidance, params=self.ema)
+        pred = self.model.predict(x_t, t, cond)
+        return {"sdd": F.mse_loss(pred.float(), self.target(x_t, t, cond).float())}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        decay = self.config.sdd.ema_decay
+        for name, param in self.trainable.items():
+            self.ema[name].lerp_(param.detach(), 1 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{k}": v for k, v in self.ema.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.ema:
+            self.ema[name].copy_(state[f"ema.{name}"])

@@ -1,0 +1,234 @@
+"""Concept data: generated, image-folder and digits roles, splits, caching, RoleData."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaunlearn import Conditioning, DiffusionModel, MetaunlearnError
+from metaunlearn.config import RoleConfig, StudyConfig
+from metaunlearn.data import ConceptData, RoleData, prepare_concept_data, role_prompts
+from metaunlearn.worlds import digits, is_digits_world, resolve_model_source
+from metaunlearn.worlds.digits_data import load_split, prompts_for
+
+EIGHT, DOG = "a photo of the digit eight", "a dog"
+FAST = {"images_per_prompt": 2, "generation_steps": 2, "batch_size": 4}
+
+
+def study(concepts: dict, source: str = "digits", **data) -> StudyConfig:
+    return StudyConfig.from_dict({"model": {"source": source}, "concepts": concepts, "data": {**FAST, **data}})
+
+
+def prepare(config, model, split, cache_dir) -> ConceptData:
+    return prepare_concept_data(config, model, split, cache_dir, progress=False, log=lambda *_: None)
+
+
+def refuse_sampling(model, monkeypatch):
+    monkeypatch.setattr(model, "sample", lambda *a, **k: pytest.fail("generated images that should not be"))
+
+
+# ----------------------------------------------------------------- generated roles
+def test_prompt_role_is_generated_per_split_deterministic_and_cached(tiny_model, tmp_path, monkeypatch, capsys):
+    config = study({"forget": {"prompts": [EIGHT, DOG]}, "unrelated": {"prompts": ["a cat"]}})
+    train = prepare_concept_data(config, tiny_model, "train", tmp_path / "a", progress=False)
+    assert train.split == "train" and train.related is None
+    forget = train.forget
+    assert len(forget) == 4 and forget.latents.shape == (4, *tiny_model.latent_shape)
+    assert forget.latents.dtype == torch.float32 and torch.isfinite(forget.latents).all()
+    assert forget.prompts == [EIGHT, DOG] and forget.prompt_index.tolist() == [0, 0, 1, 1]
+    assert forget.sources[0].startswith("generated:seed=") and len(set(forget.sources)) == 4
+    assert torch.allclose(forget.cond.hidden, tiny_model.encode_prompts([EIGHT, DOG]).hidden)
+    assert len(train.unrelated) == 2 and train.unrelated.prompts == ["a cat"]
+    assert "concept data (train): forget 4, unrelated 2" in capsys.readouterr().out
+    assert (tmp_path / "a" / "train" / "forget.png").is_file()
+
+    test = prepare(config, tiny_model, "test", tmp_path / "a")
+    assert not set(test.forget.sources) & set(forget.sources)
+    assert not torch.allclose(test.forget.latents, forget.latents)
+
+    again = prepare(config, tiny_model, "train", tmp_path / "b")  # recomputed in a fresh cache
+    assert torch.equal(again.forget.latents, forget.latents) and again.forget.sources == forget.sources
+
+    refuse_sampling(tiny_model, monkeypatch)
+    cached = prepare_concept_data(config, tiny_model, "train", tmp_path / "a", progress=False)
+    assert "concept data (train): cached" in capsys.readouterr().out
+    assert torch.equal(cached.forget.latents, forget.latents) and cached.related is None
+    manifest = json.loads((tmp_path / "a" / "train" / "manifest.json").read_text())
+    assert manifest["counts"] == {"forget": 4, "related": None, "unrelated": 2}
+    assert manifest["fingerprint"] == config.fingerprint("model", "concepts", "data")
+    assert not [p for p in (tmp_path / "a" / "train").iterdir() if p.name.startswith(".")]  # no temporaries
+
+    changed = study({"forget": {"prompts": [EIGHT, DOG]}}, images_per_prompt=3)
+    with pytest.raises(pytest.fail.Exception):  # a changed config is not served from the cache
+        prepare(changed, tiny_model, "train", tmp_path / "a")
+    assert not (tmp_path / "a" / "train" / "manifest.json").exists()  # the stale manifest went first
+
+
+# ----------------------------------------------------------------- image folders
+def write_folder(folder, entries: dict[str, str], sizes=((40, 48), (32, 32), (64, 40))):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    lines = []
+    for k, (name, text) in enumerate(entries.items()):
+        Image.new("RGB", sizes[k % len(sizes)], colors[k % len(colors)]).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_imagefolder_role_loads_captions_and_splits(tiny_model, tmp_path, monkeypatch):
+    flat = write_folder(tmp_path / "flat", {"r.png": EIGHT, "g.png": DOG, "b.png": EIGHT})
+    refuse_sampling(tiny_model, monkeypatch)  # prompts beside images are captions, never generated
+    config = study({"forget": {"images": str(flat), "prompts": ["a cat"]}})
+    forget = prepare(config, tiny_model, "train", tmp_path / "cache").forget
+    assert forget.prompts == [EIGHT, DOG] and forget.prompt_index.tolist() == [0, 1, 0]
+    assert forget.sources == ["folder:r.png", "folder:g.png", "folder:b.png"]
+    assert forget.latents.shape == (3, *tiny_model.latent_shape) and torch.isfinite(forget.latents).all()
+    red = tiny_model.encode_images(torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32))
+    assert torch.allclose(forget.latents[0], red[0], atol=1e-4)  # resized + cropped, colour kept, [-1, 1]
+    with pytest.raises(MetaunlearnError, match=r"no data for the 'test' split.*no test/ subfolder"):
+        prepare(config, tiny_model, "test", tmp_path / "cache")
+
+    split = tmp_path / "split"
+    write_folder(split / "train", {"a.png": EIGHT, "b.png": EIGHT})
+    write_folder(split / "attack", {"c.png": "a handwritten 8"})
+    config = study({"forget": {"images": str(split)}, "related": {"images": str(flat)}})
+    attack = prepare(config, tiny_model, "attack", tmp_path / "cache")
+    assert attack.forget.sources == ["folder:attack/c.png"] and attack.forget.prompts == ["a handwritten 8"]
+    assert attack.related is None  # a flat folder is train data only
+    assert prepare(config, tiny_model, "train", tmp_path / "cache").forget.sources == [
+        "folder:train/a.png", "folder:train/b.png"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "has no images"),
+    ("no_metadata", "has no metadata.jsonl"),
+    ("missing_file", "line 2 names 'gone.png', which is not in"),
+    ("no_text", "line 1 has no text"),
+])
+def test_imagefolder_mistakes_are_one_clear_line(tiny_model, tmp_path, case, message):
+    folder = tmp_path / "images"
+    if case == "empty":
+        folder.mkdir()
+    elif case != "missing":
+        write_folder(folder, {"a.png": EIGHT})
+        lines = {"no_metadata": None,
+                 "missing_file": [{"file_name": "a.png", "text": EIGHT}, {"file_name": "gone.png", "text": DOG}],
+                 "no_text": [{"file_name": "a.png"}]}[case]
+        meta = folder / "metadata.jsonl"
+        meta.unlink() if lines is None else meta.write_text("\n".join(map(json.dumps, lines)))
+    config = study({"forget": {"prompts": [EIGHT]}, "related": {"images": str(folder)}})
+    with pytest.raises(MetaunlearnError, match="concepts.related.images") as info:
+        prepare(config, tiny_model, "train", tmp_path / "cache")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------- digits world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("METAUNLEARN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return digits.get_world(digits.DigitsWorldConfig.reduced(), log=lambda *_: None)
+
+
+def test_digits_roles_use_real_images_with_matching_captions(world, tmp_path):
+    model = DiffusionModel.load(world)
+    config = study({"forget": {"digits": ["eight"], "prompts": [EIGHT, "a handwritten 8", "a photo of a 3"]},
+                    "related": {"digits": ["3"]}}, source=str(world))
+    train = prepare(config, model, "train", tmp_path)
+    eights = load_split("train", digits=[8])[0]
+    assert len(train.forget) == len(eights) and train.forget.prompts == [EIGHT, "a handwritten 8"]
+    assert train.forget.latents.shape == (len(eights), *model.latent_shape)
+    assert torch.allclose(train.forget.latents[:4], model.encode_images(eights[:4]), atol=1e-5)
+    assert set(train.related.prompts) == set(prompts_for(3))  # no prompt names three: its phrasings
+    assert all(s.startswith("digits:train:") for s in train.forget.sources)
+
+    attack = prepare(config, model, "attack", tmp_path)
+    assert attack.forget.sources and all(s.startswith("digits:attack:") for s in attack.forget.sources)
+    ids = lambda data: {s.rsplit(":", 1)[1] for s in data.sources}  # noqa: E731
+    assert not ids(attack.forget) & ids(train.forget) and not ids(attack.related) & ids(train.related)
+    assert is_digits_world(world) and resolve_model_source(str(world)) == str(world)
+
+
+def test_digits_roles_need_the_digits_world(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = study({"forget": {"digits": ["eight"]}}, source=str(tiny_pipeline_dir))
+    with pytest.raises(MetaunlearnError, match=r"^concepts.forget.digits needs the built-in digits world "
+                                               r"\(model.source: digits\)$"):
+        prepare(config, tiny_model, "train", tmp_path)
+    assert not is_digits_world(tiny_pipeline_dir) and not is_digits_world(tmp_path / "nothing")
+
+
+def test_resolve_model_source(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(digits, "get_world", lambda config: calls.append(config) or tmp_path)
+    assert resolve_model_source("digits") == tmp_path and calls == [digits.DigitsWorldConfig()]
+    assert resolve_model_source("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
+
+
+def test_role_prompts():
+    assert role_prompts(RoleConfig(digits=["eight"], prompts=[EIGHT])) == [EIGHT]
+    assert role_prompts(RoleConfig(digits=["8", "one"])) == prompts_for(8) + prompts_for(1)
+
+
+# ----------------------------------------------------------------- RoleData
+def role(name, prompts, index, seed=0, sdxl=True) -> RoleData:
+    g = torch.Generator().manual_seed(seed)
+    n, p = len(index), len(prompts)
+    added = {"text_embeds": torch.randn(p, 6, generator=g), "time_ids": torch.rand(p, 6, generator=g)} if sdxl else {}
+    cond = Conditioning(torch.randn(p, 5, 8, generator=g), added)
+    return RoleData(name, torch.randn(n, 4, 8, 8, generator=g), torch.tensor(index), prompts, cond,
+                    [f"test:{seed}:{i}" for i in range(n)])
+
+
+def assert_same(a: RoleData, b: RoleData):
+    assert (a.role, a.prompts, a.sources) == (b.role, b.prompts, b.sources)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.prompt_index, b.prompt_index)
+    assert a.prompt_index.dtype == torch.long and torch.equal(a.cond.hidden, b.cond.hidden)
+    assert a.cond.added.keys() == b.cond.added.keys()
+    assert all(torch.equal(a.cond.added[k], b.cond.added[k]) for k in a.cond.added)
+
+
+def test_role_data_round_trip_batch_sample_concat(tmp_path):
+    data = role("forget", ["p0", "p1", "p2"], [2, 0, 1, 1, 2])
+    data.save(tmp_path / "forget.safetensors")
+    assert_same(RoleData.load(tmp_path / "forget.safetensors"), data)
+    assert [p.name for p in tmp_path.iterdir()] == ["forget.safetensors"]
+
+    index = torch.tensor([4, 0, 4])
+    latents, cond = data.batch(index)
+    assert torch.equal(latents, data.latents[index]) and len(cond) == 3
+    assert torch.equal(cond.hidden[1], data.cond.hidden[2]) and torch.equal(cond.hidden[0], data.cond.hidden[2])
+    assert torch.equal(cond.added["text_embeds"][2], data.cond.added["text_embeds"][2])
+
+    a = data.sample(16, torch.Generator().manual_seed(3))
+    b = data.sample(16, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1].hidden, b[1].hidden) and a[0].shape == (16, 4, 8, 8)
+    for latent, hidden in zip(a[0], a[1].hidden):  # each drawn latent comes with its own prompt's row
+        k = next(i for i in range(len(data)) if torch.equal(data.latents[i], latent))
+        assert torch.equal(hidden, data.cond.hidden[data.prompt_index[k]])
+
+    other = role("related", ["q0", "p1"], [0, 1, 1], seed=1)
+    other.cond.hidden[1] = data.cond.hidden[1]  # the shared prompt encodes the same way
+    both = RoleData.concat([data, other], "benign")
+    assert both.role == "benign" and len(both) == 8 and both.prompts == ["p0", "p1", "p2", "q0"]
+    assert both.sources == data.sources + other.sources
+    for k, part, j in [(0, data, 0), (4, data, 4), (5, other, 0), (7, other, 2)]:
+        _, row = both.batch(torch.tensor([k]))
+        _, expected = part.batch(torch.tensor([j]))
+        assert torch.equal(row.hidden, expected.hidden) and torch.equal(both.latents[k], part.latents[j])
+    with pytest.raises(ValueError, match="inconsistent"):
+        RoleData("x", torch.zeros(2, 4, 8, 8), torch.zeros(3, dtype=torch.long), ["p"], data.cond[0], ["a", "b"])
+
+
+def test_a_damaged_cache_is_recomputed(tiny_model, tmp_path):
+    config = study({"forget": {"prompts": [DOG]}})
+    first = prepare(config, tiny_model, "train", tmp_path)
+    (tmp_path / "train" / "forget.safetensors").write_bytes(b"truncated")
+    again = prepare(config, tiny_model, "train", tmp_path)
+    assert torch.equal(again.forget.latents, first.forget.latents)
+    assert torch.equal(RoleData.load(tmp_path / "train" / "forget.safetensors").latents, first.forget.latents)
