@@ -147,6 +147,24 @@ def evaluate(config: ConfigArg, set_: SetOpt = None,
 
 @app.command()
 @user_errors
+def attack(config: ConfigArg, set_: SetOpt = None,
+           model: Annotated[Optional[Path], typer.Option(help="Released model folder to attack (default: the "
+                                                         "original model, for the reference curves).")] = None,
+           label: Annotated[Optional[str], typer.Option(help="Name of the model in attacks/.")] = None):
+    """Run the study's relearning and benign finetuning attacks on a model and write their curves."""
+    from .stages import run_attacks
+
+    cfg = _config(config, set_)
+    if not cfg.attacks:
+        raise MetaunlearnError("the study lists no attacks; add an 'attacks:' section")
+    for curve in run_attacks(cfg, model, label):
+        steps = "  ".join(f"{p['step']}:{p['forget_rate']:.0%}" for p in curve["points"])
+        typer.echo(f"{curve['attack']['name']} seed {curve['seed']}: forget rate by step  {steps}")
+    typer.echo(f"curves: {cfg.run_dir() / 'attacks'}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder for the demo's outputs.")] = Path("runs/demo"),
 ):

@@ -176,6 +176,8 @@ class AttackConfig(_Section):
     lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                     description="UNet module names LoRA adapts (kind 'lora').")
     seeds: Optional[list[int]] = Field(None, description="Attack seeds; None = the study's seeds.")
+    save_final: bool = Field(False, description=(
+        "Also save the attacked weights (full: a pipeline folder; lora: the adapter). Off: curves only."))
 
     @field_validator("eval_at")
     @classmethod

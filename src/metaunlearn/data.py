@@ -247,9 +247,10 @@ def _load_cached(folder: Path, fingerprint: str, folders: dict[str, str]) -> dic
         return None
 
 
-def prepare_concept_data(config: StudyConfig, model: DiffusionModel, split: str, cache_dir: Path,
-                         progress: bool = True, log: Callable[[str], None] = print) -> ConceptData:
-    """The three roles of one split, from the cache when nothing that determines them changed."""
+def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[], DiffusionModel], split: str,
+                         cache_dir: Path, progress: bool = True, log: Callable[[str], None] = print) -> ConceptData:
+    """The three roles of one split, from the cache when nothing that determines them changed.
+    `model` may be a loader, called only when the cache cannot serve the split."""
     if split not in SPLITS:
         raise MetaunlearnError(f"unknown data split '{split}'; choose one of {', '.join(SPLITS)}")
     folder = Path(cache_dir) / split
@@ -260,6 +261,8 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel, split: str,
         log(f"concept data ({split}): cached")
         return ConceptData(**cached, split=split)
 
+    if not isinstance(model, DiffusionModel):
+        model = model()
     folder.mkdir(parents=True, exist_ok=True)
     # No manifest while the role files change: a stale one must never vouch for new files.
     (folder / MANIFEST).unlink(missing_ok=True)

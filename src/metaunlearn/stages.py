@@ -40,9 +40,11 @@ def original_source(config: StudyConfig) -> Path | str:
     return resolve_model_source(config.model.source)
 
 
-def concept_data(config: StudyConfig, model: DiffusionModel, split: str = "train",
+def concept_data(config: StudyConfig, model: DiffusionModel | None = None, split: str = "train",
                  progress: bool = True) -> ConceptData:
-    return prepare_concept_data(config, model, split, config.run_dir() / "data", progress=progress)
+    """A split of the concept data, made with the original model (loaded only if the cache misses)."""
+    return prepare_concept_data(config, model or (lambda: load_model(config)), split,
+                                config.run_dir() / "data", progress=progress)
 
 
 def variant_name(config: StudyConfig) -> str:
@@ -60,7 +62,7 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     from .train import unlearn
 
     model = load_model(config)
-    data = concept_data(config, model, "train", progress)
+    data = concept_data(config, model, "train", progress=progress)
     objectives = {}
     if config.meta.enabled:
         raise MetaunlearnError("meta.enabled: the meta objective is not implemented yet; set meta.enabled=false")
@@ -83,9 +85,7 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
     from .evaluation.detectors import make_detector
 
     source = model_dir or original_source(config)
-    if label is None:
-        path = Path(source)
-        label = "original" if model_dir is None else (path.parent.name if path.name == "model" else path.name)
+    label = label or model_label(model_dir)
     model = load_model(config, source)
     detector = make_detector(config.evaluation.detector, source, world_dir=original_source(config))
     results = evaluate_concepts(model, detector, evaluation_roles(config), forget_concepts(config),
@@ -94,3 +94,43 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
     out = config.run_dir() / "eval" / f"{label}.json"
     write_results(results, out)
     return results, out
+
+
+def model_label(model_dir: str | Path | None) -> str:
+    """'original' for the study's model, else the run folder's name (unlearn/<label>/model)."""
+    if model_dir is None:
+        return "original"
+    path = Path(model_dir)
+    return path.parent.name if path.name == "model" else path.name
+
+
+def run_attacks(config: StudyConfig, model_dir: str | Path | None = None, label: str | None = None,
+                progress: bool = True) -> list[dict]:
+    """Every attack of the study, for every seed, on one released model (the
+    original when model_dir is None: the reference curves)."""
+    import hashlib
+
+    from .attacks import attack_and_save
+    from .evaluation.detectors import make_detector
+    from .plots import by_attack, plot_curves
+    from .runfiles import read_json
+
+    original = original_source(config)
+    source = model_dir or original
+    label = label or model_label(model_dir)
+    data = concept_data(config, split="attack", progress=progress)
+    detector = make_detector(config.evaluation.detector, source, world_dir=original)
+    # the released model's identity: its unlearning run's fingerprint when it has one
+    identity = read_json(Path(source).parent / "run.json").get("fingerprint", str(source))
+    curves = []
+    for attack in config.attacks:
+        for seed in attack.seeds or config.seeds:
+            blob = json.dumps([attack.model_dump(mode="json"), seed, identity, config.fingerprint(
+                "model", "concepts", "data", "evaluation")], sort_keys=True)
+            fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+            curves.append(attack_and_save(config, attack, lambda: load_model(config, source), data, detector,
+                                          seed, label, fingerprint, progress))
+    if curves:
+        plot_curves(curves, config.run_dir() / "attacks" / label / "curves.png", title=f"attacks on {label}",
+                    key=by_attack)
+    return curves

@@ -37,6 +37,9 @@ class TrainingError(MetaunlearnError):
     """A run that cannot go on (e.g. a NaN loss); its last good checkpoint is kept."""
 
 
+NOTHING_TO_TRAIN = "nothing to train: method 'none' needs the meta objective (meta.enabled: true)"
+
+
 def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + process)
 
@@ -63,6 +66,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     when a finished run with the same fingerprint is there."""
     out_dir = Path(out_dir)
     cfg = config.method
+    if cfg.name == "none" and not objectives:  # else preservation alone would train and pass for a result
+        raise TrainingError(NOTHING_TO_TRAIN)
     fingerprint = fingerprint or f"{config.fingerprint('model', 'concepts', 'data', 'method', 'meta')}-{seed}"
     status = read_json(out_dir / "run.json")
     if status.get("fingerprint") == fingerprint and status.get("status") == "done":
@@ -79,7 +84,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     accelerator = make_accelerator(config)
     model.to(accelerator.device)
     trainable = make_trainable(model.unet, cfg.params)
-    method = make_method(cfg)
+    method = make_method(cfg, config.concepts.guide)
     method.setup(model, trainable, data)
     benign = preservation_data(data) if cfg.preservation_weight > 0 else None
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -118,10 +123,10 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
             for objective in (objectives or {}).values():
                 terms.update(objective(ctx))
         if not terms:
-            raise TrainingError("nothing to train: method 'none' needs the meta objective (meta.enabled: true)")
+            raise TrainingError(NOTHING_TO_TRAIN)
         total = sum(terms.values())
-        if not math.isfinite(float(total)):
-            raise TrainingError(f"the loss became {float(total)} at step {step} ({_fmt(terms)}); last good "
+        if not math.isfinite(total.item()):
+            raise TrainingError(f"the loss became {total.item()} at step {step + 1} ({_fmt(terms)}); last good "
                                 f"checkpoint: {last_good}; lower method.lr or raise method.grad_clip's strictness")
         accelerator.backward(total)
         if accelerator.num_processes > 1:  # the UNet is not DDP-wrapped (functional calls): average by hand
@@ -139,10 +144,10 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         done = step + 1
         if accelerator.is_main_process:
             if done % cfg.log_every == 0 or done == cfg.steps:
-                log.write({"step": done, "loss": float(total), **{k: float(v) for k, v in terms.items()},
+                log.write({"step": done, "loss": total.item(), **{k: v.item() for k, v in terms.items()},
                            "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                            "seconds": round(time.perf_counter() - begin, 4)})
-            bar.set_postfix(loss=f"{float(total):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
                 last_good = save_checkpoint(ckpt_dir, done, trainable, training_state, method.state_dict()).name

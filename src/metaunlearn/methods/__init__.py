@@ -12,10 +12,10 @@ from .sdd import SddMethod
 METHODS: dict[str, type[Method]] = {"esd": EsdMethod, "sdd": SddMethod, "none": NoMethod}
 
 
-def make_method(config: MethodConfig) -> Method:
+def make_method(config: MethodConfig, guide: str = "") -> Method:
     if config.name not in METHODS:
         raise MetaunlearnError(f"unknown method '{config.name}'; choose one of {', '.join(METHODS)}")
-    return METHODS[config.name](config)
+    return METHODS[config.name](config, guide)
 
 
 __all__ = ["METHODS", "Method", "StepContext", "make_method"]

@@ -25,8 +25,9 @@ class StepContext:
 class Method(ABC):
     name: str = ""
 
-    def __init__(self, config: MethodConfig):
+    def __init__(self, config: MethodConfig, guide: str = ""):
         self.config = config
+        self.guide_prompt = guide  # the concept the forget concept maps to ("" = empty prompt)
 
     def setup(self, model: DiffusionModel, trainable: dict[str, torch.nn.Parameter], data: ConceptData) -> None:
         """Called once before the first step, with the weights still original."""
@@ -65,6 +66,10 @@ class Method(ABC):
         latents, _ = self.data.forget.sample(n, ctx.generator)
         t = model.sample_timesteps(n, ctx.generator)
         return model.add_noise(latents.to(model.device, model.dtype), model.sample_noise(latents.shape, ctx.generator), t), t
+
+
+def guide_conditioning(model: DiffusionModel, guide: str):
+    return model.encode_prompts([guide]) if guide else model.empty_conditioning()
 
 
 class NoMethod(Method):

@@ -1,0 +1,74 @@
+"""Relearning and self-destruct curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+METRICS = (("forget_rate", "forget rate (lower is better)"),
+           ("related_accuracy", "related accuracy"),
+           ("unrelated_accuracy", "unrelated accuracy"))
+
+
+def by_model(curve: dict) -> str:
+    return curve["model"]
+
+
+def by_attack(curve: dict) -> str:
+    return curve["attack"]["name"]
+
+
+def curve_bands(curves: list[dict], key: Callable[[dict], str] = by_model) -> dict[str, dict]:
+    """Group curves (by model label unless `key` says otherwise): steps, and per
+    metric the mean, std and count over seeds at each step."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for curve in curves:
+        groups[key(curve)].append(curve)
+    bands = {}
+    for label, members in groups.items():
+        steps = sorted({p["step"] for c in members for p in c["points"]})
+        band = {"steps": steps, "seeds": len(members)}
+        for key, _ in METRICS:
+            values = [[next((p[key] for p in c["points"] if p["step"] == s and p.get(key) is not None), np.nan)
+                       for s in steps] for c in members]
+            arr = np.array(values, dtype=float)
+            with np.errstate(all="ignore"):
+                band[key] = {"mean": np.nanmean(arr, 0).tolist(), "std": np.nanstd(arr, 0).tolist()}
+        bands[label] = band
+    return bands
+
+
+def plot_curves(curves: list[dict], path: str | Path, title: str = "",
+                key: Callable[[dict], str] = by_model) -> Path:
+    """One panel per metric, one line per group (mean over seeds, ±std band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bands = curve_bands(curves, key)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4), sharex=True)
+    for ax, (key, name) in zip(axes, METRICS):
+        for label, band in bands.items():
+            mean, std = np.array(band[key]["mean"]), np.array(band[key]["std"])
+            if np.all(np.isnan(mean)):
+                continue
+            line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})")
+            if band["seeds"] > 1:
+                ax.fill_between(band["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("attack step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

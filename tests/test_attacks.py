@@ -1,0 +1,116 @@
+"""Relearning attacks on a tiny pipeline: weights move (LoRA: only the
+adapter), curves hold the requested steps, data splits stay disjoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaunlearn import MetaunlearnError
+from metaunlearn.attacks import attacker_data, run_attack
+from metaunlearn.config import StudyConfig
+from metaunlearn.data import ConceptData, RoleData, prepare_concept_data
+from metaunlearn.evaluation.detectors import Detector
+
+PROMPTS = {"forget": ["a photo of the digit eight"], "related": ["the digit three"], "unrelated": ["a dog"]}
+
+
+class BrightDetector(Detector):
+    """Judges every prompt: 'present' when the image is brighter than mid-gray."""
+
+    name = "bright"
+
+    def concept_of(self, prompt, role, forget_concepts):
+        return "bright"
+
+    def present(self, images, concept):
+        return images.mean(dim=(1, 2, 3)) > 0.5
+
+
+def study(**attack) -> StudyConfig:
+    return StudyConfig.from_dict({
+        "model": {"source": "unused"},
+        "concepts": {role: {"prompts": p} for role, p in PROMPTS.items()},
+        "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 8},
+        "attacks": [{"name": "a", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3, **attack}]})
+
+
+def attack_split(model) -> ConceptData:
+    def role(name, n=4):
+        cond = model.encode_prompts(PROMPTS[name])
+        return RoleData(role=name, latents=torch.randn(n, *model.latent_shape),
+                        prompt_index=torch.zeros(n, dtype=torch.long), prompts=PROMPTS[name], cond=cond,
+                        sources=[f"test:{name}:{i}" for i in range(n)])
+
+    return ConceptData(forget=role("forget"), related=role("related"), unrelated=role("unrelated"), split="attack")
+
+
+def test_full_attack_moves_every_weight_and_records_the_curve(tiny_model):
+    config = study(kind="full")
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    curve = run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
+                       "tiny", progress=False)
+    assert [p["step"] for p in curve["points"]] == [0, 2, 4]
+    for point in curve["points"]:
+        for key in ("forget_rate", "related_accuracy", "unrelated_accuracy"):
+            assert 0.0 <= point[key] <= 1.0
+    moved = [n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > 0.9 * len(before)
+    assert curve["trainable_parameters"] == sum(p.numel() for p in before.values())
+
+
+def test_lora_attack_trains_only_the_adapter(tiny_model):
+    config = study(kind="lora", lora_rank=2)
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    curve = run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
+                       "tiny", progress=False)
+    after = dict(tiny_model.unet.named_parameters())
+    lora = [n for n in after if "lora" in n]
+    assert lora and curve["trainable_parameters"] == sum(after[n].numel() for n in lora)
+    base = {n: p for n, p in after.items() if "lora" not in n}
+    # peft wraps the targets (to_q.weight -> to_q.base_layer.weight): compare by value, in order
+    assert all(torch.equal(a, b) for a, b in zip(base.values(), before.values()))
+    assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora if "lora_B" in n)
+
+
+def test_benign_attack_uses_unrelated_data_and_the_attack_split_only(tiny_model):
+    data = attack_split(tiny_model)
+    assert attacker_data(data, study(data="benign").attacks[0]) is data.unrelated
+    assert attacker_data(data, study().attacks[0]) is data.forget
+    train = ConceptData(forget=data.forget, related=None, unrelated=None, split="train")
+    with pytest.raises(MetaunlearnError, match="held-out 'attack' split"):
+        attacker_data(train, study().attacks[0])
+    no_benign = ConceptData(forget=data.forget, related=None, unrelated=None, split="attack")
+    with pytest.raises(MetaunlearnError, match="concepts.unrelated"):
+        attacker_data(no_benign, study(data="benign").attacks[0])
+
+
+def test_attacker_images_are_disjoint_from_unlearning_images(tiny_model, tmp_path):
+    config = StudyConfig.from_dict({"model": {"source": "unused"}, "concepts": {"forget": {"prompts": ["a dog"]}},
+                                    "data": {"images_per_prompt": 2, "generation_steps": 2}})
+    train = prepare_concept_data(config, tiny_model, "train", tmp_path, progress=False, log=lambda *_: None)
+    attack = prepare_concept_data(config, tiny_model, "attack", tmp_path, progress=False, log=lambda *_: None)
+    assert not set(train.forget.sources) & set(attack.forget.sources)
+    assert not any(torch.allclose(a, b) for a in attack.forget.latents for b in train.forget.latents)
+
+
+@pytest.mark.parametrize("attack, message", [
+    ({"kind": "lora", "lora_targets": ["no_such_module"]}, "match no UNet module|bad lora_targets"),
+])
+def test_bad_lora_targets_fail_clearly(tiny_model, attack, message):
+    config = study(**attack)
+    with pytest.raises(MetaunlearnError, match=message):
+        run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
+                   "tiny", progress=False)
+
+
+@pytest.mark.parametrize("attack, message", [
+    ({"kind": "qlora"}, "attacks.0.kind"),
+    ({"eval_at": [0, 500]}, "outside 0..steps"),
+    ({"lr": -1}, "attacks.0.lr"),
+])
+def test_bad_attack_config_fails_with_its_key(attack, message):
+    from metaunlearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        study(**attack)
