@@ -37,12 +37,15 @@ def test_example_config_loads():
     assert config.concepts.related.digits == ["three", "nine"]
     assert config.concepts.unrelated.digits == ["one", "four", "seven"]
     assert config.method.name == "esd" and config.method.params == "noxattn"
-    assert config.method.lr == pytest.approx(1e-5)
+    assert config.method.lr == pytest.approx(1e-4)
     assert config.meta.enabled is False
     assert [(a.name, a.kind, a.lr) for a in config.attacks] == [
-        ("relearn-full", "full", pytest.approx(1e-4)),
-        ("relearn-lora", "lora", pytest.approx(1e-3)),
+        ("full-1e-4", "full", pytest.approx(1e-4)),
+        ("full-3e-5", "full", pytest.approx(3e-5)),
+        ("lora-1e-3", "lora", pytest.approx(1e-3)),
+        ("benign-1e-4", "full", pytest.approx(1e-4)),
     ]
+    assert config.attacks[-1].data == "benign"
     assert config.run_dir() == Path("runs/digits-eight")
 
 
@@ -70,7 +73,7 @@ def test_blank_section_and_numeral_digits(tmp_path):
 def test_unknown_nested_key_names_path_and_valid_keys(tmp_path):
     message = error_of(tmp_path, {**MINIMAL, "method": {"esd": {"etaa": 3}}})
     assert "unknown key 'method.esd.etaa'" in message
-    assert "valid keys: eta, x_t, ddim_steps, sample_guidance" in message
+    assert "valid keys: x_t, ddim_steps, sample_guidance, eta" in message
     assert message.startswith(str(tmp_path / "study.yaml"))
 
 
@@ -127,7 +130,7 @@ def test_override_creates_missing_section(tmp_path):
     [
         ("method.stpes=3", "unknown key 'method.stpes'; valid keys: name, params, steps, lr"),
         ("metaa.enabled=true", "unknown key 'metaa'; valid keys: name, seeds, model, concepts"),
-        ("attacks.5.lr=1", "index 5 out of range, 'attacks' has 2 entries"),
+        ("attacks.5.lr=1", "index 5 out of range, 'attacks' has 4 entries"),
         ("attacks.full.lr=1", "'attacks' has no key or index 'full'"),
         ("method.steps", "not of the form dotted.key=value"),
     ],

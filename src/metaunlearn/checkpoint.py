@@ -39,7 +39,11 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], tr
     (tmp / "step.json").write_text(json.dumps({"step": step}))
     for file in tmp.iterdir():
         _fsync(file)
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # out of the way first: a kill between the two renames leaves no half-deleted step
+        trash = folder / f".old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        shutil.rmtree(trash)
     os.replace(tmp, final)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

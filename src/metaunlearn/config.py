@@ -96,21 +96,22 @@ class DataConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Batch size for generating and encoding role data.")
 
 
-class EsdConfig(_Section):
+class _ForgetXt(_Section):
+    """How a prompt-based method gets x_t for the forget prompt."""
+
+    x_t: Literal["sample", "noised"] = Field("sample", description=(
+        "'sample': partial DDIM sampling with the forget prompt (the paper; ESD samples the student, SDD its "
+        "EMA teacher); 'noised': forget images noised to a random t (cheaper)."))
+    ddim_steps: int = Field(50, gt=0, description="DDIM steps of the partial sampling that makes x_t.")
+    sample_guidance: float = Field(3.0, ge=0, description="Guidance scale of that partial sampling.")
+
+
+class EsdConfig(_ForgetXt):
     eta: float = Field(1.0, description="Negative guidance η of the ESD target ε(∅) − η·(ε(c) − ε(∅)).")
-    x_t: Literal["sample", "noised"] = Field("sample", description=(
-        "'sample': partial DDIM sampling of the student with the forget prompt (the paper); "
-        "'noised': forget images noised to t."))
-    ddim_steps: int = Field(50, gt=0, description="DDIM steps of the partial sampling that makes x_t.")
-    sample_guidance: float = Field(3.0, ge=0, description="Guidance scale of that partial sampling.")
 
 
-class SddConfig(_Section):
+class SddConfig(_ForgetXt):
     ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the EMA teacher.")
-    x_t: Literal["sample", "noised"] = Field("sample", description=(
-        "'sample': partial sampling of the EMA teacher with the forget prompt; 'noised': forget images noised to t."))
-    ddim_steps: int = Field(50, gt=0, description="DDIM steps of the partial sampling that makes x_t.")
-    sample_guidance: float = Field(3.0, ge=0, description="Guidance scale of that partial sampling.")
 
 
 class MethodConfig(_Section):

@@ -56,8 +56,8 @@ def _pipeline_class_name(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
-    """No per-component progress bars or keyword-rename notices while loading:
+def _quiet_io():
+    """No per-component progress bars or keyword-rename notices while loading or saving:
     `torch_dtype` is the keyword every supported diffusers version accepts."""
     import diffusers
     import transformers
@@ -108,7 +108,7 @@ class DiffusionModel:
         pipeline_cls = StableDiffusionPipeline if class_name == SUPPORTED_PIPELINES[0] else StableDiffusionXLPipeline
         extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_cls is StableDiffusionPipeline else {}
         try:
-            with _quiet_loading():
+            with _quiet_io():
                 pipe = pipeline_cls.from_pretrained(source, torch_dtype=dtype, local_files_only=Path(source).exists(),
                                                     **extra)
         except Exception as err:  # a broken component surfaces as OSError, ValueError, KeyError...
@@ -119,7 +119,8 @@ class DiffusionModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a folder that stock `DiffusionPipeline.from_pretrained` loads."""
         path = Path(path)
-        self.pipe.save_pretrained(path, safe_serialization=True)
+        with _quiet_io():
+            self.pipe.save_pretrained(path, safe_serialization=True)
         return path
 
     def modules(self) -> list[torch.nn.Module]:

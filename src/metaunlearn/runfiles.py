@@ -43,6 +43,14 @@ def save_model_atomic(model, folder: Path) -> Path:
     return folder
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a log line; None for a line a kill -9 cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return None
+
+
 class JsonlLog:
     """Append-only JSON-lines log of per-step values. On resume, lines past the
     checkpoint are dropped: those steps are about to be replayed."""
@@ -50,7 +58,7 @@ class JsonlLog:
     def __init__(self, path: Path, keep_until_step: int = 0):
         self.path = Path(path)
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= keep_until_step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._writer = self._tensorboard()
 

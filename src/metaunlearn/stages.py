@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .data import ConceptData, prepare_concept_data
-from .errors import MetaunlearnError
 from .model import DiffusionModel
 from .worlds import resolve_model_source
 
@@ -63,11 +62,8 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
 
     model = load_model(config)
     data = concept_data(config, model, "train", progress=progress)
-    objectives = {}
-    if config.meta.enabled:
-        raise MetaunlearnError("meta.enabled: the meta objective is not implemented yet; set meta.enabled=false")
     start = time.perf_counter()
-    out = unlearn(config, model, data, unlearn_dir(config, seed), seed, objectives=objectives, progress=progress)
+    out = unlearn(config, model, data, unlearn_dir(config, seed), seed, progress=progress)
     _record_time(unlearn_dir(config, seed), time.perf_counter() - start)
     return out
 

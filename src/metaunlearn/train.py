@@ -29,8 +29,9 @@ from .model import DiffusionModel
 from .params import make_trainable
 from .runfiles import JsonlLog, atomic_write_json, read_json, save_model_atomic
 
-# An extra objective gets the step context and returns named terms to add to the loss.
-Objective = Callable[[StepContext], dict[str, torch.Tensor]]
+# An extra objective gets the step context and returns named values: tensors are
+# loss terms added to the loss, plain floats are logged only.
+Objective = Callable[[StepContext], dict[str, "torch.Tensor | float"]]
 
 
 class TrainingError(MetaunlearnError):
@@ -49,6 +50,8 @@ def make_accelerator(config: StudyConfig):
 
     device = config.model.device
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device.startswith("cuda:") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
     return Accelerator(mixed_precision=config.model.mixed_precision, cpu=cpu)
 
 
@@ -66,7 +69,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     when a finished run with the same fingerprint is there."""
     out_dir = Path(out_dir)
     cfg = config.method
-    if cfg.name == "none" and not objectives:  # else preservation alone would train and pass for a result
+    if cfg.name == "none" and not objectives and not config.meta.enabled:  # else preservation alone would train and pass for a result
         raise TrainingError(NOTHING_TO_TRAIN)
     fingerprint = fingerprint or f"{config.fingerprint('model', 'concepts', 'data', 'method', 'meta')}-{seed}"
     status = read_json(out_dir / "run.json")
@@ -86,6 +89,11 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     trainable = make_trainable(model.unet, cfg.params)
     method = make_method(cfg, config.concepts.guide)
     method.setup(model, trainable, data)
+    objectives = dict(objectives or {})
+    if config.meta.enabled:
+        from .meta import make_meta
+
+        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
     benign = preservation_data(data) if cfg.preservation_weight > 0 else None
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     from diffusers.optimization import get_scheduler
@@ -120,8 +128,10 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
                 latents, cond = benign.sample(cfg.batch_size, ctx.generator)
                 terms["preserve"] = cfg.preservation_weight * model.denoising_loss(latents, cond,
                                                                                    generator=ctx.generator)
-            for objective in (objectives or {}).values():
-                terms.update(objective(ctx))
+            logs: dict[str, float] = {}
+            for objective in objectives.values():
+                for key, value in objective(ctx).items():
+                    (terms if torch.is_tensor(value) else logs)[key] = value
         if not terms:
             raise TrainingError(NOTHING_TO_TRAIN)
         total = sum(terms.values())
@@ -144,7 +154,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         done = step + 1
         if accelerator.is_main_process:
             if done % cfg.log_every == 0 or done == cfg.steps:
-                log.write({"step": done, "loss": total.item(), **{k: v.item() for k, v in terms.items()},
+                log.write({"step": done, "loss": total.item(), **{k: v.item() for k, v in terms.items()}, **logs,
                            "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                            "seconds": round(time.perf_counter() - begin, 4)})
             bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)
@@ -164,4 +174,4 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
 
 
 def _fmt(terms: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    return ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())

@@ -1,0 +1,328 @@
+"""The meta objective on a tiny random pipeline: exact second-order gradients
+(checked against finite differences), first-order gradients equal to a
+hand-built detached copy, gradients that reach every trained weight and no
+frozen one, every term finite and logged in a real run, the inner step forms,
+and the errors a user can meet."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from metaunlearn import DiffusionModel
+from metaunlearn.config import MetaConfig, MethodConfig, StudyConfig
+from metaunlearn.data import ConceptData, RoleData
+from metaunlearn.errors import MetaunlearnError
+from metaunlearn.meta import MetaObjective, inner_direction, linear_surrogate, make_meta
+from metaunlearn.methods import StepContext, make_method
+from metaunlearn.params import make_trainable, select_names
+from metaunlearn.train import unlearn
+
+FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
+BATCH = 2
+# A small trainable subset for the exact-gradient checks: one cross-attention
+# projection and one convolution (both paths of the UNet: text and image).
+SUBSET = ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", "down_blocks.1.resnets.0.conv1.weight")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: fast on a busy 2-core machine and bitwise repeatable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def role(model: DiffusionModel, name: str, prompts: list[str], n: int, seed: int) -> RoleData:
+    """Random latents with real prompt embeddings: no image generation needed."""
+    g = torch.Generator().manual_seed(seed)
+    return RoleData(name, torch.randn(n, *model.latent_shape, generator=g), torch.arange(n) % len(prompts),
+                    prompts, model.encode_prompts(prompts), [f"random:{seed}:{i}" for i in range(n)])
+
+
+def concept_data(model: DiffusionModel) -> ConceptData:
+    return ConceptData(role(model, "forget", [FORGET, "a photo of the digit one"], 4, 0),
+                       role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), "train")
+
+
+def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]:
+    model.unet.requires_grad_(False)
+    params = dict(model.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    return {name: params[name] for name in names}
+
+
+def objective(model, trainable, data, method="none", **meta) -> MetaObjective:
+    config = MetaConfig(enabled=True, **meta)
+    base = make_method(MethodConfig(name=method))
+    base.setup(model, trainable, data)
+    return make_meta(config, model, trainable, data, base, BATCH)
+
+
+def evaluate(meta: MetaObjective, seed: int = 7) -> dict:
+    """One call with fixed randomness: every evaluation draws the same batches, t and noise."""
+    return meta(StepContext(0, torch.Generator().manual_seed(seed), BATCH))
+
+
+def gradient(value: torch.Tensor, trainable) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(value, list(trainable.values())))
+
+
+def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = math.sqrt(sum(((x - y) ** 2).sum().item() for x, y in zip(a, b)))
+    return num / math.sqrt(sum((y ** 2).sum().item() for y in b))
+
+
+def make_config(source, *overrides: str) -> StudyConfig:
+    study = {"model": {"source": str(source), "device": "cpu"},
+             "concepts": {"forget": {"prompts": [FORGET]}, "related": {"prompts": [RELATED]},
+                          "unrelated": {"prompts": [UNRELATED]}},
+             "method": {"steps": 3, "lr": 1e-3, "batch_size": BATCH, "checkpoint_every": 50,
+                        "esd": {"x_t": "noised", "ddim_steps": 4}},
+             "meta": {"enabled": True}}
+    return StudyConfig.from_dict(study, overrides)
+
+
+def log_records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+# ----------------------------------------------------------------- building blocks
+def test_inner_direction_forms():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, generator=g) * 5, torch.randn(7, generator=g) * 1e-3, torch.zeros(2)]
+    assert all(a is b for a, b in zip(inner_direction(grads, "sgd"), grads))  # the identity
+
+    unit = inner_direction(grads, "normalized")
+    assert math.sqrt(sum((d ** 2).sum().item() for d in unit)) == pytest.approx(1.0, rel=1e-6)
+    scale = unit[0].flatten()[0] / grads[0].flatten()[0]
+    assert all(torch.allclose(d, scale * x) for d, x in zip(unit, grads))  # same direction, one scale
+
+    wide = [x.double() for x in grads]  # float64: 5 / (5 + 1e-8) is not rounded up to 1
+    adam = inner_direction(wide, "adam")
+    for d, x in zip(adam, wide):
+        assert (d.abs() < 1).all()
+        assert torch.equal(torch.sign(d), torch.sign(x))
+    assert torch.allclose(adam[0].abs(), torch.ones(3, 4, dtype=torch.float64))  # |g| >> eps: unit steps
+    assert (inner_direction(grads, "adam")[1].abs() <= 1).all()
+    with pytest.raises(ValueError, match="unknown inner step form"):
+        inner_direction(grads, "rmsprop")
+
+
+def test_linear_surrogate_is_zero_with_the_given_gradient():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)]
+    given = [torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(5, generator=g)]
+    value = linear_surrogate(params, given)
+    assert value.item() == 0.0
+    grads = torch.autograd.grad(value, params + [given[0]], allow_unused=True)
+    assert all(torch.equal(a, b) for a, b in zip(grads[:2], given))
+    assert grads[2] is None  # the given gradients are constants
+
+
+# ----------------------------------------------------------------- exact gradients
+@pytest.fixture
+def double_model(tiny_model):
+    """The tiny model in float64, for finite differences. The loss itself stays
+    float32 (DiffusionModel.denoising_loss casts to float32), which sets the
+    accuracy finite differences can reach."""
+    tiny_model.unet.double()
+    return tiny_model
+
+
+@pytest.mark.parametrize("inner_step,inner_steps", [("sgd", 1), ("normalized", 1), ("sgd", 2)])
+def test_second_order_gradient_matches_finite_differences(double_model, inner_step, inner_steps):
+    model = double_model
+    data, trainable = concept_data(model), subset(model)
+    weights_ = dict(related_before=0.0, unrelated_before=0.0, forget_after=1.0, related_after=1.0)
+    meta = objective(model, trainable, data, mode="second_order", inner_step=inner_step, inner_steps=inner_steps,
+                     inner_lr=0.5, **weights_)
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3 + i), dtype=p.dtype)
+         for i, p in enumerate(trainable.values())]
+
+    out = evaluate(meta)
+    assert set(out) >= {"meta_after", "meta/forget_after", "meta/related_after"}
+    assert "meta_related_before" not in out and "meta_unrelated_before" not in out
+    exact = sum((g * d).sum() for g, d in zip(gradient(out["meta_after"], trainable), v)).item()
+
+    def f(h: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(trainable.values(), v):
+                p.add_(h * d)
+        value = evaluate(meta)["meta_after"].item()
+        with torch.no_grad():
+            for p, d in zip(trainable.values(), v):
+                p.sub_(h * d)
+        return value
+
+    h = 1e-3  # five-point stencil, O(h^4): the float32 loss leaves ~1e-4 relative noise at this h
+    numeric = (-f(2 * h) + 8 * f(h) - 8 * f(-h) + f(-2 * h)) / (12 * h)
+    assert abs(exact) > 1e-3
+    assert abs(numeric - exact) / abs(exact) < 1e-3, (numeric, exact)
+
+    # first order drops the Jacobian of the inner step: it is not this derivative
+    first = objective(model, trainable, data, mode="first_order", inner_step=inner_step, inner_steps=inner_steps,
+                      inner_lr=0.5, **weights_)
+    approx = sum((g * d).sum() for g, d in zip(gradient(evaluate(first)["meta_after"], trainable), v)).item()
+    assert abs(approx - exact) / abs(exact) > 1e-2
+
+
+@pytest.mark.parametrize("inner_step", ["sgd", "normalized"])
+def test_second_order_differs_from_first_order(tiny_model, inner_step):
+    data, trainable = concept_data(tiny_model), subset(tiny_model)
+    outs, grads = {}, {}
+    for mode in ("first_order", "second_order"):
+        meta = objective(tiny_model, trainable, data, mode=mode, inner_step=inner_step, inner_lr=0.5,
+                         related_before=0.0, unrelated_before=0.0, unrelated_after=0.5)
+        outs[mode] = evaluate(meta)
+        grads[mode] = gradient(outs[mode]["meta_after"], trainable)
+    # same draws, same simulated attack, same post-attack losses...
+    for key in ("meta/forget_before", "meta/forget_after", "meta/related_after", "meta/unrelated_after",
+                "meta/after_objective"):
+        assert outs["first_order"][key] == pytest.approx(outs["second_order"][key], rel=1e-5), key
+    assert outs["first_order"]["meta_after"].item() == 0.0  # the surrogate is zero-valued
+    # ...but the Hessian term of the second-order gradient matters
+    assert rel_diff(grads["first_order"], grads["second_order"]) > 0.05
+    assert all(torch.isfinite(g).all() for g in grads["second_order"])
+
+
+def by_hand_step(g: torch.Tensor, grads: list[torch.Tensor], form: str) -> torch.Tensor:
+    if form == "sgd":
+        return g
+    if form == "normalized":
+        return g / torch.sqrt(sum((x * x).sum() for x in grads))
+    return g / (g.abs() + 1e-8)
+
+
+@pytest.mark.parametrize("inner_step,inner_steps", [("sgd", 1), ("normalized", 2), ("adam", 1)])
+def test_first_order_is_the_gradient_at_a_detached_post_attack_copy(tiny_model, inner_step, inner_steps):
+    data, trainable = concept_data(tiny_model), subset(tiny_model)
+    tau, a, b, e = 0.3, 1.0, 0.7, 0.5
+    meta = objective(tiny_model, trainable, data, mode="first_order", inner_step=inner_step, inner_steps=inner_steps,
+                     inner_lr=tau, forget_after=a, related_after=b, unrelated_after=e)
+    out = evaluate(meta, seed=11)
+    assert out["meta_after"].item() == 0.0
+    got = gradient(out["meta_after"], trainable)
+
+    # The same draws by hand: forget batch, M inner losses, then forget/related/unrelated after.
+    gen, names = torch.Generator().manual_seed(11), list(trainable)
+    current = [p.detach().clone().requires_grad_(True) for p in trainable.values()]
+    forget = data.forget.sample(BATCH, gen)
+    for _ in range(inner_steps):
+        loss = tiny_model.denoising_loss(*forget, params=dict(zip(names, current)), generator=gen)
+        grads = torch.autograd.grad(loss, current)
+        current = [(p - tau * by_hand_step(g, grads, inner_step)).detach().requires_grad_(True)
+                   for p, g in zip(current, grads)]
+    after = dict(zip(names, current))
+    losses = [tiny_model.denoising_loss(*getattr(data, r).sample(BATCH, gen), params=after, generator=gen)
+              for r in ("forget", "related", "unrelated")]
+    assert losses[0].item() == pytest.approx(out["meta/forget_after"], rel=1e-6)
+    assert losses[2].item() == pytest.approx(out["meta/unrelated_after"], rel=1e-6)
+    expected = torch.autograd.grad(-a * losses[0] - b * losses[1] - e * losses[2], current)
+    for g, x in zip(got, expected):
+        torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-8)
+    assert all(p.grad is None for p in trainable.values())  # autograd.grad above, nothing accumulated
+
+
+@pytest.mark.parametrize("mode", ["first_order", "second_order"])
+def test_meta_gradients_reach_every_trained_weight_and_no_frozen_one(tiny_model, mode):
+    data = concept_data(tiny_model)
+    trainable = make_trainable(tiny_model.unet, "noxattn")
+    meta = objective(tiny_model, trainable, data, method="esd", mode=mode, inner_lr=1e-2, unrelated_after=0.5)
+    terms = {k: v for k, v in evaluate(meta).items() if torch.is_tensor(v)}
+    assert set(terms) == {"meta_after", "meta_related_before", "meta_unrelated_before"}
+    sum(terms.values()).backward()
+    zero = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not zero, f"no meta gradient on {zero}"
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+    frozen = [n for n, p in tiny_model.unet.named_parameters() if n not in trainable]
+    assert frozen and all(dict(tiny_model.unet.named_parameters())[n].grad is None for n in frozen)
+    assert all(p.grad is None for m in (tiny_model.vae, *tiny_model.text_encoders) for p in m.parameters())
+
+    # and only the after terms: the ascent at theta' alone reaches theta too
+    tiny_model.unet.zero_grad(set_to_none=True)
+    evaluate(meta)["meta_after"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+# ----------------------------------------------------------------- in the training loop
+@pytest.mark.parametrize("method,mode", [("esd", "second_order"), ("none", "first_order"),
+                                         ("none", "second_order")])
+def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, tmp_path, method, mode):
+    # method none without preservation: the meta terms alone must train (a meta-only stage)
+    config = make_config(tiny_pipeline_dir, f"method.name={method}", f"meta.mode={mode}", "method.steps=2",
+                         f"method.preservation_weight={1.0 if method == 'esd' else 0.0}")
+    selected = set(select_names(tiny_model.unet, config.method.params))
+    original = weights(tiny_model.unet)
+    others = [weights(m) for m in (tiny_model.vae, *tiny_model.text_encoders)]
+    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+
+    moved = [n for n, p in tiny_model.unet.named_parameters() if n in selected and not torch.equal(p, original[n])]
+    assert len(moved) > len(selected) // 2, f"meta training moved only {len(moved)} of {len(selected)} weights"
+    for name, param in tiny_model.unet.named_parameters():
+        if name not in selected:
+            assert torch.equal(param, original[name]), f"frozen {name} moved"
+            assert param.grad is None, name
+    for module, before in zip((tiny_model.vae, *tiny_model.text_encoders), others):
+        assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("meta_after" in r and ("esd" in r) == (method == "esd") for r in records)
+    assert all(("preserve" in r) == (method == "esd") for r in records)
+
+
+META_KEYS = ("meta_after", "meta_related_before", "meta_unrelated_before", "meta/forget_after",
+             "meta/related_after", "meta/inner_lr")
+
+
+# every mode x inner step, and every target under both modes
+@pytest.mark.parametrize("mode,inner_step,target", [
+    ("first_order", "sgd", "raw"), ("first_order", "normalized", "capped"), ("first_order", "adam", "unlearn_target"),
+    ("second_order", "sgd", "unlearn_target"), ("second_order", "normalized", "raw"), ("second_order", "adam", "capped"),
+])
+def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp_path, mode, inner_step, target):
+    low, high = 1e-4, 1e-2
+    config = make_config(tiny_pipeline_dir, f"meta.mode={mode}", f"meta.inner_step={inner_step}",
+                         f"meta.target={target}", f"meta.inner_lr_range=[{low}, {high}]", "meta.cap=0.9",
+                         "meta.unrelated_after=0.5")
+    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in (*META_KEYS, "meta/unrelated_after", "esd", "preserve", "loss", "grad_norm"):
+            assert key in r and math.isfinite(r[key]), (key, r.get(key))
+        assert low <= r["meta/inner_lr"] <= high
+        assert r["meta/forget_after"] >= 0 and r["meta/related_after"] > 0
+        assert r["meta_related_before"] > 0 and r["meta_unrelated_before"] > 0
+        total = r["esd"] + r["preserve"] + r["meta_after"] + r["meta_related_before"] + r["meta_unrelated_before"]
+        assert r["loss"] == pytest.approx(total, rel=1e-5)
+        if mode == "first_order":
+            assert r["meta_after"] == 0.0  # the surrogate; its value is logged as meta/after_objective
+        else:
+            assert r["meta_after"] == pytest.approx(r["meta/after_objective"], rel=1e-5)
+        if target == "capped":
+            assert r["meta/after_objective"] >= -0.9 * (1 + 1 + 0.5) - 1e-6
+    assert len({r["meta/inner_lr"] for r in records}) == 3  # drawn afresh every step
+
+
+# ----------------------------------------------------------------- errors
+def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=none", "meta.target=unlearn_target")
+    with pytest.raises(MetaunlearnError, match="unlearn_target.*needs a base method with a target.*'none'") as info:
+        unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+    data = concept_data(tiny_model)
+    trainable = make_trainable(tiny_model.unet, "noxattn")
+    for method in ("esd", "sdd"):  # the methods with a target take it
+        objective(tiny_model, trainable, data, method=method, target="unlearn_target")

@@ -1,0 +1,443 @@
+"""The shared unlearning loop on a tiny random pipeline: losses that fall,
+frozen weights that stay put, exact resumes (also after a kill -9), NaN
+handling, the released model folder, and the user-facing errors around it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from metaunlearn import DiffusionModel, train
+from metaunlearn.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from metaunlearn.cli import app
+from metaunlearn.config import StudyConfig, dump_config, load_config
+from metaunlearn.data import ConceptData, RoleData
+from metaunlearn.errors import MetaunlearnError
+from metaunlearn.methods import StepContext, make_method
+from metaunlearn.params import make_trainable, select_names
+from metaunlearn.train import TrainingError, unlearn
+
+FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
+ROLES = ("forget", "related", "unrelated")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads make the tiny
+    UNet ~100x slower, and one thread everywhere keeps runs bitwise comparable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_config(source, *overrides: str) -> StudyConfig:
+    study = {"model": {"source": str(source), "device": "cpu"},
+             "concepts": {"forget": {"prompts": [FORGET]}, "related": {"prompts": [RELATED]},
+                          "unrelated": {"prompts": [UNRELATED]}},
+             "method": {"steps": 8, "lr": 1e-5, "batch_size": 2, "checkpoint_every": 2,
+                        "esd": {"x_t": "noised", "ddim_steps": 4}, "sdd": {"x_t": "noised", "ddim_steps": 4}}}
+    return StudyConfig.from_dict(study, overrides)
+
+
+def role(model: DiffusionModel, name: str, prompts: list[str], n: int, seed: int) -> RoleData:
+    """Random latents with real prompt embeddings: no image generation needed."""
+    g = torch.Generator().manual_seed(seed)
+    return RoleData(name, torch.randn(n, *model.latent_shape, generator=g), torch.arange(n) % len(prompts),
+                    prompts, model.encode_prompts(prompts), [f"random:{seed}:{i}" for i in range(n)])
+
+
+def concept_data(model: DiffusionModel) -> ConceptData:
+    return ConceptData(role(model, "forget", [FORGET, "a photo of the digit one"], 4, 0),
+                       role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), "train")
+
+
+def run(config, model, data, out, seed=0, **kwargs):
+    return unlearn(config, model, data, out, seed, progress=False, **kwargs)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def log_records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+# ----------------------------------------------------------------- losses
+@pytest.mark.parametrize("x_t", ["sample", "noised"])
+@pytest.mark.parametrize("method", ["esd", "sdd"])
+def test_method_loss_is_finite_and_falls(tiny_model, tiny_pipeline_dir, tmp_path, method, x_t):
+    config = make_config(tiny_pipeline_dir, f"method.name={method}", f"method.{method}.x_t={x_t}",
+                         "method.preservation_weight=0")
+    data = concept_data(tiny_model)
+    # The method's loss at fixed randomness, with the original teacher: per-step
+    # randomness (t, the sampling depth) swamps the trend over a few steps.
+    probe = make_method(config.method, config.concepts.guide)
+    probe.setup(tiny_model, make_trainable(tiny_model.unet, config.method.params), data)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return torch.stack([probe.loss(StepContext(i, torch.Generator().manual_seed(1000 + i), 4))[method]
+                                for i in range(4)]).mean().item()
+
+    before = fixed_loss()
+    run(config, tiny_model, data, tmp_path / "run")
+    after = fixed_loss()
+
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(math.isfinite(r[key]) for r in records for key in ("loss", method, "grad_norm", "lr"))
+    assert all(r["loss"] == pytest.approx(r[method]) and "preserve" not in r for r in records)
+    assert math.isfinite(before) and before > 0 and math.isfinite(after)
+    assert after < 0.75 * before, f"{method} ({x_t}) loss did not fall: {before:.3g} -> {after:.3g}"
+
+
+def test_preservation_term_is_logged_with_benign_data(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.steps=2", "method.preservation_weight=0.5")
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+    for r in log_records(tmp_path / "run"):
+        assert r["preserve"] > 0 and r["loss"] == pytest.approx(r["esd"] + r["preserve"])
+
+
+# ----------------------------------------------------------------- frozen weights
+@pytest.mark.parametrize("params", ["noxattn", "xattn"])
+def test_frozen_parameters_do_not_move(tiny_model, tiny_pipeline_dir, tmp_path, monkeypatch, params):
+    config = make_config(tiny_pipeline_dir, f"method.params={params}", "method.steps=3", "method.lr=1e-3")
+    selected = set(select_names(tiny_model.unet, params))
+    original = weights(tiny_model.unet)
+    others = {i: weights(m) for i, m in enumerate([tiny_model.vae, *tiny_model.text_encoders])}
+
+    with_grad = []  # UNet parameters holding a gradient right after each backward
+    make_accelerator = train.make_accelerator
+
+    def spying_accelerator(cfg):
+        accelerator = make_accelerator(cfg)
+        backward = accelerator.backward
+
+        def spy(loss, **kwargs):
+            backward(loss, **kwargs)
+            with_grad.append({n for n, p in tiny_model.unet.named_parameters() if p.grad is not None})
+
+        accelerator.backward = spy
+        return accelerator
+
+    monkeypatch.setattr(train, "make_accelerator", spying_accelerator)
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+
+    assert len(with_grad) == 3 and all(names and names <= selected for names in with_grad)
+    changed = [n for n, p in tiny_model.unet.named_parameters() if n in selected and not torch.equal(p, original[n])]
+    assert changed
+    for name, param in tiny_model.unet.named_parameters():
+        if name not in selected:
+            assert torch.equal(param, original[name]), f"frozen {name} moved"
+            assert param.grad is None and not param.requires_grad, name
+    for i, module in enumerate([tiny_model.vae, *tiny_model.text_encoders]):
+        assert all(torch.equal(v, others[i][k]) for k, v in module.state_dict().items())
+
+
+# ----------------------------------------------------------------- resume
+def resume_config(source, method: str) -> StudyConfig:
+    # sampled x_t, a warmup + cosine schedule and Adam moments: a resume must restore all of it
+    return make_config(source, f"method.name={method}", f"method.{method}.x_t=sample", "method.lr=1e-4",
+                       "method.lr_schedule=cosine", "method.warmup_steps=2", "method.sdd.ema_decay=0.9")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline_dir, tmp_path_factory):
+    """UNet weights of an uninterrupted run, per method."""
+    done = {}
+
+    def get(method: str) -> dict[str, torch.Tensor]:
+        if method not in done:
+            model = DiffusionModel.load(tiny_pipeline_dir)
+            out = tmp_path_factory.mktemp(f"reference-{method}")
+            run(resume_config(tiny_pipeline_dir, method), model, concept_data(model), out)
+            assert [r["step"] for r in log_records(out)] == list(range(1, 9))
+            done[method] = weights(model.unet)
+        return done[method]
+
+    return get
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["esd", "sdd"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_pipeline_dir, tmp_path, reference, method):
+    config, out = resume_config(tiny_pipeline_dir, method), tmp_path / "run"
+
+    def crash(ctx):
+        if ctx.step == 5:  # the 6th step: checkpoints at 2 and 4 exist, step 5 is logged
+            raise Crash
+        return {}
+
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    with pytest.raises(Crash):
+        run(config, model, concept_data(model), out, objectives={"crash": crash})
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000002", "step-000004"]
+    assert [r["step"] for r in log_records(out)] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "run.json").read_text())["status"] == "running" and not (out / "model").exists()
+
+    replayed = []
+    model = DiffusionModel.load(tiny_pipeline_dir)  # a fresh process would load the original again
+    run(config, model, concept_data(model), out, objectives={"spy": lambda ctx: replayed.append(ctx.step) or {}})
+    assert replayed == [4, 5, 6, 7]  # resumed from step-000004, not restarted
+    assert [r["step"] for r in log_records(out)] == list(range(1, 9))
+    assert_same_weights(weights(model.unet), reference(method))
+    assert not torch.equal(weights(DiffusionModel.load(tiny_pipeline_dir).unet)["conv_in.weight"],
+                           reference(method)["conv_in.weight"])  # the runs did train
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from metaunlearn import DiffusionModel
+from metaunlearn.config import load_config
+from metaunlearn.data import ConceptData, RoleData
+from metaunlearn.train import unlearn
+
+pipeline, config, data, out = map(Path, sys.argv[1:5])
+roles = [RoleData.load(data / f"{name}.safetensors") for name in ("forget", "related", "unrelated")]
+
+def slow(ctx):
+    time.sleep(0.3)
+    return {}
+
+unlearn(load_config(config), DiffusionModel.load(pipeline), ConceptData(*roles, split="train"), out, 0,
+        objectives={"slow": slow}, progress=False)
+"""
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pipeline_dir, tmp_path, reference):
+    config, out, ckpts = resume_config(tiny_pipeline_dir, "sdd"), tmp_path / "run", tmp_path / "run" / "checkpoints"
+    config_file = dump_config(config, tmp_path / "study.yaml")
+    assert load_config(config_file).fingerprint() == config.fingerprint()
+    data = concept_data(DiffusionModel.load(tiny_pipeline_dir))
+    for name in ROLES:
+        getattr(data, name).save(tmp_path / "data" / f"{name}.safetensors")
+
+    with open(tmp_path / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_pipeline_dir), str(config_file),
+                                  str(tmp_path / "data"), str(out)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(ckpts) is None:
+            assert child.poll() is None, f"the run ended early:\n{(tmp_path / 'child.log').read_text()}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        assert child.poll() is None, "the run finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    # Whatever the kill interrupted, only temporaries and complete checkpoints are there.
+    names = set(select_names(DiffusionModel.load(tiny_pipeline_dir).unet, config.method.params))
+    found = list_checkpoints(ckpts)
+    assert found and all(p.name.startswith((".tmp-", "step-")) for p in ckpts.iterdir())
+    assert {p for p in ckpts.iterdir() if not p.name.startswith(".tmp-")} == set(found)
+    for path in found:
+        state = load_checkpoint(path)
+        assert path.name == f"step-{state['step']:06d}" and 0 < state["step"] < 8
+        assert set(state["params"]) == names and set(state["extra"]) == {f"ema.{n}" for n in names}
+    assert json.loads((out / "run.json").read_text())["status"] == "running" and not (out / "model").exists()
+
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    run(config, model, ConceptData(*(RoleData.load(tmp_path / "data" / f"{n}.safetensors") for n in ROLES),
+                                   split="train"), out)
+    assert [r["step"] for r in log_records(out)] == list(range(1, 9))
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert_same_weights(weights(model.unet), reference("sdd"))
+
+
+def test_an_interrupted_checkpoint_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
+    w = torch.arange(6.0).view(2, 3)
+    first = save_checkpoint(tmp_path, 2, {"w": w}, {"optimizer": {"lr": 0.1}}, {"ema.w": 2 * w})
+
+    def killed(*args, **kwargs):  # dies after params.safetensors, before the rest
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, {"w": w + 1}, {"optimizer": {}})
+    monkeypatch.undo()
+    assert (tmp_path / ".tmp-step-000004" / "params.safetensors").is_file()
+    assert not (tmp_path / "step-000004").exists()
+    assert list_checkpoints(tmp_path) == [first] and latest_checkpoint(tmp_path) == first
+    state = load_checkpoint(first)
+    assert state["step"] == 2 and torch.equal(state["params"]["w"], w) and torch.equal(state["extra"]["ema.w"], 2 * w)
+    assert state["training_state"] == {"optimizer": {"lr": 0.1}}
+
+    for step in (4, 6, 8):
+        save_checkpoint(tmp_path, step, {"w": w + step}, {"optimizer": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-000006", "step-000008"]  # the stale temporary was replaced, the oldest pruned
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["params"]["w"], w + 8)
+    assert latest_checkpoint(tmp_path / "absent") is None
+
+
+# ----------------------------------------------------------------- NaN
+def test_a_nan_loss_stops_the_run_and_keeps_its_checkpoints(tiny_model, tiny_pipeline_dir, tmp_path):
+    config, out = make_config(tiny_pipeline_dir), tmp_path / "run"
+    data = concept_data(tiny_model)
+
+    def poison(ctx):
+        return {"poison": torch.tensor(float("nan"))} if ctx.step == 4 else {}
+
+    with pytest.raises(TrainingError) as info:
+        run(config, tiny_model, data, out, objectives={"poison": poison})
+    message = str(info.value)
+    assert isinstance(info.value, MetaunlearnError) and "\n" not in message
+    assert "nan at step 5" in message and "poison=nan" in message
+    assert "last good checkpoint: step-000004" in message
+    found = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in found] == ["step-000002", "step-000004"]
+    for path in found:
+        assert {f.name for f in path.iterdir()} == {"params.safetensors", "training_state.pt", "step.json"}
+        assert load_checkpoint(path)["step"] == int(path.name[5:])
+    assert [r["step"] for r in log_records(out)] == [1, 2, 3, 4]
+    assert not (out / "model").exists()
+
+    replayed = []  # nothing computed is lost: the same command goes on from step 4
+    run(config, DiffusionModel.load(tiny_pipeline_dir), data, out,
+        objectives={"spy": lambda ctx: replayed.append(ctx.step) or {}})
+    assert replayed == [4, 5, 6, 7] and (out / "model" / "model_index.json").is_file()
+
+
+def test_a_nan_before_any_checkpoint_says_so(tiny_model, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(TrainingError, match=r"at step 1 .*last good checkpoint: none"):
+        run(make_config(tiny_pipeline_dir), tiny_model, concept_data(tiny_model), tmp_path / "run",
+            objectives={"poison": lambda ctx: {"poison": torch.tensor(float("inf"))}})
+
+
+# ----------------------------------------------------------------- the released model
+def test_the_unlearned_model_loads_in_stock_diffusers_and_a_done_run_is_skipped(
+        tiny_model, tiny_pipeline_dir, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    config, out = make_config(tiny_pipeline_dir, "method.steps=3", "method.lr=1e-4"), tmp_path / "run"
+    data = concept_data(tiny_model)
+    model_dir = run(config, tiny_model, data, out, seed=0)
+    assert model_dir == out / "model"
+
+    released = StableDiffusionPipeline.from_pretrained(model_dir).unet.state_dict()
+    original = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet.state_dict()
+    assert_same_weights(released, weights(tiny_model.unet))
+    assert any(not torch.equal(released[k], original[k]) for k in original)
+    assert load_config(out / "config.yaml") == config
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "done" and status["seed"] == 0 and status["steps"] == 3
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+    monkeypatch.setattr(train, "make_method", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    started = time.perf_counter()
+    assert run(config, DiffusionModel.load(tiny_pipeline_dir), data, out, seed=0) == model_dir
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(pytest.fail.Exception):  # other inputs (another seed) are another run
+        run(config, DiffusionModel.load(tiny_pipeline_dir), data, out, seed=1)
+
+
+def test_method_none_needs_the_meta_objective(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=none", "method.steps=2")
+    data = concept_data(tiny_model)
+    # with related/unrelated data the preservation term alone would otherwise train
+    with pytest.raises(TrainingError, match="method 'none' needs the meta objective") as info:
+        run(config, tiny_model, data, tmp_path / "run")
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+    def extra(ctx):
+        latents, cond = data.forget.sample(2, ctx.generator)
+        return {"extra": tiny_model.denoising_loss(latents, cond, generator=ctx.generator)}
+
+    run(config, tiny_model, data, tmp_path / "run", objectives={"extra": extra})
+    assert [sorted(r) for r in log_records(tmp_path / "run")][0] == sorted(
+        ["step", "loss", "preserve", "extra", "grad_norm", "lr", "seconds"])
+
+
+# ----------------------------------------------------------------- CLI errors
+runner = CliRunner()
+
+
+def write_study(tmp_path, source, concepts=None) -> str:
+    study = {"name": "cli", "model": {"source": str(source), "device": "cpu"},
+             "concepts": concepts or {"forget": {"prompts": [FORGET]}},
+             "data": {"images_per_prompt": 1, "generation_steps": 2, "batch_size": 2},
+             "method": {"steps": 2, "batch_size": 2}, "output": {"dir": str(tmp_path / "runs" / "{name}")}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return str(path)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    return errors[0]
+
+
+def test_cli_unknown_override_key(tiny_pipeline_dir, tmp_path):
+    line = one_line_error(runner.invoke(app, ["unlearn", write_study(tmp_path, tiny_pipeline_dir),
+                                              "--set", "method.stpes=3"]))
+    assert "method.stpes" in line and "steps" in line  # names the key and what it could be
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_missing_model(tmp_path):
+    line = one_line_error(runner.invoke(app, ["unlearn", write_study(tmp_path, tmp_path / "no-such-model")]))
+    assert "no-such-model" in line and "no model at" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_forget_role_without_data(tiny_pipeline_dir, tmp_path):
+    study = write_study(tmp_path, tiny_pipeline_dir, {"forget": {"prompts": []}, "related": {"prompts": [RELATED]}})
+    line = one_line_error(runner.invoke(app, ["unlearn", study]))
+    assert "concepts.forget" in line and "no prompts, digits or images" in line
+
+
+def test_cli_data_with_an_empty_image_folder(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    study = write_study(tmp_path, tiny_pipeline_dir, {"forget": {"images": str(tmp_path / "empty")}})
+    line = one_line_error(runner.invoke(app, ["data", study]))
+    assert "concepts.forget.images" in line and "has no images" in line and str(tmp_path / "empty") in line
+
+
+# ----------------------------------------------------------------- params
+def test_parameter_selections(tiny_model):
+    unet = tiny_model.unet
+    every = [name for name, _ in unet.named_parameters()]
+    noxattn, xattn = select_names(unet, "noxattn"), select_names(unet, "xattn")
+    assert noxattn and xattn and select_names(unet, "full") == every
+    assert not [n for n in noxattn if ".attn2." in n]
+    assert not [n for n in noxattn if n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))]
+    assert all(".attn2." in n for n in xattn) and all(".attn1." in n for n in select_names(unet, "selfattn"))
+    assert set(noxattn) | set(xattn) | {n for n in every if n.startswith(("time_embedding.", "conv_out.",
+                                                                         "conv_norm_out."))} == set(every)
+    assert [n for n in every if n in noxattn] == noxattn  # module order, for functional_call
+    with pytest.raises(MetaunlearnError, match="unknown parameter selection 'attn'"):
+        select_names(unet, "attn")
+
+    trainable = make_trainable(unet, "xattn")
+    assert list(trainable) == xattn
+    assert [n for n, p in unet.named_parameters() if p.requires_grad] == xattn
