@@ -14,39 +14,19 @@ import torch
 
 from metaunlearn import DiffusionModel
 from metaunlearn.config import MetaConfig, MethodConfig, StudyConfig
-from metaunlearn.data import ConceptData, RoleData
 from metaunlearn.errors import MetaunlearnError
 from metaunlearn.meta import MetaObjective, inner_direction, linear_surrogate, make_meta
 from metaunlearn.methods import StepContext, make_method
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.train import unlearn
 
-FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
+from helpers import FORGET, RELATED, UNRELATED, concept_data, role  # noqa: F401
 BATCH = 2
 # A small trainable subset for the exact-gradient checks: one cross-attention
 # projection and one convolution (both paths of the UNet: text and image).
 SUBSET = ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", "down_blocks.1.resnets.0.conv1.weight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: fast on a busy 2-core machine and bitwise repeatable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def role(model: DiffusionModel, name: str, prompts: list[str], n: int, seed: int) -> RoleData:
-    """Random latents with real prompt embeddings: no image generation needed."""
-    g = torch.Generator().manual_seed(seed)
-    return RoleData(name, torch.randn(n, *model.latent_shape, generator=g), torch.arange(n) % len(prompts),
-                    prompts, model.encode_prompts(prompts), [f"random:{seed}:{i}" for i in range(n)])
-
-
-def concept_data(model: DiffusionModel) -> ConceptData:
-    return ConceptData(role(model, "forget", [FORGET, "a photo of the digit one"], 4, 0),
-                       role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), "train")
 
 
 def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]:
@@ -286,8 +266,9 @@ META_KEYS = ("meta_after", "meta_related_before", "meta_unrelated_before", "meta
 
 # every mode x inner step, and every target under both modes
 @pytest.mark.parametrize("mode,inner_step,target", [
-    ("first_order", "sgd", "raw"), ("first_order", "normalized", "capped"), ("first_order", "adam", "unlearn_target"),
-    ("second_order", "sgd", "unlearn_target"), ("second_order", "normalized", "raw"), ("second_order", "adam", "capped"),
+    ("first_order", "sgd", "raw"), ("first_order", "normalized", "capped"),
+    ("first_order", "adam", "unlearn_target"), ("second_order", "sgd", "unlearn_target"),
+    ("second_order", "normalized", "raw"), ("second_order", "adam", "capped"),
 ])
 def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp_path, mode, inner_step, target):
     low, high = 1e-4, 1e-2

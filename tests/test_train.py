@@ -27,18 +27,9 @@ from metaunlearn.methods import StepContext, make_method
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.train import TrainingError, unlearn
 
-FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
+from helpers import FORGET, RELATED, UNRELATED, concept_data, role  # noqa: F401
 ROLES = ("forget", "related", "unrelated")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads make the tiny
-    UNet ~100x slower, and one thread everywhere keeps runs bitwise comparable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_config(source, *overrides: str) -> StudyConfig:
@@ -49,17 +40,6 @@ def make_config(source, *overrides: str) -> StudyConfig:
                         "esd": {"x_t": "noised", "ddim_steps": 4}, "sdd": {"x_t": "noised", "ddim_steps": 4}}}
     return StudyConfig.from_dict(study, overrides)
 
-
-def role(model: DiffusionModel, name: str, prompts: list[str], n: int, seed: int) -> RoleData:
-    """Random latents with real prompt embeddings: no image generation needed."""
-    g = torch.Generator().manual_seed(seed)
-    return RoleData(name, torch.randn(n, *model.latent_shape, generator=g), torch.arange(n) % len(prompts),
-                    prompts, model.encode_prompts(prompts), [f"random:{seed}:{i}" for i in range(n)])
-
-
-def concept_data(model: DiffusionModel) -> ConceptData:
-    return ConceptData(role(model, "forget", [FORGET, "a photo of the digit one"], 4, 0),
-                       role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), "train")
 
 
 def run(config, model, data, out, seed=0, **kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from .images import grid, save_png
 from .model import DiffusionModel

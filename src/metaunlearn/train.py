@@ -11,7 +11,6 @@ steps an uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
