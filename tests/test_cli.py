@@ -48,9 +48,16 @@ def test_bad_input_is_one_clear_line(args, message):
     assert "Traceback" not in result.output
 
 
-def test_demo_on_a_reduced_world(tmp_path):
+def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
     from metaunlearn.demo import run_demo
     from metaunlearn.worlds.digits import DigitsWorldConfig
 
-    path = run_demo(tmp_path / "demo", DigitsWorldConfig.reduced(), samples_per_digit=2)
-    assert path.is_file() and path.stat().st_size > 0
+    # the packaged demo.yaml (digits concepts, meta settings) with everything made tiny
+    small = ("seeds=[0]", "variants=[meta]", "method.steps=2", "method.esd.ddim_steps=2",
+             "evaluation.samples_per_prompt=1", "evaluation.steps=2",
+             "attacks=[{name: full, steps: 2, eval_at: [0, 2]}]")
+    outcome = run_demo(tmp_path / "demo", DigitsWorldConfig.reduced(), small, progress=False)
+    assert outcome.failures == [] and outcome.report == tmp_path / "demo" / "report.html"
+    assert f"report: {outcome.report}" in capsys.readouterr().out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert list(results["attacks"]["full"]["rows"]) == ["original", "ESD-u / meta"]

@@ -24,7 +24,7 @@ from .evaluation.concept_rates import evaluate_concepts, evaluation_roles, forge
 from .evaluation.detectors import Detector
 from .model import DiffusionModel
 from .params import make_trainable
-from .plots import plot_curves
+from .plots import plot_curves, save_samples
 from .runfiles import atomic_write_json, read_json
 from .train import make_accelerator, step_generator
 
@@ -61,9 +61,12 @@ def _trainable(model: DiffusionModel, attack: AttackConfig) -> dict[str, torch.n
 
 
 def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel, data: ConceptData,
-               detector: Detector, seed: int, label: str, progress: bool = True) -> dict:
+               detector: Detector, seed: int, label: str, progress: bool = True,
+               sample_dir: Path | None = None) -> dict:
     """Finetune `model` in place as the attacker would and return its curve:
-    concept rates at every step of `attack.eval_at` (0 = before the attack)."""
+    concept rates at every step of `attack.eval_at` (0 = before the attack).
+    With `sample_dir`, the samples of the first and last evaluation go there as
+    samples-step<N>.png (the report's before/after grids, at no extra sampling)."""
     from tqdm.auto import tqdm
 
     images = attacker_data(data, attack)
@@ -77,7 +80,12 @@ def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel,
 
     def evaluate(step: int) -> None:
         model.unet.eval()
-        rates = evaluate_concepts(model, detector, roles, forget, config.evaluation, progress=False)
+        keep = sample_dir is not None and step in (attack.eval_at[0], attack.eval_at[-1])
+        rates = evaluate_concepts(model, detector, roles, forget, config.evaluation, progress=False,
+                                  return_images=keep)
+        if keep:
+            rates, samples, _ = rates
+            save_samples(samples, config.evaluation.samples_per_prompt, Path(sample_dir) / f"samples-step{step}.png")
         points.append({"step": step, "forget_rate": rates["forget_rate"],
                        "related_accuracy": rates["related_accuracy"],
                        "unrelated_accuracy": rates["unrelated_accuracy"],
@@ -125,7 +133,7 @@ def attack_and_save(config: StudyConfig, attack: AttackConfig, load: Callable[[]
     if done.get("fingerprint") == fingerprint:
         return done
     model = load()  # a fresh copy of the released weights for every attack
-    curve = run_attack(config, attack, model, data, detector, seed, label, progress)
+    curve = run_attack(config, attack, model, data, detector, seed, label, progress, sample_dir=out)
     curve["fingerprint"] = fingerprint
     if attack.save_final:
         _save_final(model, attack, out)

@@ -165,13 +165,43 @@ def attack(config: ConfigArg, set_: SetOpt = None,
 
 @app.command()
 @user_errors
+def run(config: ConfigArg, set_: SetOpt = None,
+        progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True):
+    """Run (or resume) every stage of a study and write its report; exits non-zero if a stage failed."""
+    from .study import run_study
+
+    _finish(run_study(_config(config, set_), progress=progress))
+
+
+@app.command()
+@user_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="The run folder of a study (`metaunlearn run`).",
+                                                   show_default=False)]):
+    """Write report.html, report.md and results.json from the files in a run folder."""
+    from .report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder for the demo's outputs.")] = Path("runs/demo"),
 ):
-    """The built-in study on the digits world, on a CPU, in minutes."""
+    """The packaged study on the built-in digits world (base vs meta, 2 seeds, 3 attacks), on a CPU."""
     from .demo import run_demo
 
-    run_demo(out)
+    _finish(run_demo(out), printed=True)
+
+
+def _finish(outcome, printed: bool = False) -> None:
+    if outcome.report is not None and not printed:
+        typer.echo(f"report: {outcome.report}")
+    for failure in outcome.failures:
+        typer.echo(f"failed: {failure['stage']}: {failure['error']}", err=True)
+    if outcome.failures:
+        typer.echo(f"{len(outcome.failures)} stage(s) failed; see {outcome.run_dir / 'study.log'}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

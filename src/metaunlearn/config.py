@@ -147,7 +147,9 @@ class MetaConfig(_Section):
     target: Literal["raw", "unlearn_target", "capped"] = Field("raw", description=(
         "Post-attack forget term: 'raw' ascends the denoising loss (the paper, unbounded); 'unlearn_target' "
         "regresses to the base method's target instead; 'capped' stops ascending past `cap`."))
-    cap: float = Field(1.0, gt=0, description="Loss level where ascent terms stop, with target 'capped'.")
+    cap: float = Field(2.0, gt=0, description=(
+        "With target 'capped': an ascent term stops (no gradient) once the post-attack loss exceeds cap x the "
+        "original model's denoising loss on that role, measured at setup; so it means the same at every scale."))
     forget_after: float = Field(1.0, description="a (reference flag gamma2_1): weight of −L(θ'; forget).")
     related_after: float = Field(1.0, description="b (gamma2_2): weight of −L(θ'; related), the self-destruct term.")
     related_before: float = Field(1.0, description="c (gamma1_2): weight of +L(θ; related) before the attack.")
@@ -220,6 +222,9 @@ class StudyConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="How role data are made.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="The base unlearning method.")
     meta: MetaConfig = Field(default_factory=MetaConfig, description="The meta-unlearning objective.")
+    variants: list[Literal["base", "meta"]] = Field(["base", "meta"], min_length=1, description=(
+        "Which unlearned models a study compares: 'base' = the base method alone, 'meta' = the base method "
+        "plus the `meta` section's objective (`metaunlearn run` sets meta.enabled per variant)."))
     attacks: list[AttackConfig] = Field([], description="Relearning and benign finetunes of the released model.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="How checkpoints are scored.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run's artifacts go.")
@@ -227,6 +232,13 @@ class StudyConfig(_Section):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"has duplicates: {value}")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError(f"has duplicates: {value}")
         return value

@@ -13,7 +13,9 @@ Meta loss, added to the base method's loss by the training loop:
              + d * L(theta;  unrelated)      unrelated concepts stay good before it
              - e * A(L(theta'; unrelated))   the reference code's extra term (default off)
 
-A bounds the ascent ("capped"), or the forget term is replaced by pulling the
+A bounds the ascent ("capped": no gradient once a post-attack loss exceeds
+`cap` times the original model's loss on that role, measured at setup, so the
+bound means the same at every model scale), or the forget term is replaced by pulling the
 post-attack prediction to the base method's unlearning target
 ("unlearn_target"), which is bounded below by zero instead of unbounded.
 
@@ -44,6 +46,7 @@ from .methods.base import Method, StepContext
 from .model import DiffusionModel
 
 ADAM_EPS = 1e-8
+REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 
 
 def inner_direction(grads: list[torch.Tensor], form: str) -> list[torch.Tensor]:
@@ -73,6 +76,7 @@ class MetaObjective:
         self.names = list(trainable)  # module order: the mapping functional_call receives
         self.trainable = trainable
         self.batch_size = batch_size
+        self.cap_levels = self._cap_levels() if config.target == "capped" else {}
         if config.target == "unlearn_target" and not hasattr(method, "target"):
             raise MetaunlearnError(f"meta.target 'unlearn_target' needs a base method with a target, "
                                    f"not '{method.name}'")
@@ -92,15 +96,29 @@ class MetaObjective:
         latents, cond = batch
         return self.model.denoising_loss(latents, cond, params=params, generator=ctx.generator)
 
-    def _ascent(self, loss: torch.Tensor) -> torch.Tensor:
-        """What an 'after the attack' ascent term maximises: raw, or capped at `cap`."""
-        return loss.clamp(max=self.config.cap) if self.config.target == "capped" else loss
+    @torch.no_grad()
+    def _cap_levels(self) -> dict[str, float]:
+        """cap x the original model's denoising loss on each role (fixed batches)."""
+        levels = {}
+        for name in ("forget", "related", "unrelated"):
+            role = getattr(self.data, name)
+            if role is None or len(role) == 0:
+                continue
+            gen = torch.Generator().manual_seed(0)
+            losses = [self.model.denoising_loss(*role.sample(self.batch_size, gen), generator=gen).item()
+                      for _ in range(REFERENCE_BATCHES)]
+            levels[name] = self.config.cap * sum(losses) / len(losses)
+        return levels
+
+    def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
+        """What an 'after the attack' ascent term maximises: raw, or capped."""
+        return loss.clamp(max=self.cap_levels[role]) if self.config.target == "capped" else loss
 
     def _forget_after(self, params, ctx) -> tuple[torch.Tensor, float]:
         """The post-attack forget term to *minimise*, and the raw post-attack forget loss (logged)."""
         if self.config.target != "unlearn_target":
             loss = self._loss(self._batch(self.data.forget, ctx), params, ctx)
-            return -self._ascent(loss), loss.item()
+            return -self._ascent(loss, "forget"), loss.item()
         # Pull theta' back to the base method's unlearning target on its own x_t:
         # bounded below by zero, and it asks for exactly what unlearning asks for.
         cond = self.method.forget_batch(ctx)
@@ -130,7 +148,8 @@ class MetaObjective:
         after = dict(zip(self.names, current))
 
         logs: dict[str, torch.Tensor | float] = {"meta/inner_lr": tau, "meta/inner_grad_norm": inner_norm,
-                                                 "meta/forget_before": loss_in.item() if cfg.inner_steps else 0.0}
+                                                 "meta/forget_before": loss_in.item() if cfg.inner_steps else 0.0,
+                                                 **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}}
         outer = torch.zeros((), device=model.device)
         if cfg.forget_after:
             term, raw = self._forget_after(after, ctx)
@@ -141,7 +160,7 @@ class MetaObjective:
             batch = self._batch(role, ctx)
             if weight and batch is not None:
                 loss = self._loss(batch, after, ctx)
-                outer = outer - weight * self._ascent(loss)
+                outer = outer - weight * self._ascent(loss, name)
                 logs[f"meta/{name}_after"] = loss.item()
 
         terms: dict[str, torch.Tensor | float] = {}

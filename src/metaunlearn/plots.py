@@ -72,3 +72,13 @@ def plot_curves(curves: list[dict], path: str | Path, title: str = "",
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_samples(images, samples_per_prompt: int, path: str | Path, per_prompt: int = 4, scale: int = 3) -> Path:
+    """A grid of evaluation samples (prompt-major order, as evaluate_concepts
+    returns them): one row per prompt, its first `per_prompt` samples, upscaled."""
+    from .images import grid, save_png
+
+    k = min(per_prompt, samples_per_prompt)
+    rows = images.reshape(-1, samples_per_prompt, *images.shape[1:])[:, :k].reshape(-1, *images.shape[1:])
+    return save_png(grid(rows.float().cpu(), nrow=k, scale=scale), path)

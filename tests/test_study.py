@@ -1,0 +1,169 @@
+"""The study runner on a tiny pipeline: every stage in order, skips on a re-run,
+redoes only what a changed value touches, resumes after an interruption, and
+reports a broken stage without losing the others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from metaunlearn.cli import app
+from metaunlearn.config import StudyConfig
+from metaunlearn.errors import ConfigError
+from metaunlearn.evaluation.detectors import Detector
+from metaunlearn.study import run_study
+
+runner = CliRunner()
+FULL = {"name": "full", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3}
+LORA = {"name": "lora", "kind": "lora", "lora_rank": 2, "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3}
+
+
+class StubDetector(Detector):
+    """The tiny pipeline has no detector: 'present' when an image is brighter than mid-gray."""
+
+    name = "bright"
+
+    def concept_of(self, prompt, role, forget_concepts):
+        return "bright"
+
+    def present(self, images, concept):
+        return images.mean(dim=(1, 2, 3)) > 0.5
+
+
+def use_stub_detector(monkeypatch):
+    monkeypatch.setattr("metaunlearn.evaluation.detectors.make_detector", lambda *a, **k: StubDetector())
+
+
+def tiny_study(source, out, seeds=(0, 1), variants=("base", "meta"), attacks=(FULL, LORA)) -> dict:
+    return {"name": "tiny", "seeds": list(seeds), "variants": list(variants),
+            "model": {"source": str(source), "device": "cpu"},
+            "concepts": {"forget": {"prompts": ["a photo of the digit eight"]},
+                         "related": {"prompts": ["the digit three"]}, "unrelated": {"prompts": ["a dog"]}},
+            "data": {"images_per_prompt": 2, "generation_steps": 2},
+            "method": {"steps": 3, "batch_size": 2, "esd": {"x_t": "noised", "ddim_steps": 4}},
+            "meta": {"mode": "first_order", "target": "capped", "cap": 0.5},
+            "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 16},
+            "attacks": [dict(a) for a in attacks], "output": {"dir": str(out)}}
+
+
+def last_run(log_file) -> list[str]:
+    """study.log lines of the latest run, without their time stamps."""
+    lines = log_file.read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if "stages" in line and "study tiny" in line)
+    return [line[21:] for line in lines[start + 1:]]
+
+
+def events(lines: list[str], kind: str) -> set[str]:
+    return {line.split()[1] for line in lines if line.startswith(kind)}
+
+
+def test_variants_are_validated():
+    base = {"concepts": {"forget": {"prompts": ["x"]}}}
+    assert StudyConfig.from_dict(base).variants == ["base", "meta"]
+    for bad, message in ((["meta", "meta"], "variants has duplicates"), ([], "variants"),
+                         (["sdd"], "variants.0")):
+        with pytest.raises(ConfigError, match=message):
+            StudyConfig.from_dict({**base, "variants": bad})
+
+
+def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
+        tiny_pipeline_dir, tmp_path, monkeypatch):
+    use_stub_detector(monkeypatch)
+    run = tmp_path / "run"
+    study = tiny_study(tiny_pipeline_dir, run, attacks=[FULL])
+    outcome = run_study(StudyConfig.from_dict(study), progress=False)
+    assert outcome.failures == [] and outcome.report == run / "report.html"
+    labels = ["original", "esd-seed0", "esd-seed1", "esd-meta-seed0", "esd-meta-seed1"]
+    for label in labels:
+        assert json.loads((run / "eval" / f"{label}.json").read_text())["fingerprint"]
+        assert (run / "eval" / f"{label}.png").is_file()
+    # each unlearned model is attacked with its own seed, the original with every seed
+    curves = sorted(p.parent.relative_to(run / "attacks").as_posix() for p in run.glob("attacks/*/*/curve.json"))
+    assert curves == sorted([f"original/full-seed{s}" for s in (0, 1)] +
+                            [f"{m}-seed{s}/full-seed{s}" for m in ("esd", "esd-meta") for s in (0, 1)])
+    assert {p.name for p in (run / "attacks/esd-meta-seed1/full-seed1").glob("samples-*")} == {
+        "samples-step0.png", "samples-step4.png"}
+    assert yaml.safe_load((run / "study.yaml").read_text())["variants"] == ["base", "meta"]
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"data/train", "unlearn/esd-meta-seed1", "attack/original/full-seed1", "report"} <= set(timings)
+    assert "gpu" in json.loads((run / "environment.json").read_text())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    with monkeypatch.context() as m:  # a re-run with nothing changed touches no model
+        for target in ("metaunlearn.train.unlearn", "metaunlearn.attacks.run_attack",
+                       "metaunlearn.evaluation.concept_rates.evaluate_concepts",
+                       "metaunlearn.stages.prepare_concept_data"):
+            m.setattr(target, boom)
+        assert run_study(StudyConfig.from_dict(study), progress=False).failures == []
+    lines = last_run(run / "study.log")
+    assert events(lines, "start") == {"report"} and "unlearn/esd-meta-seed0" in events(lines, "skip")
+    again = json.loads((run / "timings.json").read_text())
+    assert {k: v for k, v in again.items() if k != "report"} == {k: v for k, v in timings.items() if k != "report"}
+
+    # a meta setting redoes the meta models and what depends on them, nothing else
+    study["meta"]["cap"] = 0.3
+    assert run_study(StudyConfig.from_dict(study), progress=False).failures == []
+    started = events(last_run(run / "study.log"), "start")
+    assert started == {"report"} | {f"{stage}/esd-meta-seed{s}" for stage in ("unlearn", "evaluate") for s in (0, 1)} \
+        | {f"attack/esd-meta-seed{s}/full-seed{s}" for s in (0, 1)}
+
+
+def test_an_interrupted_study_resumes_where_it_stopped(tiny_pipeline_dir, tmp_path, monkeypatch):
+    use_stub_detector(monkeypatch)
+    run = tmp_path / "run"
+    config = StudyConfig.from_dict(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[FULL]))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("metaunlearn.attacks.run_attack", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_study(config, progress=False)
+    assert "stopped attack/original/full-seed0: interrupted" in "\n".join(last_run(run / "study.log"))
+    assert not (run / "report.html").exists()
+
+    outcome = run_study(config, progress=False)
+    lines = last_run(run / "study.log")
+    assert outcome.failures == [] and outcome.report is not None
+    assert {"unlearn/esd-seed0", "unlearn/esd-meta-seed0", "evaluate/esd-meta-seed0"} <= events(lines, "skip")
+    assert events(lines, "start") == {"report", "attack/original/full-seed0", "attack/esd-seed0/full-seed0",
+                                      "attack/esd-meta-seed0/full-seed0"}
+
+
+def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, tmp_path, monkeypatch):
+    use_stub_detector(monkeypatch)
+    run = tmp_path / "run"
+    broken = {**LORA, "name": "broken", "lora_targets": ["no_such_module"]}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[FULL, broken])))
+    result = runner.invoke(app, ["run", str(study), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "failed: attack/original/broken-seed0: MetaunlearnError" in result.output
+    assert "Traceback" not in result.output
+    results = json.loads((run / "results.json").read_text())
+    assert {f["stage"] for f in results["failures"]} == {
+        f"attack/{m}/broken-seed0" for m in ("original", "esd-seed0", "esd-meta-seed0")}
+    assert all(row["curves"] == 1 for row in results["attacks"]["full"]["rows"].values())
+    assert all(row["curves"] == 0 for row in results["attacks"]["broken"]["rows"].values())
+    assert "no_such_module" in (run / "report.html").read_text()
+    assert "FAILED  attack/esd-seed0/broken-seed0" in (run / "study.log").read_text()
+
+
+def test_a_finished_base_run_from_before_the_variant_fingerprint_is_kept(tmp_path):
+    from metaunlearn.stages import unlearn_dir, unlearn_done, unlearn_fingerprint, variant_config
+
+    config = variant_config(StudyConfig.from_dict(tiny_study("unused", tmp_path)), "base")
+    folder = unlearn_dir(config, 0)
+    folder.mkdir(parents=True)
+    legacy = f"{config.fingerprint('model', 'concepts', 'data', 'method', 'meta')}-0"
+    (folder / "run.json").write_text(json.dumps({"fingerprint": legacy, "status": "done"}))
+    assert unlearn_done(config, 0)
+    other_meta = config.model_copy(update={"meta": config.meta.model_copy(update={"cap": 0.9})})
+    assert unlearn_fingerprint(other_meta, 0) == unlearn_fingerprint(config, 0)  # meta off: not an input
+    assert unlearn_fingerprint(variant_config(config, "meta"), 0) != unlearn_fingerprint(config, 0)
