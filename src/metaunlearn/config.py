@@ -144,10 +144,10 @@ class MetaConfig(_Section):
         "Inner update: plain gradient step, gradient scaled to unit norm, or an Adam-like step."))
     inner_lr_range: Optional[tuple[float, float]] = Field(None, description=(
         "[low, high]: draw τ from this range at every outer step (an attacker whose step size is unknown)."))
-    target: Literal["raw", "unlearn_target", "capped"] = Field("raw", description=(
+    target: Literal["raw", "unlearn_target", "capped"] = Field("capped", description=(
         "Post-attack forget term: 'raw' ascends the denoising loss (the paper, unbounded); 'unlearn_target' "
         "regresses to the base method's target instead; 'capped' stops ascending past `cap`."))
-    cap: float = Field(2.0, gt=0, description=(
+    cap: float = Field(4.0, gt=0, description=(
         "With target 'capped': an ascent term stops (no gradient) once the post-attack loss exceeds cap x the "
         "original model's denoising loss on that role, measured at setup; so it means the same at every scale."))
     forget_after: float = Field(1.0, description="a (reference flag gamma2_1): weight of −L(θ'; forget).")
