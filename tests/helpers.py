@@ -7,6 +7,7 @@ import torch
 
 from metaunlearn import DiffusionModel
 from metaunlearn.data import ConceptData, RoleData
+from metaunlearn.evaluation.detectors import Detector
 
 FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
 
@@ -20,3 +21,16 @@ def role(model: DiffusionModel, name: str, prompts: list[str], n: int, seed: int
 def concept_data(model: DiffusionModel, split: str = "train") -> ConceptData:
     return ConceptData(role(model, "forget", [FORGET, "a photo of the digit one"], 4, 0),
                        role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), split)
+
+
+class BrightDetector(Detector):
+    """A stand-in for models with no detector: judges every prompt, and calls the
+    concept present when an image is brighter than mid-gray."""
+
+    name = "bright"
+
+    def concept_of(self, prompt, role, forget_concepts):
+        return "bright"
+
+    def present(self, images, concept):
+        return images.mean(dim=(1, 2, 3)) > 0.5

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import BrightDetector
 
 from metaunlearn import MetaunlearnError
 from metaunlearn.attacks import attacker_data, run_attack
 from metaunlearn.config import StudyConfig
 from metaunlearn.data import ConceptData, RoleData, prepare_concept_data
-from metaunlearn.evaluation.detectors import Detector
 
 PROMPTS = {"forget": ["a photo of the digit eight"], "related": ["the digit three"], "unrelated": ["a dog"]}
 
-
-class BrightDetector(Detector):
-    """Judges every prompt: 'present' when the image is brighter than mid-gray."""
-
-    name = "bright"
-
-    def concept_of(self, prompt, role, forget_concepts):
-        return "bright"
-
-    def present(self, images, concept):
-        return images.mean(dim=(1, 2, 3)) > 0.5
 
 
 def study(**attack) -> StudyConfig:

@@ -193,3 +193,10 @@ def test_from_dict_does_not_mutate_input():
     data = {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
     config = StudyConfig.from_dict(data, ["meta.enabled=true"])
     assert config.meta.enabled and data == {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+                         + [Path(__file__).parent.parent / "src/metaunlearn/configs/demo.yaml"])
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.concepts.forget.prompts and config.attacks

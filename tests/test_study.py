@@ -8,12 +8,12 @@ import json
 
 import pytest
 import yaml
+from helpers import BrightDetector
 from typer.testing import CliRunner
 
 from metaunlearn.cli import app
 from metaunlearn.config import StudyConfig
 from metaunlearn.errors import ConfigError
-from metaunlearn.evaluation.detectors import Detector
 from metaunlearn.study import run_study
 
 runner = CliRunner()
@@ -21,20 +21,9 @@ FULL = {"name": "full", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr":
 LORA = {"name": "lora", "kind": "lora", "lora_rank": 2, "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3}
 
 
-class StubDetector(Detector):
-    """The tiny pipeline has no detector: 'present' when an image is brighter than mid-gray."""
-
-    name = "bright"
-
-    def concept_of(self, prompt, role, forget_concepts):
-        return "bright"
-
-    def present(self, images, concept):
-        return images.mean(dim=(1, 2, 3)) > 0.5
-
 
 def use_stub_detector(monkeypatch):
-    monkeypatch.setattr("metaunlearn.evaluation.detectors.make_detector", lambda *a, **k: StubDetector())
+    monkeypatch.setattr("metaunlearn.evaluation.detectors.make_detector", lambda *a, **k: BrightDetector())
 
 
 def tiny_study(source, out, seeds=(0, 1), variants=("base", "meta"), attacks=(FULL, LORA)) -> dict:
@@ -156,7 +145,12 @@ def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, 
 
 
 def test_a_finished_base_run_from_before_the_variant_fingerprint_is_kept(tmp_path):
-    from metaunlearn.stages import unlearn_dir, unlearn_done, unlearn_fingerprint, variant_config
+    from metaunlearn.stages import (
+        unlearn_dir,
+        unlearn_done,
+        unlearn_fingerprint,
+        variant_config,
+    )
 
     config = variant_config(StudyConfig.from_dict(tiny_study("unused", tmp_path)), "base")
     folder = unlearn_dir(config, 0)

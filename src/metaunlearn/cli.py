@@ -81,6 +81,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="Study YAML file (see configs/).
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override one config value, e.g. --set method.steps=200 (repeatable).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Run this seed only (default: every seed of the study).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Model folder (default: the study's original model).")]
+LabelOpt = Annotated[Optional[str], typer.Option(help="Name of the model in the run folder (default: from --model).")]
 
 
 def _config(path: Path, overrides: Optional[list[str]], meta: Optional[bool] = None):
@@ -130,10 +132,7 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
 
 @app.command()
 @user_errors
-def evaluate(config: ConfigArg, set_: SetOpt = None,
-             model: Annotated[Optional[Path], typer.Option(help="Model folder to evaluate (default: the "
-                                                           "study's original model).")] = None,
-             label: Annotated[Optional[str], typer.Option(help="Name of the results file in eval/.")] = None):
+def evaluate(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label: LabelOpt = None):
     """Sample every role's prompts and report the share of samples that show the concept they name."""
     from .stages import run_evaluate
 
@@ -147,11 +146,9 @@ def evaluate(config: ConfigArg, set_: SetOpt = None,
 
 @app.command()
 @user_errors
-def attack(config: ConfigArg, set_: SetOpt = None,
-           model: Annotated[Optional[Path], typer.Option(help="Released model folder to attack (default: the "
-                                                         "original model, for the reference curves).")] = None,
-           label: Annotated[Optional[str], typer.Option(help="Name of the model in attacks/.")] = None):
-    """Run the study's relearning and benign finetuning attacks on a model and write their curves."""
+def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label: LabelOpt = None):
+    """Run the study's relearning and benign finetuning attacks on a model (the original gives the
+    reference curves) and write their curves."""
     from .stages import run_attacks
 
     cfg = _config(config, set_)
