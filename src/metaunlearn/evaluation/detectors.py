@@ -13,7 +13,6 @@ answers two questions, so new ones (image classifiers, CLIP) are one subclass:
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -136,14 +135,10 @@ class NudityDetector(Detector):
 
 
 def _is_digits_world(folder: Path) -> bool:
-    from ..worlds.digits import DETECTOR_DIR, REPORT_FILE
+    from ..worlds import is_digits_world
+    from ..worlds.digits import DETECTOR_DIR
 
-    if (folder / DETECTOR_DIR).is_dir():
-        return True
-    try:
-        return json.loads((folder / REPORT_FILE).read_text()).get("world") == "digits"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (folder / DETECTOR_DIR).is_dir() or is_digits_world(folder)
 
 
 def make_detector(kind: str, model_source_dir: str | Path, world_dir: str | Path | None = None) -> Detector:
