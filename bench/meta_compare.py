@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main() -> None:
     results = {}
     for spec in args.variant:
         name, _, sets = spec.partition(":")
-        overrides = [s for s in sets.split(",") if s] + args.set
+        overrides = [s for s in re.split(r",(?![^\[]*\])", sets) if s] + args.set  # commas inside [..] stay
         curves = []
         for seed in args.seeds:
             config = load_config(args.study, overrides + [f"output.dir={args.out}/{name}", f"seeds=[{seed}]"])
