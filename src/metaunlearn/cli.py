@@ -99,10 +99,10 @@ def _config(path: Path, overrides: Optional[list[str]], meta: Optional[bool] = N
 def data(config: ConfigArg, set_: SetOpt = None,
          split: Annotated[str, typer.Option(help="train, test or attack (the attacker's held-out images).")] = "train"):
     """Make or collect the forget, related and unrelated data and cache their latents and prompt embeddings."""
-    from .stages import concept_data, load_model
+    from .stages import concept_data
 
     cfg = _config(config, set_)
-    data = concept_data(cfg, load_model(cfg), split)
+    data = concept_data(cfg, split=split)  # loads the model only if the cache cannot serve the split
     for role in ("forget", "related", "unrelated"):
         part = getattr(data, role)
         count = f"{len(part)} items, {len(part.prompts)} prompts" if part is not None else "none"

@@ -229,16 +229,9 @@ class StudyConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="How checkpoints are scored.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run's artifacts go.")
 
-    @field_validator("seeds")
+    @field_validator("seeds", "variants")
     @classmethod
-    def _unique_seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"has duplicates: {value}")
-        return value
-
-    @field_validator("variants")
-    @classmethod
-    def _unique_variants(cls, value: list[str]) -> list[str]:
+    def _unique(cls, value: list) -> list:
         if len(set(value)) != len(value):
             raise ValueError(f"has duplicates: {value}")
         return value

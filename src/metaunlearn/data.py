@@ -141,14 +141,11 @@ Chunks = Iterator[tuple[torch.Tensor, list[str], list[str]]]
 
 
 def _digit_feed(role: RoleConfig, split: str, model: DiffusionModel, seed: int, batch: int) -> tuple[int, Chunks]:
-    from sklearn.datasets import load_digits
-
-    from .worlds.digits_data import _split_indices, load_split
+    from .worlds.digits_data import load_split, split_indices
 
     digits = [digit_of_word(w) for w in role.digits]
     images, labels = load_split(split, size=model.image_size, digits=digits, seed=seed)
-    target = load_digits().target
-    indices = [i for i in _split_indices(seed)[split] if int(target[i]) in digits]  # load_split's order
+    indices = split_indices(split, digits, seed)
     seen = dict.fromkeys(digits, 0)
     captions = []
     for label in labels.tolist():  # cycle the role's prompts naming this digit, else its phrasings

@@ -319,7 +319,3 @@ class DiffusionModel:
         from diffusers.models.attention_processor import AttnProcessor
 
         self.unet.set_attn_processor(AttnProcessor())
-
-    def unet_parameters(self, names: Sequence[str] | None = None) -> dict[str, torch.nn.Parameter]:
-        params = dict(self.unet.named_parameters())
-        return params if names is None else {n: params[n] for n in names}

@@ -58,7 +58,7 @@ class JsonlLog:
     def __init__(self, path: Path, keep_until_step: int = 0):
         self.path = Path(path)
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= keep_until_step]
+        kept = [line for line, step in zip(lines, map(_step_of, lines)) if step is not None and step <= keep_until_step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._writer = self._tensorboard()
 

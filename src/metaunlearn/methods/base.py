@@ -32,6 +32,7 @@ class Method(ABC):
     def setup(self, model: DiffusionModel, trainable: dict[str, torch.nn.Parameter], data: ConceptData) -> None:
         """Called once before the first step, with the weights still original."""
         self.model, self.trainable, self.data = model, trainable, data
+        self.uncond = model.empty_conditioning()
 
     @abstractmethod
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ class EsdMethod(Method):
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
         self.teacher = snapshot(trainable)
-        self.uncond = model.empty_conditioning()
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:

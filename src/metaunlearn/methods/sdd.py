@@ -28,7 +28,6 @@ class SddMethod(Method):
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
         self.ema = snapshot(trainable)
-        self.uncond = model.empty_conditioning()
         self.guide = guide_conditioning(model, self.guide_prompt)
 
     @torch.no_grad()

@@ -80,16 +80,25 @@ def _split_indices(seed: int) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def split_indices(split: str, digits: list[int] | None = None, seed: int = 0) -> list[int]:
+    """Dataset indices of one split (optionally only some digits), in load_split's order."""
+    from sklearn.datasets import load_digits
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown digits split '{split}'; choose from {', '.join(SPLITS)}")
+    idx = _split_indices(seed)[split]
+    if digits is None:
+        return idx
+    target, wanted = load_digits().target, set(digits)
+    return [i for i in idx if int(target[i]) in wanted]
+
+
 def load_split(split: str, size: int = 32, digits: list[int] | None = None,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, size, size) in [-1, 1] and labels (N,) of one split."""
     from sklearn.datasets import load_digits
 
-    if split not in SPLITS:
-        raise ValueError(f"unknown digits split '{split}'; choose from {', '.join(SPLITS)}")
     data = load_digits()
-    idx = _split_indices(seed)[split]
-    if digits is not None:
-        idx = [i for i in idx if int(data.target[i]) in set(digits)]
+    idx = split_indices(split, digits, seed)
     raw = torch.tensor(data.images[idx])
     return to_images(raw, size), torch.tensor(data.target[idx], dtype=torch.long)
