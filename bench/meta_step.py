@@ -4,7 +4,7 @@ model, data and batch size.
 
 Variants (each run in its own subprocess, so peak memories do not mix):
 
-    base       ESD-u (params noxattn) + preservation term: the training loop's step
+    base       ESD-u (params noxattn) + preservation term: the training engine's step
     first      base + first-order meta (M=1, sgd)
     second     base + second-order meta (M=1, sgd)
     reference  the reference code's pattern at equal settings (see `reference_step`)
@@ -39,10 +39,10 @@ VARIANTS = ("base", "first", "second", "reference")
 WORDS = ["a", "photo", "of", "the", "digit", "eight", "three", "one", "nine", "dog", "cat"]
 # The digits study the timings stand for (as in the project's ESD trials).
 DIGITS_CONCEPTS = {
-    "forget": {"digits": ["eight"], "prompts": ["a photo of the digit eight", "a handwritten 8", "the number eight"]},
-    "related": {"digits": ["three", "nine"], "prompts": ["a photo of the digit three", "the number three",
+    "forget": {"classes": ["eight"], "prompts": ["a photo of the digit eight", "a handwritten 8", "the number eight"]},
+    "related": {"classes": ["three", "nine"], "prompts": ["a photo of the digit three", "the number three",
                                                         "a photo of the digit nine", "the number nine"]},
-    "unrelated": {"digits": ["one", "four", "seven"], "prompts": ["a photo of the digit one",
+    "unrelated": {"classes": ["one", "four", "seven"], "prompts": ["a photo of the digit one",
                                                                  "a photo of the digit four",
                                                                  "a photo of the digit seven"]},
 }
@@ -102,13 +102,13 @@ def study_config(args, mode: str = "first_order"):
 
 def digits_world_dir() -> Path:
     """The cached digits world; never built here (a build takes minutes)."""
-    from metaunlearn.worlds import resolve_model_source
-    from metaunlearn.worlds.digits import REPORT_FILE, DigitsWorldConfig, cache_root
+    from metaunlearn.config import ModelConfig
+    from metaunlearn.worlds import world_for
 
-    folder = cache_root() / "worlds" / f"digits-{DigitsWorldConfig().key()}"
-    if not (folder / REPORT_FILE).is_file():
-        sys.exit(f"error: the digits world is not built ({folder}); build it once with `metaunlearn world digits`")
-    return Path(resolve_model_source("digits"))
+    world = world_for(ModelConfig(source="digits"))
+    if not world.is_built():
+        sys.exit("error: the digits world is not built; build it once with `metaunlearn world digits`")
+    return world.folder()
 
 
 def load_world(args, device: str):
@@ -137,34 +137,12 @@ def load_world(args, device: str):
 
 # --------------------------------------------------------------------- the steps
 def base_terms(model, method, benign, cfg, ctx) -> dict:
-    """The loss terms of the training loop's step before extra objectives (train.unlearn)."""
-    terms = dict(method.loss(ctx))
-    latents, cond = benign.sample(cfg.batch_size, ctx.generator)
-    terms["preserve"] = cfg.preservation_weight * model.denoising_loss(latents, cond, generator=ctx.generator)
+    """The loss terms of a step before the meta objective (what unlearning adds up)."""
+    from metaunlearn.unlearn import denoising_objective
+
+    terms = dict(method.loss(ctx).losses)
+    terms.update(denoising_objective(model, benign, "preserve", cfg.preservation_weight)(ctx).losses)
     return terms
-
-
-def loop_step(model, method, benign, meta, trainable, optimizer, cfg, ctx) -> float:
-    """One step as train.unlearn runs it (without accelerate's one-process no-op wrappers)."""
-    import math
-
-    import torch
-
-    model.unet.train()
-    terms = base_terms(model, method, benign, cfg, ctx)
-    if meta is not None:
-        terms.update({k: v for k, v in meta(ctx).items() if torch.is_tensor(v)})
-    total = sum(terms.values())
-    value = total.item()
-    if not math.isfinite(value):
-        raise RuntimeError(f"non-finite loss {value}")
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.after_step()
-    model.unet.eval()
-    return value
 
 
 def module_loss(model, unet, latents, cond, generator):
@@ -291,10 +269,11 @@ def run_variant(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from metaunlearn.engine import Engine, make_accelerator, step_generator
     from metaunlearn.meta import make_meta
-    from metaunlearn.methods import StepContext, make_method
+    from metaunlearn.methods import make_method
     from metaunlearn.params import make_trainable
-    from metaunlearn.train import preservation_data, step_generator
+    from metaunlearn.unlearn import denoising_objective, preservation_data
 
     variant = args.child
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,18 +285,23 @@ def run_variant(args) -> dict:
     method = make_method(cfg, config.concepts.guide)
     method.setup(model, trainable, data)
     benign = preservation_data(data)
+    objectives = {"method": method.loss,
+                  "preserve": denoising_objective(model, benign, "preserve", cfg.preservation_weight)}
+    if variant in ("first", "second"):
+        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
+    # the training engine's own step (what `metaunlearn unlearn` runs), on the bench's device
+    accelerator = make_accelerator(config.model.model_copy(update={"device": device}))
+    engine = Engine(model.unet, trainable, objectives, cfg, args.seed, accelerator, stateful=(method,))
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = make_meta(config.meta, model, trainable, data, method, cfg.batch_size) if variant in ("first",
-                                                                                                  "second") else None
     if variant == "reference":
         model.unet.requires_grad_(True)  # the reference never froze the untrained weights
 
     def step(i: int) -> float:
-        ctx = StepContext(i, step_generator(args.seed, i), cfg.batch_size)
         if variant == "reference":
+            ctx = engine.context(i)
             return reference_step(model, method, benign, data, trainable, optimizer, cfg, config.meta, ctx,
                                   args.ref_inner)
-        return loop_step(model, method, benign, meta, trainable, optimizer, cfg, ctx)
+        return engine.step(i).loss
 
     def sync():
         if cuda:

@@ -7,7 +7,8 @@ import torch
 
 from metaunlearn import DiffusionModel
 from metaunlearn.data import ConceptData, RoleData
-from metaunlearn.evaluation.detectors import Detector
+from metaunlearn.metrics import Detector
+from metaunlearn.registry import DETECTORS
 
 FORGET, RELATED, UNRELATED = "a photo of the digit eight", "the digit three", "a dog"
 
@@ -23,11 +24,10 @@ def concept_data(model: DiffusionModel, split: str = "train") -> ConceptData:
                        role(model, "related", [RELATED], 3, 1), role(model, "unrelated", [UNRELATED], 3, 2), split)
 
 
+@DETECTORS.register("bright", help="test stand-in: every prompt judged, bright = present")
 class BrightDetector(Detector):
     """A stand-in for models with no detector: judges every prompt, and calls the
     concept present when an image is brighter than mid-gray."""
-
-    name = "bright"
 
     def concept_of(self, prompt, role, forget_concepts):
         return "bright"

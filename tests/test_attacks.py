@@ -11,23 +11,30 @@ from metaunlearn import MetaunlearnError
 from metaunlearn.attacks import attacker_data, run_attack
 from metaunlearn.config import StudyConfig
 from metaunlearn.data import ConceptData, RoleData, prepare_concept_data
+from metaunlearn.stages import evaluator
 
 PROMPTS = {"forget": ["a photo of the digit eight"], "related": ["the digit three"], "unrelated": ["a dog"]}
-
+assert BrightDetector  # registered as detector 'bright'
 
 
 def study(**attack) -> StudyConfig:
     return StudyConfig.from_dict({
         "model": {"source": "unused"},
         "concepts": {role: {"prompts": p} for role, p in PROMPTS.items()},
-        "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 8},
+        "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 8, "concept_rate": {"detector": "bright"}},
         "attacks": [{"name": "a", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3, **attack}]})
+
+
+def attack(config, model, **kwargs) -> dict:
+    return run_attack(config, config.attacks[0], model, attack_split(model), evaluator(config), 0, "tiny",
+                      progress=False, **kwargs)
 
 
 def attack_split(model) -> ConceptData:
     def role(name, n=4):
         cond = model.encode_prompts(PROMPTS[name])
-        return RoleData(role=name, latents=torch.randn(n, *model.latent_shape),
+        generator = torch.Generator().manual_seed(len(name))
+        return RoleData(role=name, latents=torch.randn(n, *model.latent_shape, generator=generator),
                         prompt_index=torch.zeros(n, dtype=torch.long), prompts=PROMPTS[name], cond=cond,
                         sources=[f"test:{name}:{i}" for i in range(n)])
 
@@ -37,22 +44,21 @@ def attack_split(model) -> ConceptData:
 def test_full_attack_moves_every_weight_and_records_the_curve(tiny_model):
     config = study(kind="full")
     before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
-    curve = run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
-                       "tiny", progress=False)
+    curve = attack(config, tiny_model)
     assert [p["step"] for p in curve["points"]] == [0, 2, 4]
+    assert [s["key"] for s in curve["specs"]] == ["forget_rate", "related_accuracy", "unrelated_accuracy"]
     for point in curve["points"]:
         for key in ("forget_rate", "related_accuracy", "unrelated_accuracy"):
-            assert 0.0 <= point[key] <= 1.0
+            assert 0.0 <= point["values"][key] <= 1.0
     moved = [n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) > 0.9 * len(before)
     assert curve["trainable_parameters"] == sum(p.numel() for p in before.values())
 
 
 def test_lora_attack_trains_only_the_adapter(tiny_model):
-    config = study(kind="lora", lora_rank=2)
+    config = study(kind="lora", lora={"rank": 2})
     before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
-    curve = run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
-                       "tiny", progress=False)
+    curve = attack(config, tiny_model)
     after = dict(tiny_model.unet.named_parameters())
     lora = [n for n in after if "lora" in n]
     assert lora and curve["trainable_parameters"] == sum(after[n].numel() for n in lora)
@@ -62,16 +68,31 @@ def test_lora_attack_trains_only_the_adapter(tiny_model):
     assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora if "lora_B" in n)
 
 
-def test_benign_attack_uses_unrelated_data_and_the_attack_split_only(tiny_model):
+def test_a_lora_adapter_starts_from_the_attack_seed_whatever_ran_before(tiny_pipeline_dir):
+    from metaunlearn import DiffusionModel
+
+    config = study(kind="lora", lora={"rank": 2}, eval_at=[4])
+    adapters = []
+    for _ in range(2):
+        torch.rand(len(adapters) + 1)  # other code consuming the global generator in between
+        model = DiffusionModel.load(tiny_pipeline_dir)
+        attack(config, model)
+        adapters.append({n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora" in n})
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+
+def test_an_attack_uses_its_role_and_the_attack_split_only(tiny_model):
     data = attack_split(tiny_model)
-    assert attacker_data(data, study(data="benign").attacks[0]) is data.unrelated
+    assert attacker_data(data, study(data="unrelated").attacks[0]) is data.unrelated
+    assert attacker_data(data, study(data="related").attacks[0]) is data.related
     assert attacker_data(data, study().attacks[0]) is data.forget
     train = ConceptData(forget=data.forget, related=None, unrelated=None, split="train")
     with pytest.raises(MetaunlearnError, match="held-out 'attack' split"):
         attacker_data(train, study().attacks[0])
     no_benign = ConceptData(forget=data.forget, related=None, unrelated=None, split="attack")
     with pytest.raises(MetaunlearnError, match="concepts.unrelated"):
-        attacker_data(no_benign, study(data="benign").attacks[0])
+        attacker_data(no_benign, study(data="unrelated").attacks[0])
 
 
 def test_attacker_images_are_disjoint_from_unlearning_images(tiny_model, tmp_path):
@@ -83,23 +104,23 @@ def test_attacker_images_are_disjoint_from_unlearning_images(tiny_model, tmp_pat
     assert not any(torch.allclose(a, b) for a in attack.forget.latents for b in train.forget.latents)
 
 
-@pytest.mark.parametrize("attack, message", [
-    ({"kind": "lora", "lora_targets": ["no_such_module"]}, "match no UNet module|bad lora_targets"),
+@pytest.mark.parametrize("attack_, message", [
+    ({"kind": "lora", "lora": {"targets": ["no_such_module"]}}, "match no UNet module|bad lora.targets"),
 ])
-def test_bad_lora_targets_fail_clearly(tiny_model, attack, message):
-    config = study(**attack)
+def test_bad_lora_targets_fail_clearly(tiny_model, attack_, message):
     with pytest.raises(MetaunlearnError, match=message):
-        run_attack(config, config.attacks[0], tiny_model, attack_split(tiny_model), BrightDetector(), 0,
-                   "tiny", progress=False)
+        attack(study(**attack_), tiny_model)
 
 
-@pytest.mark.parametrize("attack, message", [
+@pytest.mark.parametrize("attack_, message", [
     ({"kind": "qlora"}, "attacks.0.kind"),
     ({"eval_at": [0, 500]}, "outside 0..steps"),
+    ({"eval_at": []}, "attacks.0.eval_at is empty"),
     ({"lr": -1}, "attacks.0.lr"),
+    ({"data": "benign"}, "attacks.0.data"),
 ])
-def test_bad_attack_config_fails_with_its_key(attack, message):
+def test_bad_attack_config_fails_with_its_key(attack_, message):
     from metaunlearn.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        study(**attack)
+        study(**attack_)

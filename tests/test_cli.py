@@ -50,13 +50,12 @@ def test_bad_input_is_one_clear_line(args, message):
 
 def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
     from metaunlearn.demo import run_demo
-    from metaunlearn.worlds.digits import DigitsWorldConfig
 
     # the packaged demo.yaml (digits concepts, meta settings) with everything made tiny
-    small = ("seeds=[0]", "variants=[meta]", "method.steps=2", "method.esd.ddim_steps=2",
-             "evaluation.samples_per_prompt=1", "evaluation.steps=2",
+    small = ("model.digits.preset=reduced", "seeds=[0]", "variants=[meta]", "method.steps=2",
+             "method.esd.ddim_steps=2", "evaluation.samples_per_prompt=1", "evaluation.steps=2",
              "attacks=[{name: full, steps: 2, eval_at: [0, 2]}]")
-    outcome = run_demo(tmp_path / "demo", DigitsWorldConfig.reduced(), small, progress=False)
+    outcome = run_demo(tmp_path / "demo", small, progress=False)
     assert outcome.failures == [] and outcome.report == tmp_path / "demo" / "report.html"
     assert f"report: {outcome.report}" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

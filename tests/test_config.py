@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metaunlearn.config import StudyConfig, dump_config, load_config
+from metaunlearn.config import StudyConfig, load_config
 from metaunlearn.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "digits-eight.yaml"
@@ -32,10 +32,10 @@ def test_example_config_loads():
     config = load_config(EXAMPLE)
     assert config.name == "digits-eight"
     assert config.model.source == "digits" and config.model.mixed_precision == "no"
-    assert config.concepts.forget.digits == ["eight"]
+    assert config.concepts.forget.classes == ["eight"]
     assert len(config.concepts.forget.prompts) == 3
-    assert config.concepts.related.digits == ["three", "nine"]
-    assert config.concepts.unrelated.digits == ["one", "four", "seven"]
+    assert config.concepts.related.classes == ["three", "nine"]
+    assert config.concepts.unrelated.classes == ["one", "four", "seven"]
     assert config.method.name == "esd" and config.method.params == "noxattn"
     assert config.method.lr == pytest.approx(1e-4)
     assert config.meta.enabled is False
@@ -45,7 +45,8 @@ def test_example_config_loads():
         ("lora-1e-3", "lora", pytest.approx(1e-3)),
         ("benign-1e-4", "full", pytest.approx(1e-4)),
     ]
-    assert config.attacks[-1].data == "benign"
+    assert config.attacks[-1].data == "unrelated"
+    assert config.attacks[2].options().rank == 4
     assert config.run_dir() == Path("runs/digits-eight")
 
 
@@ -54,19 +55,22 @@ def test_defaults_fill_in(tmp_path):
     assert config.name == "study" and config.seeds == [0]
     assert config.model.dtype == "float32" and config.model.device == "auto"
     assert config.data.images_per_prompt == 8
-    assert config.method.steps == 200 and config.method.esd.eta == 1.0 and config.method.sdd.ema_decay == 0.999
+    assert config.method.steps == 200 and config.method.options().eta == 1.0
+    assert config.method.options("sdd").ema_decay == 0.999  # every registered method's settings are there
+    assert config.method.weight_decay == 0.0 and config.method.grad_clip == 1.0
     assert config.meta.mode == "first_order" and config.meta.unrelated_after == 0.0 and config.meta.forget_after == 1.0
     assert config.evaluation.seed_offset == 3_000_000_000
     attack = config.attacks[0]
-    assert attack.kind == "full" and attack.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert attack.kind == "full" and attack.optimizer == "adamw" and attack.weight_decay == 0.01
+    assert attack.grad_clip == 0.0  # the attacker clips nothing unless told to
     assert attack.eval_at == [0, 10, 25, 50, 60]  # the default schedule, cut at the attack's length
     assert config.run_dir() == Path("runs/study")
 
 
 def test_blank_section_and_numeral_digits(tmp_path):
-    text = "concepts:\n  forget:\n    digits: [8, '3']\n  related:\nmeta:\n"
+    text = "concepts:\n  forget:\n    classes: [8, '3']\n  related:\nmeta:\n"
     config = load_config(write(tmp_path, text))
-    assert config.concepts.forget.digits == ["eight", "three"]
+    assert config.concepts.forget.classes == ["eight", "three"]  # the digits world names its classes
     assert config.concepts.related.prompts == [] and config.meta.enabled is False
 
 
@@ -89,8 +93,8 @@ def test_bad_literal_lists_allowed_values(tmp_path):
 
 
 def test_several_errors_report_the_first_and_a_count(tmp_path):
-    message = error_of(tmp_path, {**MINIMAL, "method": {"name": "x", "steps": 0}})
-    assert "method.name" in message and message.endswith("(and 1 more)")
+    message = error_of(tmp_path, {**MINIMAL, "method": {"lr": -1, "steps": 0}})
+    assert "method.lr" in message and message.endswith("(and 1 more)")
 
 
 def test_bad_number_names_path(tmp_path):
@@ -122,13 +126,14 @@ def test_overrides_change_values(tmp_path):
 
 def test_override_creates_missing_section(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["meta.enabled=true", "method.esd.eta=3"])
-    assert config.meta.enabled is True and config.method.esd.eta == 3.0
+    assert config.meta.enabled is True and config.method.options().eta == 3.0
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("method.stpes=3", "unknown key 'method.stpes'; valid keys: name, params, steps, lr"),
+        ("method.stpes=3", "unknown key 'method.stpes'; valid keys: name, params, optimizer, lr"),
+        ("method.esdd.eta=3", "unknown key 'method.esdd'; valid keys: name, params,"),
         ("metaa.enabled=true", "unknown key 'metaa'; valid keys: name, seeds, model, concepts"),
         ("attacks.5.lr=1", "index 5 out of range, 'attacks' has 4 entries"),
         ("attacks.full.lr=1", "'attacks' has no key or index 'full'"),
@@ -147,14 +152,44 @@ def test_override_value_is_validated():
 
 
 def test_empty_forget_role_fails_clearly(tmp_path):
-    for concepts in ({"forget": {}}, {"forget": {"prompts": []}, "related": {"digits": ["three"]}}):
+    for concepts in ({"forget": {}}, {"forget": {"prompts": []}, "related": {"classes": ["three"]}}):
         message = error_of(tmp_path, {"concepts": concepts})
-        assert "concepts.forget has no prompts, digits or images" in message
+        assert "concepts.forget has no prompts, classes or images" in message
 
 
-def test_bad_digit_fails(tmp_path):
-    message = error_of(tmp_path, {"concepts": {"forget": {"digits": ["ten"]}}})
-    assert "concepts.forget.digits has ['ten'], not digits" in message
+def test_bad_class_fails_and_classes_need_a_world(tmp_path):
+    message = error_of(tmp_path, {"concepts": {"forget": {"classes": ["ten"]}}})
+    assert "concepts.forget.classes has 'ten', not a digit" in message
+    message = error_of(tmp_path, {"model": {"source": "some/model"}, "concepts": {"forget": {"classes": ["8"]}}})
+    assert "concepts.forget.classes needs a built-in world as model.source (digits" in message
+
+
+def test_plugin_names_and_settings_are_checked_against_the_registries(tmp_path):
+    message = error_of(tmp_path, {**MINIMAL, "method": {"name": "esdd"}})
+    assert message.endswith("method.name: 'esdd' is not a registered method; choose one of: esd, sdd, none")
+    message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a", "kind": "lora", "lora": {"rnak": 2}}]})
+    assert "unknown key 'attacks.0.lora.rnak'; valid keys: rank, alpha, targets" in message
+    message = error_of(tmp_path, {**MINIMAL, "evaluation": {"metrics": ["concept_rate", "fid9"]}})
+    assert "evaluation.metrics: 'fid9' is not a registered metric; choose one of: concept_rate" in message
+    message = error_of(tmp_path, {**MINIMAL, "evaluation": {"concept_rate": {"detector": "nudenett"}}})
+    assert "'nudenett' is not a registered detector; choose one of: auto, nudenet, digits" in message
+    message = error_of(tmp_path, {**MINIMAL, "method": {"sdd": {"ema_decay": 2}}})
+    assert "method.sdd.ema_decay: input should be less than 1 (got 2)" in message  # unselected: still checked
+    config = load_config(write(tmp_path, MINIMAL), ["method.name=sdd", "method.sdd.ema_decay=0.9"])
+    assert config.method.options().ema_decay == 0.9
+
+
+def test_trackers_are_accelerates(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["output.trackers=[tensorboard, wandb]"]).output.trackers == [
+        "tensorboard", "wandb"]
+    assert "output.trackers has ['tensorbord']; accelerate's trackers are" in error_of(
+        tmp_path, MINIMAL, ["output.trackers=[tensorbord]"])
+
+
+def test_numbers_must_be_finite(tmp_path):
+    for key in ("method.lr=.inf", "meta.forget_after=.nan", "method.esd.eta=-.inf"):
+        message = error_of(tmp_path, MINIMAL, [key])
+        assert key.split("=")[0] in message and ("finite" in message or "greater than" in message), message
 
 
 def test_duplicate_attack_names_fail(tmp_path):
@@ -172,7 +207,8 @@ def test_file_problems_are_one_line(tmp_path):
 
 def test_round_trip(tmp_path):
     config = load_config(EXAMPLE, ["meta.enabled=true", "meta.inner_lr_range=[1e-5, 1e-3]"])
-    again = load_config(dump_config(config, tmp_path / "out" / "config.yaml"))
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    again = load_config(tmp_path / "config.yaml")
     assert again == config
     assert again.to_yaml() == config.to_yaml()
 
@@ -190,9 +226,9 @@ def test_fingerprint_tracks_only_named_sections():
 
 
 def test_from_dict_does_not_mutate_input():
-    data = {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
+    data = {"concepts": {"forget": {"classes": ["8"]}}, "meta": None}
     config = StudyConfig.from_dict(data, ["meta.enabled=true"])
-    assert config.meta.enabled and data == {"concepts": {"forget": {"digits": ["8"]}}, "meta": None}
+    assert config.meta.enabled and data == {"concepts": {"forget": {"classes": ["8"]}}, "meta": None}
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

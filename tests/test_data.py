@@ -1,4 +1,4 @@
-"""Concept data: generated, image-folder and digits roles, splits, caching, RoleData."""
+"""Concept data: generated, image-folder and world-class roles, splits, caching, RoleData."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from metaunlearn import Conditioning, DiffusionModel, MetaunlearnError
-from metaunlearn.config import RoleConfig, StudyConfig
-from metaunlearn.data import ConceptData, RoleData, prepare_concept_data, role_prompts
-from metaunlearn.worlds import digits, is_digits_world, resolve_model_source
-from metaunlearn.worlds.digits_data import load_split, prompts_for
+from metaunlearn import Conditioning, ConfigError, DiffusionModel, MetaunlearnError
+from metaunlearn.config import ModelConfig, StudyConfig
+from metaunlearn.data import ConceptData, RoleData, prepare_concept_data
+from metaunlearn.metrics import evaluation_roles
+from metaunlearn.worlds import resolve_model_source, world_for
+from metaunlearn.worlds.digits import build as digits
+from metaunlearn.worlds.digits.dataset import load_split, prompts_for
 
 EIGHT, DOG = "a photo of the digit eight", "a dog"
 FAST = {"images_per_prompt": 2, "generation_steps": 2, "batch_size": 4}
@@ -138,8 +140,8 @@ def world(tmp_path_factory):
 
 def test_digits_roles_use_real_images_with_matching_captions(world, tmp_path):
     model = DiffusionModel.load(world)
-    config = study({"forget": {"digits": ["eight"], "prompts": [EIGHT, "a handwritten 8", "a photo of a 3"]},
-                    "related": {"digits": ["3"]}}, source=str(world))
+    config = study({"forget": {"classes": ["eight"], "prompts": [EIGHT, "a handwritten 8", "a photo of a 3"]},
+                    "related": {"classes": ["3"]}}, source=str(world))
     train = prepare(config, model, "train", tmp_path)
     eights = load_split("train", digits=[8])[0]
     assert len(train.forget) == len(eights) and train.forget.prompts == [EIGHT, "a handwritten 8"]
@@ -152,27 +154,30 @@ def test_digits_roles_use_real_images_with_matching_captions(world, tmp_path):
     assert attack.forget.sources and all(s.startswith("digits:attack:") for s in attack.forget.sources)
     ids = lambda data: {s.rsplit(":", 1)[1] for s in data.sources}  # noqa: E731
     assert not ids(attack.forget) & ids(train.forget) and not ids(attack.related) & ids(train.related)
-    assert is_digits_world(world) and resolve_model_source(str(world)) == str(world)
+    folder_world = world_for(config.model)  # a copy of a world's folder is that world
+    assert folder_world.name == "digits" and resolve_model_source(config.model) == world
 
 
-def test_digits_roles_need_the_digits_world(tiny_model, tiny_pipeline_dir, tmp_path):
-    config = study({"forget": {"digits": ["eight"]}}, source=str(tiny_pipeline_dir))
-    with pytest.raises(MetaunlearnError, match=r"^concepts.forget.digits needs the built-in digits world "
-                                               r"\(model.source: digits\)$"):
-        prepare(config, tiny_model, "train", tmp_path)
-    assert not is_digits_world(tiny_pipeline_dir) and not is_digits_world(tmp_path / "nothing")
+def test_class_roles_need_a_world(tiny_pipeline_dir):
+    with pytest.raises(ConfigError, match=r"concepts.forget.classes needs a built-in world as model.source"):
+        study({"forget": {"classes": ["eight"]}}, source=str(tiny_pipeline_dir))
+    assert world_for(ModelConfig(source=str(tiny_pipeline_dir))) is None
 
 
 def test_resolve_model_source(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(digits, "get_world", lambda config: calls.append(config) or tmp_path)
-    assert resolve_model_source("digits") == tmp_path and calls == [digits.DigitsWorldConfig()]
-    assert resolve_model_source("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
+    monkeypatch.setattr(digits, "get_world", lambda config, rebuild=False, log=print: calls.append(config) or tmp_path)
+    assert resolve_model_source(ModelConfig(source="digits")) == tmp_path and calls == [digits.DigitsWorldConfig()]
+    reduced = ModelConfig.model_validate({"source": "digits", "digits": {"preset": "reduced"}})
+    assert resolve_model_source(reduced) == tmp_path and calls[-1] == digits.DigitsWorldConfig.reduced()
+    hub = ModelConfig(source="CompVis/stable-diffusion-v1-4")
+    assert resolve_model_source(hub) == "CompVis/stable-diffusion-v1-4"
 
 
-def test_role_prompts():
-    assert role_prompts(RoleConfig(digits=["eight"], prompts=[EIGHT])) == [EIGHT]
-    assert role_prompts(RoleConfig(digits=["8", "one"])) == prompts_for(8) + prompts_for(1)
+def test_evaluation_prompts_of_a_class_role_come_from_the_world():
+    config = study({"forget": {"classes": ["eight"], "prompts": [EIGHT]}, "related": {"classes": ["8", "one"]}})
+    roles = evaluation_roles(config, world_for(config.model))
+    assert roles == {"forget": [EIGHT], "related": prompts_for(8) + prompts_for(1)}
 
 
 # ----------------------------------------------------------------- RoleData

@@ -1,5 +1,6 @@
-"""The built-in digits world: data splits, tokenizer, and a reduced build that
-runs in seconds and leaves loadable, cached, deterministic artifacts."""
+"""The built-in digits world: data splits, tokenizer, its detector, and a
+reduced build that runs in seconds and leaves loadable, cached, deterministic
+artifacts."""
 
 from __future__ import annotations
 
@@ -8,14 +9,23 @@ import json
 import pytest
 import torch
 
-from metaunlearn.worlds import digits
-from metaunlearn.worlds.digits_data import (DIGIT_WORDS, SPLITS, digit_of_word, load_split, prompts_for,
-                                            vocabulary)
+from metaunlearn.config import DetectorSection, StudyConfig
+from metaunlearn.errors import MetaunlearnError
+from metaunlearn.metrics import Context
+from metaunlearn.metrics.concept_rate import make_detector
+from metaunlearn.worlds.digits import DigitsOptions, DigitsWorld
+from metaunlearn.worlds.digits import build as digits
+from metaunlearn.worlds.digits.classifier import train_classifier
+from metaunlearn.worlds.digits.dataset import (DIGIT_WORDS, SPLITS, digit_of_word, load_split, prompts_for,
+                                               vocabulary)
+from metaunlearn.worlds.digits.detector import CLASSIFIER_DIR, DigitDetector, load_classifier
 from metaunlearn.worlds.pipeline import build_tokenizer
+
+SIZE = digits.DigitsWorldConfig.reduced().pipeline.image_size
 
 
 def test_splits_are_disjoint_and_cover_every_digit():
-    from metaunlearn.worlds.digits_data import _split_indices
+    from metaunlearn.worlds.digits.dataset import _split_indices
 
     idx = _split_indices(0)
     sets = [set(idx[s]) for s in SPLITS]
@@ -65,7 +75,7 @@ def test_reduced_world_builds_loads_and_caches(tmp_path, monkeypatch):
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     image = pipe("the number eight", num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
-    detector = digits.load_detector(folder)
+    detector = load_classifier(folder)
     assert detector(image).shape == (1, 10)
 
     # cached: a second call returns the folder without building
@@ -102,3 +112,55 @@ def test_default_world_meets_its_quality_bar(tmp_path):
     assert m["detector_accuracy_reconstructed"] >= 0.95
     assert m["sample_accuracy_min"] >= 0.90
     assert report["timings_s"]["total"] <= 360
+
+
+# ----------------------------------------------------------------- its detector
+@pytest.fixture(scope="module")
+def world_with_detector(tmp_path_factory):
+    """A folder holding only a quickly trained digit classifier: all DigitDetector needs."""
+    images, labels = load_split("train", SIZE)
+    classifier = train_classifier((images + 1) / 2, labels, steps=150, seed=0)
+    folder = tmp_path_factory.mktemp("world")
+    classifier.save(folder / CLASSIFIER_DIR)
+    return folder
+
+
+def context(world=None) -> Context:
+    config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["the number eight"]}}})
+    return Context(config, world, "")
+
+
+def test_digit_detector_judges_real_digits(world_with_detector):
+    world = DigitsWorld(DigitsOptions(), world_with_detector)
+    for choice in ("digits", "auto"):  # 'auto' is the world's own detector
+        name, detector = make_detector(DetectorSection(detector=choice), context(world))
+        assert name == "digits" and isinstance(detector, DigitDetector)
+    eights, _ = load_split("test", SIZE, digits=[8])
+    ones, _ = load_split("test", SIZE, digits=[1])
+    on_eights = detector.present((eights + 1) / 2, "eight")
+    on_ones = detector.present((ones + 1) / 2, "8")  # a numeral names the same concept
+    assert on_eights.dtype == torch.bool and on_eights.shape == (len(eights),)
+    assert on_eights.float().mean() > 0.8
+    assert on_ones.float().mean() < 0.2
+
+
+def test_digit_detector_needs_the_digits_world(tmp_path):
+    with pytest.raises(MetaunlearnError, match="judges the digits world only"):
+        make_detector(DetectorSection(detector="digits"), context())
+    with pytest.raises(MetaunlearnError, match="no digit classifier"):
+        make_detector(DetectorSection(detector="digits"), context(DigitsWorld(DigitsOptions(), tmp_path)))
+
+
+def test_digit_concept_of_parses_prompts():
+    detector = DigitDetector(classifier=torch.nn.Linear(1, 1))  # concept_of never touches the classifier
+    assert detector.concept_of("a handwritten 8", "related", []) == "eight"
+    assert detector.concept_of("the number eight", "unrelated", []) == "eight"
+    assert all(detector.concept_of(p, "related", []) == "three" for p in prompts_for(3))
+    # whole tokens only: no digit in "eighteen" or "1984"
+    assert detector.concept_of("eighteen dogs in 1984", "related", []) is None
+    # a forget prompt naming no digit is checked for the forget concept
+    assert detector.concept_of("a handwritten number", "forget", ["eight"]) == "eight"
+    assert detector.concept_of("a handwritten number", "forget", ["8"]) == "eight"
+    assert detector.concept_of("a handwritten number", "related", ["eight"]) is None
+    assert detector.concept_of("a 3 next to an 8", "forget", ["eight"]) == "eight"
+    assert detector.concept_of("a 3 next to an 8", "related", ["eight"]) is None

@@ -15,10 +15,12 @@ import torch
 from metaunlearn import DiffusionModel
 from metaunlearn.config import MetaConfig, MethodConfig, StudyConfig
 from metaunlearn.errors import MetaunlearnError
+from metaunlearn.engine import StepContext
+from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.meta import MetaObjective, inner_direction, linear_surrogate, make_meta
-from metaunlearn.methods import StepContext, make_method
+from metaunlearn.methods import make_method
 from metaunlearn.params import make_trainable, select_names
-from metaunlearn.train import unlearn
+from metaunlearn.unlearn import unlearn
 
 from helpers import FORGET, RELATED, UNRELATED, concept_data, role  # noqa: F401
 BATCH = 2
@@ -45,8 +47,16 @@ def objective(model, trainable, data, method="none", **meta) -> MetaObjective:
 
 
 def evaluate(meta: MetaObjective, seed: int = 7) -> dict:
-    """One call with fixed randomness: every evaluation draws the same batches, t and noise."""
-    return meta(StepContext(0, torch.Generator().manual_seed(seed), BATCH))
+    """One call with fixed randomness (every evaluation draws the same batches, t and
+    noise): its loss terms and log values in one mapping."""
+    terms = meta(StepContext(0, torch.Generator().manual_seed(seed), BATCH))
+    assert all(torch.is_tensor(v) for v in terms.losses.values())
+    assert all(isinstance(v, float) for v in terms.logs.values())
+    return {**terms.losses, **terms.logs}
+
+
+def run(config, model, data, out):
+    return unlearn(config, model, data, out, 0, unlearn_fingerprint(config, 0), progress=False)
 
 
 def gradient(value: torch.Tensor, trainable) -> list[torch.Tensor]:
@@ -244,7 +254,7 @@ def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, t
     selected = set(select_names(tiny_model.unet, config.method.params))
     original = weights(tiny_model.unet)
     others = [weights(m) for m in (tiny_model.vae, *tiny_model.text_encoders)]
-    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
 
     moved = [n for n, p in tiny_model.unet.named_parameters() if n in selected and not torch.equal(p, original[n])]
     assert len(moved) > len(selected) // 2, f"meta training moved only {len(moved)} of {len(selected)} weights"
@@ -275,7 +285,7 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
     config = make_config(tiny_pipeline_dir, f"meta.mode={mode}", f"meta.inner_step={inner_step}",
                          f"meta.target={target}", f"meta.inner_lr_range=[{low}, {high}]", "meta.cap=0.9",
                          "meta.unrelated_after=0.5")
-    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
     records = log_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
@@ -300,7 +310,7 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
 def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "method.name=none", "meta.target=unlearn_target")
     with pytest.raises(MetaunlearnError, match="unlearn_target.*needs a base method with a target.*'none'") as info:
-        unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, progress=False)
+        run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run" / "log.jsonl").exists()
 

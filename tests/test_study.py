@@ -18,12 +18,9 @@ from metaunlearn.study import run_study
 
 runner = CliRunner()
 FULL = {"name": "full", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3}
-LORA = {"name": "lora", "kind": "lora", "lora_rank": 2, "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3}
-
-
-
-def use_stub_detector(monkeypatch):
-    monkeypatch.setattr("metaunlearn.evaluation.detectors.make_detector", lambda *a, **k: BrightDetector())
+LORA = {"name": "lora", "kind": "lora", "lora": {"rank": 2}, "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2,
+        "lr": 1e-3}
+assert BrightDetector  # registered as detector 'bright' by the helpers module
 
 
 def tiny_study(source, out, seeds=(0, 1), variants=("base", "meta"), attacks=(FULL, LORA)) -> dict:
@@ -34,7 +31,8 @@ def tiny_study(source, out, seeds=(0, 1), variants=("base", "meta"), attacks=(FU
             "data": {"images_per_prompt": 2, "generation_steps": 2},
             "method": {"steps": 3, "batch_size": 2, "esd": {"x_t": "noised", "ddim_steps": 4}},
             "meta": {"mode": "first_order", "target": "capped", "cap": 0.5},
-            "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 16},
+            "evaluation": {"samples_per_prompt": 2, "steps": 2, "batch_size": 16,
+                           "concept_rate": {"detector": "bright"}},
             "attacks": [dict(a) for a in attacks], "output": {"dir": str(out)}}
 
 
@@ -60,7 +58,6 @@ def test_variants_are_validated():
 
 def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
         tiny_pipeline_dir, tmp_path, monkeypatch):
-    use_stub_detector(monkeypatch)
     run = tmp_path / "run"
     study = tiny_study(tiny_pipeline_dir, run, attacks=[FULL])
     outcome = run_study(StudyConfig.from_dict(study), progress=False)
@@ -84,8 +81,8 @@ def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
         raise AssertionError("a finished stage ran again")
 
     with monkeypatch.context() as m:  # a re-run with nothing changed touches no model
-        for target in ("metaunlearn.train.unlearn", "metaunlearn.attacks.run_attack",
-                       "metaunlearn.evaluation.concept_rates.evaluate_concepts",
+        for target in ("metaunlearn.unlearn.unlearn", "metaunlearn.attacks.run_attack",
+                       "metaunlearn.metrics.evaluate.Evaluator.evaluate",
                        "metaunlearn.stages.prepare_concept_data"):
             m.setattr(target, boom)
         assert run_study(StudyConfig.from_dict(study), progress=False).failures == []
@@ -103,7 +100,6 @@ def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
 
 
 def test_an_interrupted_study_resumes_where_it_stopped(tiny_pipeline_dir, tmp_path, monkeypatch):
-    use_stub_detector(monkeypatch)
     run = tmp_path / "run"
     config = StudyConfig.from_dict(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[FULL]))
 
@@ -126,9 +122,8 @@ def test_an_interrupted_study_resumes_where_it_stopped(tiny_pipeline_dir, tmp_pa
 
 
 def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, tmp_path, monkeypatch):
-    use_stub_detector(monkeypatch)
     run = tmp_path / "run"
-    broken = {**LORA, "name": "broken", "lora_targets": ["no_such_module"]}
+    broken = {**LORA, "name": "broken", "lora": {"rank": 2, "targets": ["no_such_module"]}}
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[FULL, broken])))
     result = runner.invoke(app, ["run", str(study), "--quiet"])
@@ -144,20 +139,33 @@ def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, 
     assert "FAILED  attack/esd-seed0/broken-seed0" in (run / "study.log").read_text()
 
 
-def test_a_finished_base_run_from_before_the_variant_fingerprint_is_kept(tmp_path):
-    from metaunlearn.stages import (
-        unlearn_dir,
-        unlearn_done,
-        unlearn_fingerprint,
-        variant_config,
-    )
+def test_the_attack_command_gives_an_unlearned_model_the_seeds_the_runner_does(tmp_path, monkeypatch):
+    from metaunlearn import stages
+    from metaunlearn.layout import attack_seeds, unlearn_seed_of
+
+    config = StudyConfig.from_dict(tiny_study("unused", tmp_path / "run", seeds=[0, 1], attacks=[FULL]))
+    model_dir = tmp_path / "run/unlearn/esd-seed1/model"
+    model_dir.mkdir(parents=True)
+    (model_dir.parent / "run.json").write_text(json.dumps({"seed": 1, "status": "done"}))
+    assert unlearn_seed_of(model_dir) == 1 and unlearn_seed_of(None) is None
+    assert attack_seeds(config, config.attacks[0], 1) == [1]  # the runner's choice for this model
+    assert attack_seeds(config, config.attacks[0], None) == [0]  # the original: the first study seed
+    ran = []
+    monkeypatch.setattr(stages, "concept_data", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "evaluator", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "run_one_attack", lambda c, a, seed, *rest, **k: ran.append(seed) or {})
+    monkeypatch.setattr("metaunlearn.plots.plot_curves", lambda *a, **k: None)
+    stages.run_attacks(config, model_dir)
+    stages.run_attacks(config, None)
+    assert ran == [1, 0]
+
+
+def test_the_meta_section_is_an_input_of_meta_models_only(tmp_path):
+    from metaunlearn.layout import unlearn_fingerprint, unlearn_label, variant_config
 
     config = variant_config(StudyConfig.from_dict(tiny_study("unused", tmp_path)), "base")
-    folder = unlearn_dir(config, 0)
-    folder.mkdir(parents=True)
-    legacy = f"{config.fingerprint('model', 'concepts', 'data', 'method', 'meta')}-0"
-    (folder / "run.json").write_text(json.dumps({"fingerprint": legacy, "status": "done"}))
-    assert unlearn_done(config, 0)
     other_meta = config.model_copy(update={"meta": config.meta.model_copy(update={"cap": 0.9})})
     assert unlearn_fingerprint(other_meta, 0) == unlearn_fingerprint(config, 0)  # meta off: not an input
-    assert unlearn_fingerprint(variant_config(config, "meta"), 0) != unlearn_fingerprint(config, 0)
+    meta = variant_config(config, "meta")
+    assert unlearn_fingerprint(meta, 0) != unlearn_fingerprint(config, 0)
+    assert (unlearn_label(config, 0), unlearn_label(meta, 1)) == ("esd-seed0", "esd-meta-seed1")

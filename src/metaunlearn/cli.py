@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,38 +42,31 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def world(
-    name: Annotated[str, typer.Argument(help="Which built-in world; only 'digits' exists.")] = "digits",
+    name: Annotated[str, typer.Argument(help="Which built-in world (registered: digits).")] = "digits",
     out: Annotated[Optional[Path], typer.Option(help="Also copy the finished world to this folder.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild even if a cached world exists.")] = False,
     preset: Annotated[WorldPreset, typer.Option(help="'reduced' builds in seconds for smoke tests; "
                                                      "its quality is meaningless.")] = WorldPreset.default,
 ):
-    """Build (or reuse from the cache) the built-in tiny text-to-image world and print its quality."""
+    """Build (or reuse from the cache) a built-in tiny text-to-image world and print its quality."""
     import shutil
 
-    from .worlds.digits import REPORT_FILE, DigitsWorldConfig, get_world
+    from .config import ModelConfig
 
-    if name != "digits":
-        raise MetaunlearnError(f"unknown world '{name}'; the built-in world is 'digits'")
-    config = DigitsWorldConfig() if preset is WorldPreset.default else DigitsWorldConfig.reduced()
-    folder = get_world(config, rebuild=rebuild)
+    model = ModelConfig.model_validate({"source": name, name: {"preset": preset.value}}) \
+        if preset is not WorldPreset.default else ModelConfig(source=name)
+    from .worlds import world_for
+
+    built = world_for(model)
+    if built is None:
+        raise MetaunlearnError(f"unknown world '{name}'")
+    folder = built.folder(rebuild=rebuild)
     if out is not None:
         if out.exists() and any(out.iterdir()):
             raise MetaunlearnError(f"'{out}' exists and is not empty; choose a new folder")
         shutil.copytree(folder, out, dirs_exist_ok=True)
         folder = out
-    report = json.loads((folder / REPORT_FILE).read_text())
-    _print_world_report(report, folder)
-
-
-def _print_world_report(report: dict, folder: Path) -> None:
-    m = report["metrics"]
-    typer.echo(f"digits world: {folder}")
-    typer.echo(f"  detector accuracy, held-out real digits:     {m['detector_accuracy_real']:.1%}")
-    typer.echo(f"  detector accuracy, VAE reconstructions:      {m['detector_accuracy_reconstructed']:.1%}")
-    per_digit = "  ".join(f"{d}:{v:.0%}" for d, v in m["sample_accuracy_per_digit"].items())
-    typer.echo(f"  samples classified as their digit (g={m['guidance_scale']}): {per_digit}")
-    typer.echo(f"  build time: {report['timings_s']['total']:.0f} s  ({folder / 'world.json'})")
+    typer.echo(built.describe(folder))
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="Study YAML file (see configs/).", show_default=False)]
@@ -99,15 +91,17 @@ def _config(path: Path, overrides: Optional[list[str]], meta: Optional[bool] = N
 def data(config: ConfigArg, set_: SetOpt = None,
          split: Annotated[str, typer.Option(help="train, test or attack (the attacker's held-out images).")] = "train"):
     """Make or collect the forget, related and unrelated data and cache their latents and prompt embeddings."""
+    from .config import ROLES
+    from .layout import RunLayout
     from .stages import concept_data
 
     cfg = _config(config, set_)
     data = concept_data(cfg, split=split)  # loads the model only if the cache cannot serve the split
-    for role in ("forget", "related", "unrelated"):
+    for role in ROLES:
         part = getattr(data, role)
         count = f"{len(part)} items, {len(part.prompts)} prompts" if part is not None else "none"
         typer.echo(f"{role:>9}: {count}")
-    typer.echo(f"cached in {cfg.run_dir() / 'data' / split}")
+    typer.echo(f"cached in {RunLayout.of(cfg).data(split)}")
 
 
 @app.command()
@@ -120,12 +114,13 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
     """Unlearn the forget concept with the base method (optionally plus meta); resumes an interrupted run."""
     import shutil
 
-    from .stages import run_unlearn, unlearn_dir
+    from .layout import RunLayout, unlearn_label
+    from .stages import run_unlearn
 
     cfg = _config(config, set_, meta)
     for s in [seed] if seed is not None else cfg.seeds:
         if fresh:
-            shutil.rmtree(unlearn_dir(cfg, s), ignore_errors=True)
+            shutil.rmtree(RunLayout.of(cfg).unlearn(unlearn_label(cfg, s)), ignore_errors=True)
         out = run_unlearn(cfg, s)
         typer.echo(f"seed {s}: unlearned model in {out}")
 
@@ -133,15 +128,20 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
 @app.command()
 @user_errors
 def evaluate(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label: LabelOpt = None):
-    """Sample every role's prompts and report the share of samples that show the concept they name."""
+    """Sample every role's prompts and compute the study's metrics (concept rates by default)."""
     from .stages import run_evaluate
 
     cfg = _config(config, set_)
     results, path = run_evaluate(cfg, model, label)
-    for role, value in results["roles"].items():
-        name = "forget rate" if role == "forget" else f"{role} accuracy"
-        typer.echo(f"{name:>20}: {value['rate']:.1%}")
+    for spec in results["specs"]:
+        typer.echo(f"{spec['label']:>24}: {_value(results['values'].get(spec['key']), spec)}")
     typer.echo(f"results: {path}")
+
+
+def _value(value, spec: dict) -> str:
+    if value is None:
+        return "not measured (the metric cannot judge this role)"
+    return f"{value:.1%}" if spec.get("fraction", True) else f"{value:.4g}"
 
 
 @app.command()
@@ -155,8 +155,9 @@ def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label
     if not cfg.attacks:
         raise MetaunlearnError("the study lists no attacks; add an 'attacks:' section")
     for curve in run_attacks(cfg, model, label):
-        steps = "  ".join(f"{p['step']}:{p['forget_rate']:.0%}" for p in curve["points"])
-        typer.echo(f"{curve['attack']['name']} seed {curve['seed']}: forget rate by step  {steps}")
+        spec = curve["specs"][0]
+        steps = "  ".join(f"{p['step']}:{_value(p['values'].get(spec['key']), spec)}" for p in curve["points"])
+        typer.echo(f"{curve['attack']['name']} seed {curve['seed']}: {spec['label']} by step  {steps}")
     typer.echo(f"curves: {cfg.run_dir() / 'attacks'}")
 
 

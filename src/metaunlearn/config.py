@@ -4,6 +4,12 @@
 every validation failure into a one-line `ConfigError` naming the offending key.
 Relative paths (model.source, concepts.*.images, output.dir) are relative to the
 working directory, not to the YAML file.
+
+Sections that pick a plugin (the method, each attack, the metrics, a built-in
+world) are `PluginSection`s: a selector field names registered plugins and each
+plugin's own settings sit under its name (`method: {name: esd, esd: {eta: 3}}`),
+validated by the class the plugin registered. Settings of plugins that are not
+selected may stay in the file (`--set method.name=sdd` keeps `method.esd`).
 """
 
 from __future__ import annotations
@@ -11,22 +17,24 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, ClassVar, Iterable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
-from .worlds.digits_data import DIGIT_WORDS
+from .registry import ATTACKS, DETECTORS, METHODS, METRICS, WORLDS, Options, Registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names in the run directory
 _DEFAULT_EVAL_AT = [0, 10, 25, 50, 100, 200]
+ROLES = ("forget", "related", "unrelated")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _Section(Options):
     @model_validator(mode="before")
     @classmethod
     def _blank_means_default(cls, data: Any) -> Any:
@@ -39,9 +47,73 @@ class _Section(BaseModel):
                 if not (v is None and k in fields and _is_container(fields[k].annotation))}
 
 
-class ModelConfig(_Section):
+class PluginSection(_Section):
+    """A section whose `selector` field names plugins of `registry`; each plugin's
+    settings live under its own name and are validated by its options class."""
+
+    model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry]
+    selector: ClassVar[str]
+    open_selector: ClassVar[bool] = False  # values that name no plugin are allowed (model.source: a path)
+    special: ClassVar[tuple[str, ...]] = ()  # selector values that are not plugins ('auto')
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plugin_options(cls, data: Any, handler):
+        if not isinstance(data, dict):
+            return handler(data)
+        data, names = dict(data), cls.registry.names()
+        options = {k: data.pop(k) for k in list(data) if k in names and k not in cls.model_fields}
+        unknown = [k for k in data if k not in cls.model_fields]
+        if unknown:
+            raise _error("extra_forbidden", (unknown[0],), data[unknown[0]])
+        section = handler(data)
+        for name in section.selected():
+            if name not in names and name not in cls.special and not cls.open_selector:
+                choices = ", ".join([*cls.special, *names])
+                raise _error("value_error", (cls.selector,), name,
+                             f"'{name}' is not a registered {cls.registry.kind}; choose one of: {choices}")
+        for name in [*section.selected(), *options]:
+            if name in names:
+                try:
+                    value = cls.registry.get(name).options.model_validate(options.get(name) or {})
+                except ValidationError as err:
+                    raise ValidationError.from_exception_data(err.title, [_moved(e, name) for e in err.errors()])
+                section.__pydantic_extra__[name] = value
+        return section
+
+    def selected(self) -> list[str]:
+        value = getattr(self, self.selector)
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def options(self, name: Optional[str] = None) -> Options:
+        """The settings of plugin `name` (default: the selected one): as given, else its defaults."""
+        name = name or self.selected()[0]
+        given = self.__pydantic_extra__.get(name)
+        return given if given is not None else self.registry.get(name).options.model_validate({})
+
+
+def _moved(err: dict, prefix: str) -> InitErrorDetails:
+    detail: dict = {"type": err["type"], "loc": (prefix, *err["loc"]), "input": err.get("input")}
+    if err["type"] == "value_error":  # its text comes from our validators: keep it
+        detail["type"] = PydanticCustomError("value_error", err["msg"].removeprefix("Value error, "))
+    elif err.get("ctx"):
+        detail["ctx"] = err["ctx"]
+    return detail
+
+
+def _error(kind: str, loc: tuple, value: Any, message: str = "") -> ValidationError:
+    error_type = PydanticCustomError("value_error", message) if message else kind
+    return ValidationError.from_exception_data("StudyConfig", [{"type": error_type, "loc": loc, "input": value}])
+
+
+class ModelConfig(PluginSection):
+    registry: ClassVar[Registry] = WORLDS
+    selector: ClassVar[str] = "source"
+    open_selector: ClassVar[bool] = True
+
     source: str = Field("digits", description=(
-        "'digits' for the built-in digits world, else a local diffusers pipeline folder or a hub id."))
+        "A built-in world ('digits'), else a local diffusers pipeline folder or a hub id."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Dtype of the loaded weights.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU) or a torch device ('cuda:1').")
@@ -54,22 +126,18 @@ class ModelConfig(_Section):
 
 class RoleConfig(_Section):
     prompts: list[str] = Field([], description="Prompts; for generated data the model draws images of each.")
-    digits: list[str] = Field([], description=(
-        "Digits world only: digit classes from its dataset, by word or numeral ('eight' or '8'); stored as words."))
+    classes: list[str] = Field([], description=(
+        "Built-in worlds only: classes of the world's own dataset (digits world: zero..nine or 0..9)."))
     images: Optional[str] = Field(None, description=(
         "Path of a Hugging Face imagefolder (images + metadata.jsonl with a text column) for this role."))
 
-    @field_validator("digits", mode="before")
+    @field_validator("classes", mode="before")
     @classmethod
-    def _digit_words(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        words = [str(v).strip().lower() for v in value]
-        words = [DIGIT_WORDS[int(w)] if len(w) == 1 and w.isdigit() else w for w in words]
-        bad = [v for v, w in zip(value, words) if w not in DIGIT_WORDS]
-        if bad:
-            raise ValueError(f"has {bad}, not digits; use zero..nine or 0..9")
-        return words
+    def _as_text(cls, value: Any) -> Any:
+        return [str(v).strip() for v in value] if isinstance(value, list) else value
+
+    def given(self) -> bool:
+        return bool(self.prompts or self.classes or self.images)
 
 
 class ConceptsConfig(_Section):
@@ -84,8 +152,8 @@ class ConceptsConfig(_Section):
     @field_validator("forget")
     @classmethod
     def _forget_given(cls, value: RoleConfig) -> RoleConfig:
-        if not (value.prompts or value.digits or value.images):
-            raise ValueError("has no prompts, digits or images; name the concept to unlearn")
+        if not value.given():
+            raise ValueError("has no prompts, classes or images; name the concept to unlearn")
         return value
 
 
@@ -96,41 +164,37 @@ class DataConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Batch size for generating and encoding role data.")
 
 
-class _ForgetXt(_Section):
-    """How a prompt-based method gets x_t for the forget prompt."""
+class OptimizerSettings(_Section):
+    """What the training engine needs to make an optimizer step; shared by
+    unlearning and attacks (which override the defaults)."""
 
-    x_t: Literal["sample", "noised"] = Field("sample", description=(
-        "'sample': partial DDIM sampling with the forget prompt (the paper; ESD samples the student, SDD its "
-        "EMA teacher); 'noised': forget images noised to a random t (cheaper)."))
-    ddim_steps: int = Field(50, gt=0, description="DDIM steps of the partial sampling that makes x_t.")
-    sample_guidance: float = Field(3.0, ge=0, description="Guidance scale of that partial sampling.")
-
-
-class EsdConfig(_ForgetXt):
-    eta: float = Field(1.0, description="Negative guidance η of the ESD target ε(∅) − η·(ε(c) − ε(∅)).")
-
-
-class SddConfig(_ForgetXt):
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the EMA teacher.")
-
-
-class MethodConfig(_Section):
-    name: Literal["esd", "sdd", "none"] = Field("esd", description="Base method; 'none': meta objective only.")
-    params: Literal["noxattn", "xattn", "full", "selfattn"] = Field("noxattn", description=(
-        "Trained UNet weights: all but cross-attention (ESD-u), cross-attention (ESD-x), all, self-attention."))
-    steps: int = Field(200, gt=0, description="Optimizer steps.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW).")
-    batch_size: int = Field(4, gt=0, description="Batch size of every loss term.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    steps: int = Field(200, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Batch size of every loss term.")
+
+
+class _MethodChoice(PluginSection):
+    registry: ClassVar[Registry] = METHODS
+    selector: ClassVar[str] = "name"
+
+    name: str = Field("esd", description="Base method (registered: esd, sdd, none, ...); 'none': meta only.")
+    params: Literal["noxattn", "xattn", "full", "selfattn"] = Field("noxattn", description=(
+        "Trained UNet weights: all but cross-attention (ESD-u), cross-attention (ESD-x), all, self-attention."))
+
+
+class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name and params first
+    model_config = ConfigDict(extra="allow")  # PluginSection's, over OptimizerSettings' "forbid"
+
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every this many steps.")
     log_every: int = Field(1, gt=0, description="Log losses every this many steps.")
     preservation_weight: float = Field(1.0, ge=0, description=(
         "Weight of the denoising loss on related + unrelated data that keeps them intact; 0 disables it."))
-    esd: EsdConfig = Field(default_factory=EsdConfig, description="ESD settings (name 'esd').")
-    sdd: SddConfig = Field(default_factory=SddConfig, description="SDD settings (name 'sdd').")
 
 
 class MetaConfig(_Section):
@@ -159,26 +223,33 @@ class MetaConfig(_Section):
     @field_validator("inner_lr_range")
     @classmethod
     def _ordered(cls, value: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
-        if value is not None and not 0 < value[0] <= value[1]:
+        if value is not None and not (all(map(math.isfinite, value)) and 0 < value[0] <= value[1]):
             raise ValueError(f"must be [low, high] with 0 < low <= high, got {list(value)}")
         return value
 
 
-class AttackConfig(_Section):
+class _AttackChoice(PluginSection):
+    registry: ClassVar[Registry] = ATTACKS
+    selector: ClassVar[str] = "kind"
+
     name: str = Field(pattern=NAME_PATTERN, description="Unique name; the attack's folder in the run directory.")
-    kind: Literal["full", "lora"] = Field("full", description="Finetune all UNet weights, or a LoRA adapter (peft).")
-    data: Literal["forget", "benign"] = Field("forget", description=(
-        "'forget': relearn from forget-concept images; 'benign': finetune on related + unrelated data only."))
+    kind: str = Field("full", description="Registered attack kind: 'full' (every UNet weight), 'lora' (peft), ...")
+    data: Literal["forget", "related", "unrelated"] = Field("forget", description=(
+        "Whose held-out attack-split images the attacker finetunes on: 'forget' relearns the concept; "
+        "'unrelated' is a benign finetune (the paper's CLEAN setting)."))
+
+
+class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, kind and data first
+    model_config = ConfigDict(extra="allow")  # PluginSection's, over OptimizerSettings' "forbid"
+
     lr: float = Field(1e-4, gt=0, description="Attacker's learning rate.")
-    steps: int = Field(200, gt=0, description="Attacker's finetuning steps.")
-    batch_size: int = Field(4, gt=0, description="Attacker's batch size.")
+    weight_decay: float = Field(1e-2, ge=0, description="Attacker's weight decay (AdamW's default).")
+    grad_clip: float = Field(0.0, ge=0, description="Attacker's max gradient norm; 0: no clipping.")
     eval_at: list[int] = Field(_DEFAULT_EVAL_AT, description=(
-        "Steps at which the attacked model is saved and evaluated (0 = before the attack)."))
-    lora_rank: int = Field(4, gt=0, description="LoRA rank (kind 'lora').")
-    lora_alpha: float = Field(4.0, gt=0, description="LoRA alpha (kind 'lora').")
-    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
-                                    description="UNet module names LoRA adapts (kind 'lora').")
-    seeds: Optional[list[int]] = Field(None, description="Attack seeds; None = the study's seeds.")
+        "Steps at which the attacked model is evaluated (0 = before the attack)."))
+    seeds: Optional[list[int]] = Field(None, description=(
+        "Attack seeds; None = one attack per unlearned model with its unlearning seed (the original model: "
+        "the study's first seed)."))
     save_final: bool = Field(False, description=(
         "Also save the attacked weights (full: a pipeline folder; lora: the adapter). Off: curves only."))
 
@@ -189,6 +260,8 @@ class AttackConfig(_Section):
         bad = [s for s in value if s < 0 or (steps is not None and s > steps)]
         if bad:
             raise ValueError(f"has {bad}, outside 0..steps ({steps})")
+        if not value:
+            raise ValueError("is empty; list at least one step to evaluate the attacked model at")
         return sorted(set(value))
 
     @model_validator(mode="after")
@@ -199,19 +272,47 @@ class AttackConfig(_Section):
         return self
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(PluginSection):
+    registry: ClassVar[Registry] = METRICS
+    selector: ClassVar[str] = "metrics"
+
+    metrics: list[str] = Field(["concept_rate"], min_length=1, description=(
+        "Registered metrics computed on every evaluated model (the first value of the first metric is the "
+        "relearning curve's)."))
     samples_per_prompt: int = Field(10, gt=0, description="Images generated per evaluation prompt.")
     steps: int = Field(20, gt=0, description="Sampling steps for evaluation images.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance for evaluation images.")
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
-    detector: Literal["auto", "digits", "nudenet"] = Field("auto", description=(
-        "Concept detector; 'auto' is 'digits' for the digits world, else 'nudenet'."))
     seed_offset: int = Field(3_000_000_000, ge=0, description=(
         "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split)."))
 
 
+class DetectorSection(PluginSection):
+    """Options of a metric that judges samples with a registered detector."""
+
+    registry: ClassVar[Registry] = DETECTORS
+    selector: ClassVar[str] = "detector"
+    special: ClassVar[tuple[str, ...]] = ("auto",)
+
+    detector: str = Field("auto", description=(
+        "Registered concept detector; 'auto': the built-in world's own, else 'nudenet'."))
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/{name}", description="Run folder; '{name}' is replaced by the study name.")
+    trackers: list[str] = Field([], description=(
+        "accelerate trackers for training logs (tensorboard, wandb, mlflow, ...); log.jsonl is always written."))
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType if t.value != "all"]
+        bad = [t for t in value if t not in known]
+        if bad:
+            raise ValueError(f"has {bad}; accelerate's trackers are {', '.join(known)}")
+        return value
 
 
 class StudyConfig(_Section):
@@ -244,6 +345,26 @@ class StudyConfig(_Section):
         if dupes:
             raise ValueError(f"has duplicate names: {', '.join(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _world_classes(self) -> StudyConfig:
+        """Role classes belong to a built-in world's dataset: it checks and normalises them."""
+        roles = [r for r in ROLES if getattr(self.concepts, r).classes]
+        if not roles:
+            return self
+        from .worlds import world_for
+
+        world = world_for(self.model)
+        if world is None:
+            raise ValueError(f"concepts.{roles[0]}.classes needs a built-in world as model.source "
+                             f"({', '.join(WORLDS.names())}); use prompts or images for other models")
+        for role in roles:
+            spec = getattr(self.concepts, role)
+            try:
+                spec.classes = world.normalise_classes(spec.classes)
+            except ValueError as err:
+                raise ValueError(f"concepts.{role}.classes {err}") from None
+        return self
 
     @classmethod
     def from_dict(cls, data: Any, overrides: Iterable[str] = (), source: str = "") -> StudyConfig:
@@ -281,6 +402,8 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyC
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file '{path}': {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save the study file as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -289,14 +412,6 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyC
         got = "nothing" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{path} must be a mapping of sections (model, concepts, ...), got {got}")
     return StudyConfig.from_dict(data, overrides, source=str(path))
-
-
-def dump_config(config: StudyConfig, path: Union[str, Path]) -> Path:
-    """Write the resolved config; `load_config` reads it back to an equal config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_yaml(), encoding="utf-8")
-    return path
 
 
 # --- walking the schema along a dotted path ---------------------------------------
@@ -316,13 +431,28 @@ def _is_container(ann: Any) -> bool:
     return _model_of(ann) is not None or get_origin(_strip_optional(ann)) is list
 
 
+def _keys(model: type[BaseModel]) -> list[str]:
+    """The keys a section accepts: its fields, and a plugin section's plugin names."""
+    plugins = model.registry.names() if issubclass(model, PluginSection) else []
+    return [*model.model_fields, *plugins]
+
+
+def _child(model: type[BaseModel], part: Union[str, int]) -> Any:
+    """The annotation of key `part` of `model`, or None when it has no such key."""
+    if part in model.model_fields:
+        return model.model_fields[part].annotation
+    if issubclass(model, PluginSection) and part in model.registry:
+        return model.registry.get(str(part)).options
+    return None
+
+
 def _annotation_at(loc: Iterable[Union[str, int]]) -> Any:
     """The annotation at `loc` (field names and list indices) below StudyConfig, or None."""
     ann: Any = StudyConfig
     for part in loc:
         ann, model = _strip_optional(ann), _model_of(ann)
-        if model is not None and part in model.model_fields:
-            ann = model.model_fields[part].annotation
+        if model is not None and _child(model, part) is not None:
+            ann = _child(model, part)
         elif get_origin(ann) in (list, tuple) and str(part).isdigit():
             args = get_args(ann)
             ann = args[0] if get_origin(ann) is list else args[min(int(part), len(args) - 1)]
@@ -343,9 +473,8 @@ def _apply_override(data: dict, item: str) -> None:
         parent = _annotation_at(parts[:i])
         model = _model_of(parent)
         if model is not None:
-            if part not in model.model_fields:
-                keys = ", ".join(model.model_fields)
-                raise ConfigError(f"override '{key}': unknown key '{here}'; valid keys: {keys}")
+            if _child(model, part) is None:
+                raise ConfigError(f"override '{key}': unknown key '{here}'; valid keys: {', '.join(_keys(model))}")
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{key}': '{above}' is not a mapping in the file")
             slot: Any = part
@@ -378,7 +507,7 @@ def _describe(err: dict) -> str:
     got = got if len(got) <= 60 else got[:57] + "..."
     if kind == "extra_forbidden":
         model = _model_of(_annotation_at(loc[:-1]))
-        return f"unknown key '{path}'; valid keys: {', '.join(model.model_fields) if model else '?'}"
+        return f"unknown key '{path}'; valid keys: {', '.join(_keys(model)) if model else '?'}"
     if kind == "literal_error":
         allowed = ", ".join(map(str, get_args(_annotation_at(loc)))) or err.get("ctx", {}).get("expected", "?")
         return f"{path}: {got} is not allowed; choose one of: {allowed}"
@@ -388,8 +517,8 @@ def _describe(err: dict) -> str:
         return f"{path}: {got} is not a valid name; use letters, digits, '-', '_' and '.'"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         model = _model_of(_annotation_at(loc))
-        return f"{path}: expected a mapping{' of ' + ', '.join(model.model_fields) if model else ''}, got {got}"
+        return f"{path}: expected a mapping{' of ' + ', '.join(_keys(model)) if model else ''}, got {got}"
     if kind == "value_error":  # our validators phrase their message to follow the key
         msg = msg.removeprefix("Value error, ")
-        return f"{path} {msg}" if path else msg
+        return f"{path}: {msg}" if path and msg.startswith("'") else (f"{path} {msg}" if path else msg)
     return f"{path}: {msg[0].lower() + msg[1:]} (got {got})"

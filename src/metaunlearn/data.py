@@ -3,19 +3,15 @@ irt), per split, as VAE latents + one text embedding per unique prompt.
 
 Training never runs the text encoder or the VAE per step: every image is
 encoded once here and every caption once, and both are cached under
-`cache_dir/<split>/` with a manifest whose fingerprint says what made them.
-A role's images come from the digits world's dataset (`digits`), an image
-folder (`images`), or, as in the paper, from the model itself (`prompts` only).
+`cache_dir/<split>/` with a manifest that says what made them. A role's images
+come from a built-in world's dataset (`classes`), an image folder (`images`),
+or, as in the paper, from the model itself (`prompts` only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,35 +22,18 @@ from tqdm.auto import tqdm
 
 from . import imagefolder
 from .conditioning import Conditioning
-from .config import RoleConfig, StudyConfig
+from .config import ROLES, RoleConfig, StudyConfig
 from .errors import MetaunlearnError
 from .images import grid, save_png
+from .layout import DATA_FORMAT, MANIFEST, atomic_file, data_manifest_key, write_json
 from .model import DiffusionModel
-from .worlds import is_digits_world, world_report
-from .worlds.digits_data import DIGIT_WORDS, digit_of_word, prompts_for
+from .worlds import Chunks, world_for
 
-ROLES = ("forget", "related", "unrelated")
 SPLITS = ("train", "test", "attack")  # train: unlearning + meta; test: held out; attack: the attacker's only
 # Generated images: seed = base(split) + prompt_number * SEEDS_PER_PROMPT + i. Bases 1e9 apart
 # (not 1e6) keep the splits disjoint for up to 100k prompts, not just 100.
 SPLIT_SEED_BASE = {"train": 0, "test": 1_000_000_000, "attack": 2_000_000_000}
 SEEDS_PER_PROMPT = 10_000
-MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the cached files change meaning
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`, renamed onto it only on success:
-    an interrupted run never leaves a file that looks complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -84,9 +63,9 @@ class RoleData:
     def save(self, path: Path) -> None:
         tensors = {"latents": self.latents.contiguous(), "prompt_index": self.prompt_index.contiguous(),
                    **self.cond.to_tensors("cond.")}
-        metadata = {"format": str(FORMAT), "role": self.role, "prompts": json.dumps(self.prompts),
+        metadata = {"format": str(DATA_FORMAT), "role": self.role, "prompts": json.dumps(self.prompts),
                     "sources": json.dumps(self.sources)}
-        with _atomic(Path(path)) as tmp:
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
@@ -124,39 +103,6 @@ class ConceptData:
     split: str
 
 
-def role_prompts(role: RoleConfig) -> list[str]:
-    """Evaluation/generation prompts of a role: its prompts, else every phrasing of its digits."""
-    if role.prompts:
-        return list(role.prompts)
-    return [p for word in role.digits for p in prompts_for(digit_of_word(word))]
-
-
-def _names_digit(prompt: str, digit: int) -> bool:
-    return re.search(rf"\b({DIGIT_WORDS[digit]}|{digit})\b", prompt.lower()) is not None
-
-
-# A feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1], captions,
-# sources), so a large role never holds all its full-size images at once.
-Chunks = Iterator[tuple[torch.Tensor, list[str], list[str]]]
-
-
-def _digit_feed(role: RoleConfig, split: str, model: DiffusionModel, seed: int, batch: int) -> tuple[int, Chunks]:
-    from .worlds.digits_data import load_split, split_indices
-
-    digits = [digit_of_word(w) for w in role.digits]
-    images, labels = load_split(split, size=model.image_size, digits=digits, seed=seed)
-    indices = split_indices(split, digits, seed)
-    seen = dict.fromkeys(digits, 0)
-    captions = []
-    for label in labels.tolist():  # cycle the role's prompts naming this digit, else its phrasings
-        options = [p for p in role.prompts if _names_digit(p, label)] or prompts_for(label)
-        captions.append(options[seen[label] % len(options)])
-        seen[label] += 1
-    chunks = ((images[i:i + batch], captions[i:i + batch], [f"digits:{split}:{j}" for j in indices[i:i + batch]])
-              for i in range(0, len(images), batch))
-    return len(images), chunks
-
-
 def _folder_feed(items: list[imagefolder.FolderItem], size: int, batch: int) -> tuple[int, Chunks]:
     chunks = ((torch.stack([imagefolder.load_image(it.path, size) for it in items[i:i + batch]]),
                [it.text for it in items[i:i + batch]], [f"folder:{it.name}" for it in items[i:i + batch]])
@@ -181,28 +127,19 @@ def _generated_feed(prompts: list[str], split: str, config: StudyConfig, model: 
     return len(jobs), chunks()
 
 
-def _uses_digits_world(config: StudyConfig, model: DiffusionModel) -> tuple[bool, int]:
-    """Whether the model is the digits world, and the seed its dataset splits were made with."""
-    loaded_from = getattr(model.pipe, "name_or_path", None)  # set by from_pretrained
-    place = loaded_from if loaded_from and Path(loaded_from).is_dir() else config.model.source
-    if is_digits_world(place):
-        return True, int(world_report(place).get("config", {}).get("seed", 0))
-    return place == "digits", 0  # a pipeline built in memory for the config's "digits"
-
-
 def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: DiffusionModel, split: str,
                 preview: Path, progress: bool) -> RoleData | None:
     where, batch = f"concepts.{name}", config.data.batch_size
     feeds = []
-    if role.digits:
-        digits_world, seed = _uses_digits_world(config, model)
-        if not digits_world:
-            raise MetaunlearnError(f"{where}.digits needs the built-in digits world (model.source: digits)")
-        feeds.append(_digit_feed(role, split, model, seed, batch))
+    if role.classes:
+        world = world_for(config.model)
+        if world is None:
+            raise MetaunlearnError(f"{where}.classes needs a built-in world as model.source")
+        feeds.append(world.class_feed(role, split, model, batch))
     if role.images:
         items = imagefolder.read_items(role.images, split, f"{where}.images")
         feeds.append(_folder_feed(items, model.image_size, batch))
-    if role.prompts and not (role.digits or role.images):  # else the prompts are captions only
+    if role.prompts and not (role.classes or role.images):  # else the prompts are captions only
         feeds.append(_generated_feed(list(dict.fromkeys(role.prompts)), split, config, model))
 
     latents, captions, origins, shown = [], [], [], []
@@ -221,22 +158,16 @@ def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: Diffusi
     prompts = list(dict.fromkeys(captions))
     position = {p: i for i, p in enumerate(prompts)}
     cond = model.encode_prompts(prompts, batch_size=batch).to("cpu", torch.float32)
-    with _atomic(preview) as tmp:  # a glance at what the role trains on; nothing reads it back
+    with atomic_file(preview) as tmp:  # a glance at what the role trains on; nothing reads it back
         save_png(grid((torch.cat(shown)[:16] + 1) / 2, nrow=8, scale=max(1, 64 // model.image_size)), tmp)
     return RoleData(name, torch.cat(latents), torch.tensor([position[c] for c in captions], dtype=torch.long),
                     prompts, cond, origins)
 
 
-def _folder_signatures(config: StudyConfig) -> dict[str, str]:
-    return {name: imagefolder.signature(getattr(config.concepts, name).images)
-            for name in ROLES if getattr(config.concepts, name).images}
-
-
-def _load_cached(folder: Path, fingerprint: str, folders: dict[str, str]) -> dict[str, RoleData | None] | None:
+def _load_cached(folder: Path, key: dict) -> dict[str, RoleData | None] | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        if (manifest.get("format"), manifest.get("fingerprint"), manifest.get("folders")) != (
-                FORMAT, fingerprint, folders):
+        if any(manifest.get(k) != v for k, v in key.items()):
             return None
         return {name: None if manifest["counts"][name] is None else RoleData.load(folder / f"{name}.safetensors")
                 for name in ROLES}
@@ -251,9 +182,8 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[
     if split not in SPLITS:
         raise MetaunlearnError(f"unknown data split '{split}'; choose one of {', '.join(SPLITS)}")
     folder = Path(cache_dir) / split
-    fingerprint = config.fingerprint("model", "concepts", "data")
-    folders = _folder_signatures(config)
-    cached = _load_cached(folder, fingerprint, folders)
+    key = data_manifest_key(config)
+    cached = _load_cached(folder, key)
     if cached is not None:
         log(f"concept data ({split}): cached")
         return ConceptData(**cached, split=split)
@@ -267,7 +197,7 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[
     for name in ROLES:
         role = getattr(config.concepts, name)
         data = None
-        if role.prompts or role.digits or role.images:
+        if role.given():
             data = _build_role(name, role, config, model, split, folder / f"{name}.png", progress)
         if data is None and name == "forget":
             hint = (f": image folder '{role.images}' has no {split}/ subfolder (a folder without "
@@ -280,9 +210,7 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[
                 stale.unlink(missing_ok=True)
         roles[name] = data
     counts = {name: None if d is None else len(d) for name, d in roles.items()}
-    manifest = {"format": FORMAT, "split": split, "fingerprint": fingerprint, "folders": folders, "counts": counts}
-    with _atomic(folder / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    write_json(folder / MANIFEST, {**key, "split": split, "counts": counts})
     summary = ", ".join(f"{name} {n}" for name, n in counts.items() if n is not None)
     log(f"concept data ({split}): {summary} items -> {folder}")
     return ConceptData(**roles, split=split)

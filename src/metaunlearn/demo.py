@@ -9,19 +9,14 @@ from pathlib import Path
 
 from .config import load_config
 from .study import Outcome, run_study
-from .worlds.digits import DigitsWorldConfig, get_world
 
 
-def run_demo(out: Path = Path("runs/demo"), world: DigitsWorldConfig | None = None, overrides: tuple[str, ...] = (),
-             progress: bool = True) -> Outcome:
+def run_demo(out: Path = Path("runs/demo"), overrides: tuple[str, ...] = (), progress: bool = True) -> Outcome:
     """Build (or reuse) the world, run (or resume) the demo study into `out`."""
-    folder = get_world(world or DigitsWorldConfig())
     with resources.as_file(resources.files("metaunlearn") / "configs" / "demo.yaml") as path:
         config = load_config(path, overrides)
-    # paths set on the model, not as `--set` text a YAML parser would read; the default
-    # world stays 'digits' (portable in study.yaml), another one is named by its folder
-    model = config.model if world is None else config.model.model_copy(update={"source": str(folder)})
-    config = config.model_copy(update={"model": model, "output": config.output.model_copy(update={"dir": str(out)})})
+    # the folder set on the config, not as `--set` text a YAML parser would read
+    config = config.model_copy(update={"output": config.output.model_copy(update={"dir": str(out)})})
     outcome = run_study(config, progress=progress)
     if outcome.report is not None:
         print(f"report: {outcome.report}  (and report.md, results.json beside it)")

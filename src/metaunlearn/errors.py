@@ -12,3 +12,7 @@ class ModelError(MetaunlearnError):
 
 class ConfigError(MetaunlearnError):
     """A study configuration that does not validate."""
+
+
+class TrainingError(MetaunlearnError):
+    """A run that cannot go on (e.g. a NaN loss); its last good checkpoint is kept."""

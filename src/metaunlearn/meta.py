@@ -34,15 +34,15 @@ of Adam, g / (|g| + eps): what a real attacker's optimizer does first).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .config import MetaConfig
 from .data import ConceptData
+from .engine import StepContext, Terms
 from .errors import MetaunlearnError
-from .methods.base import Method, StepContext
+from .methods.base import Method
 from .model import DiffusionModel
 
 ADAM_EPS = 1e-8
@@ -67,8 +67,7 @@ def linear_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> t
 
 
 class MetaObjective:
-    """A training-loop objective: called every step with the step context,
-    returns loss terms (tensors) and log-only values (floats)."""
+    """A training-engine objective: called every step with the step context."""
 
     def __init__(self, config: MetaConfig, model: DiffusionModel, trainable: dict[str, torch.nn.Parameter],
                  data: ConceptData, method: Method, batch_size: int):
@@ -77,7 +76,7 @@ class MetaObjective:
         self.trainable = trainable
         self.batch_size = batch_size
         self.cap_levels = self._cap_levels() if config.target == "capped" else {}
-        if config.target == "unlearn_target" and not hasattr(method, "target"):
+        if config.target == "unlearn_target" and not method.has_target:
             raise MetaunlearnError(f"meta.target 'unlearn_target' needs a base method with a target, "
                                    f"not '{method.name}'")
 
@@ -122,12 +121,12 @@ class MetaObjective:
         # Pull theta' back to the base method's unlearning target on its own x_t:
         # bounded below by zero, and it asks for exactly what unlearning asks for.
         cond = self.method.forget_batch(ctx)
-        x_t, t = self.method.make_x_t(ctx, cond, "noised", 0, 0.0)
+        x_t, t = self.method.noised_x_t(ctx, len(cond))
         target = self.method.target(x_t, t, cond)
         loss = F.mse_loss(self.model.predict(x_t, t, cond, params).float(), target.float())
         return loss, loss.item()
 
-    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor | float]:
+    def __call__(self, ctx: StepContext) -> Terms:
         cfg, model = self.config, self.model
         second = cfg.mode == "second_order"
         theta = [self.trainable[n] for n in self.names]
@@ -147,7 +146,7 @@ class MetaObjective:
                 current = [p.detach().requires_grad_(True) for p in current]
         after = dict(zip(self.names, current))
 
-        logs: dict[str, torch.Tensor | float] = {"meta/inner_lr": tau, "meta/inner_grad_norm": inner_norm,
+        logs: dict[str, float] = {"meta/inner_lr": tau, "meta/inner_grad_norm": inner_norm,
                                                  "meta/forget_before": loss_in.item() if cfg.inner_steps else 0.0,
                                                  **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}}
         outer = torch.zeros((), device=model.device)
@@ -163,7 +162,7 @@ class MetaObjective:
                 outer = outer - weight * self._ascent(loss, name)
                 logs[f"meta/{name}_after"] = loss.item()
 
-        terms: dict[str, torch.Tensor | float] = {}
+        terms: dict[str, torch.Tensor] = {}
         if outer.requires_grad:
             if second:
                 terms["meta_after"] = outer
@@ -175,11 +174,11 @@ class MetaObjective:
             batch = self._batch(role, ctx)
             if weight and batch is not None:
                 terms[f"meta_{name}_before"] = weight * self._loss(batch, None, ctx)
-        return {**terms, **logs}
+        return Terms(terms, logs)
 
 
 def make_meta(config: MetaConfig, model: DiffusionModel, trainable, data: ConceptData, method: Method,
-              batch_size: int) -> Callable[[StepContext], dict]:
+              batch_size: int) -> MetaObjective:
     if config.mode == "second_order":
         model.use_math_attention()  # no fused attention kernel (CPU flash, CUDA flash/efficient) has a double backward
     return MetaObjective(config, model, trainable, data, method, batch_size)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-METRICS = (("forget_rate", "forget rate (lower is better)"),
-           ("related_accuracy", "related accuracy"),
-           ("unrelated_accuracy", "unrelated accuracy"))
-
 
 def by_model(curve: dict) -> str:
     return curve["model"]
@@ -21,9 +17,14 @@ def by_attack(curve: dict) -> str:
     return curve["attack"]["name"]
 
 
-def curve_bands(curves: list[dict], key: Callable[[dict], str] = by_model) -> dict[str, dict]:
+def _specs(curves: list[dict], specs: list[dict] | None) -> list[dict]:
+    return specs if specs is not None else next((c["specs"] for c in curves if c.get("specs")), [])
+
+
+def curve_bands(curves: list[dict], key: Callable[[dict], str] = by_model,
+                specs: list[dict] | None = None) -> dict[str, dict]:
     """Group curves (by model label unless `key` says otherwise): steps, and per
-    metric the mean, std and count over seeds at each step."""
+    metric value the mean, std and count over seeds at each step."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for curve in curves:
         groups[key(curve)].append(curve)
@@ -31,39 +32,47 @@ def curve_bands(curves: list[dict], key: Callable[[dict], str] = by_model) -> di
     for label, members in groups.items():
         steps = sorted({p["step"] for c in members for p in c["points"]})
         band = {"steps": steps, "seeds": len(members)}
-        for key, _ in METRICS:
-            values = [[next((p[key] for p in c["points"] if p["step"] == s and p.get(key) is not None), np.nan)
+        for spec in _specs(curves, specs):
+            key = spec["key"]
+            values = [[next((p["values"][key] for p in c["points"]
+                             if p["step"] == s and p["values"].get(key) is not None), np.nan)
                        for s in steps] for c in members]
             arr = np.array(values, dtype=float)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # a value no curve has (a role the study lacks) stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
                 band[key] = {"mean": np.nanmean(arr, 0).tolist(), "std": np.nanstd(arr, 0).tolist()}
         bands[label] = band
     return bands
 
 
-def plot_curves(curves: list[dict], path: str | Path, title: str = "",
+def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None = None, title: str = "",
                 key: Callable[[dict], str] = by_model) -> Path:
-    """One panel per metric, one line per group (mean over seeds, ±std band)."""
+    """One panel per metric value (as the curves declare them unless `specs` are
+    given), one line per group (mean over seeds, ±std band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bands = curve_bands(curves, key)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4), sharex=True)
-    for ax, (key, name) in zip(axes, METRICS):
+    specs = _specs(curves, specs)
+    bands = curve_bands(curves, key, specs)
+    fig, axes = plt.subplots(1, max(1, len(specs)), figsize=(4.2 * max(1, len(specs)), 3.4), sharex=True,
+                             squeeze=False)
+    for ax, spec in zip(axes[0], specs):
         for label, band in bands.items():
-            mean, std = np.array(band[key]["mean"]), np.array(band[key]["std"])
+            mean, std = np.array(band[spec["key"]]["mean"]), np.array(band[spec["key"]]["std"])
             if np.all(np.isnan(mean)):
                 continue
             line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})")
             if band["seeds"] > 1:
                 ax.fill_between(band["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_title(name, fontsize=10)
+        better = "higher" if spec.get("higher_is_better", True) else "lower"
+        ax.set_title(f"{spec['label']} ({better} is better)", fontsize=10)
         ax.set_xlabel("attack step")
-        ax.set_ylim(-0.03, 1.03)
+        if spec.get("fraction", True):
+            ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -2,9 +2,11 @@
 the files a study left in its run folder, and nothing else (the folder can be
 moved or copied and reported elsewhere).
 
-The tables follow the paper's (forget rate before the attack and at each
-attack step, per method x variant) with mean ± std over seeds, which the paper
-does not give. Rates are shares of samples, shown in percent.
+The tables follow the paper's (the first metric value, the forget rate by
+default, before the attack and at each attack step, per method x variant) with
+mean ± std over seeds, which the paper does not give, and show every other
+value the study's metrics declared (results carry their declarations), so a
+new metric needs no change here.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ import numpy as np
 
 from .config import StudyConfig, load_config
 from .errors import MetaunlearnError
-from .runfiles import atomic_write_json, atomic_write_text, read_json
-from .study import ENVIRONMENT, FAILURES, STUDY_FILE, TIMINGS, attack_seeds, unlearned_models
-
-METRICS = ("forget_rate", "related_accuracy", "unrelated_accuracy")
+from .layout import (CURVE, ENVIRONMENT, FAILURES, ORIGINAL, STUDY_FILE, TIMINGS, RunLayout, attack_seeds,
+                     read_json, unlearned_models, write_json, write_text)
 
 
 @dataclass
@@ -31,22 +31,24 @@ class Img:
 @dataclass
 class Row:
     name: str
+    variant: str  # 'original', 'base' or 'meta'
     models: list[tuple[str, int | None]]  # (model label, unlearning seed; None for the original)
 
 
 def method_title(config: StudyConfig) -> str:
-    method = config.method
-    if method.name == "esd":
-        kind = {"noxattn": "u", "xattn": "x"}.get(method.params, method.params)
-        return f"ESD-{kind}" + (f" (η={method.esd.eta:g})" if method.esd.eta != 1 else "")
-    return {"sdd": "SDD", "none": "meta-only"}.get(method.name, method.name)
+    """The method's own title for its settings ('ESD-u'), else its registered name."""
+    from .registry import METHODS
+
+    if config.method.name in METHODS:
+        return METHODS.get(config.method.name).impl.title(config.method)
+    return config.method.name
 
 
 def study_rows(config: StudyConfig) -> list[Row]:
-    rows = [Row("original", [("original", None)])]
+    rows = [Row(ORIGINAL, ORIGINAL, [(ORIGINAL, None)])]
     for variant in config.variants:
         name = f"{method_title(config)} / {'unlearn' if variant == 'base' else 'meta'}"
-        rows.append(Row(name, [(label, seed) for v, label, seed, _ in unlearned_models(config) if v == variant]))
+        rows.append(Row(name, variant, [(m.label, m.seed) for m in unlearned_models(config) if m.variant == variant]))
     return rows
 
 
@@ -57,10 +59,13 @@ def stat(values: list) -> dict | None:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values), "values": values}
 
 
-def pct(s: dict | None) -> str:
+def fmt(s: dict | None, spec: dict | None = None) -> str:
+    """mean ± std over seeds: in percent for fractions, else 3 significant digits."""
     if s is None:
         return "–"
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s["n"] > 1 else f"{100 * s['mean']:.1f}"
+    scale, form = (100, ".1f") if spec is None or spec.get("fraction", True) else (1, ".3g")
+    mean, std = scale * s["mean"], scale * s["std"]
+    return f"{mean:{form}} ± {std:{form}}" if s["n"] > 1 else f"{mean:{form}}"
 
 
 def secs(s: dict | None) -> str:
@@ -71,115 +76,137 @@ class RunFolder:
     """What a run folder holds for its study, keeping only results made with its current settings."""
 
     def __init__(self, run_dir: Path, config: StudyConfig):
-        self.dir, self.config = run_dir, config
-        ev = config.evaluation
-        self._eval_settings = (ev.samples_per_prompt, ev.steps, ev.guidance_scale, ev.seed_offset)
+        from .metrics.evaluate import settings_key
 
-    def released(self, label: str) -> bool:  # an unlearned model whose run finished
-        return label == "original" or read_json(self.dir / "unlearn" / label / "run.json").get("status") == "done"
+        self.dir, self.config, self.layout = run_dir, config, RunLayout(run_dir)
+        self._settings = settings_key(config)
 
     def evaluation(self, label: str) -> dict:
-        r = read_json(self.dir / "eval" / f"{label}.json")
-        settings = tuple(r.get(k) for k in ("samples_per_prompt", "steps", "guidance_scale", "seed_offset"))
-        return r if r and settings == self._eval_settings and self.released(label) else {}
+        r = read_json(self.layout.eval(label))
+        return r if r.get("settings_key") == self._settings and self.layout.released(label) else {}
 
     def curves(self, row: Row, attack) -> list[dict]:
         wanted = attack.model_dump(mode="json")
-        found = [read_json(self.attack_dir(label, attack.name, s) / "curve.json")
+        found = [read_json(self.layout.attack(label, attack.name, s) / CURVE)
                  for label, seed in row.models for s in attack_seeds(self.config, attack, seed)]
-        return [c for c in found if c.get("attack") == wanted and self.released(c.get("model", ""))]
+        return [c for c in found if c.get("attack") == wanted and self.layout.released(c.get("model", ""))]
 
-    def attack_dir(self, label: str, attack: str, seed: int) -> Path:
-        return self.dir / "attacks" / label / f"{attack}-seed{seed}"
+    def specs(self, rows: list[Row]) -> list[dict]:
+        """The metric values the study reports, as its results declare them."""
+        for row in rows:
+            for label, _ in row.models:
+                if self.evaluation(label).get("specs"):
+                    return self.evaluation(label)["specs"]
+            for attack in self.config.attacks:
+                for curve in self.curves(row, attack):
+                    if curve.get("specs"):
+                        return curve["specs"]
+        return []
 
     def image(self, path: Path, alt: str) -> Img | None:
         return Img(path.relative_to(self.dir).as_posix(), alt) if path.is_file() else None
 
 
 def at_step(curves: list[dict], step: int, key: str) -> dict | None:
-    return stat([p.get(key) for c in curves for p in c["points"] if p["step"] == step])
+    return stat([p["values"].get(key) for c in curves for p in c["points"] if p["step"] == step])
 
 
 def collect(folder: RunFolder, rows: list[Row]) -> dict:
-    """The numbers of every table (fractions in [0, 1]), machine-readable."""
-    config = folder.config
-    before = {row.name: {k: stat([folder.evaluation(label).get(k) for label, _ in row.models]) for k in METRICS}
-              for row in rows}
+    """The numbers of every table, machine-readable: per row and metric value,
+    mean/std over seeds before any attack and at every evaluated attack step."""
+    config, specs = folder.config, folder.specs(rows)
+    keys = [s["key"] for s in specs]
+    before = {row.name: {k: stat([folder.evaluation(label).get("values", {}).get(k) for label, _ in row.models])
+                         for k in keys} for row in rows}
     attacks = {}
     for attack in config.attacks:
-        last, table = attack.eval_at[-1] if attack.eval_at else None, {}
+        steps = [s for s in attack.eval_at if s]
+        table = {}
         for row in rows:
             curves = folder.curves(row, attack)
-            entry = {"forget_rate": {"before": before[row.name]["forget_rate"],
-                                     **{str(s): at_step(curves, s, "forget_rate") for s in attack.eval_at if s}}}
-            for key in METRICS[1:]:
-                entry[key] = {"before": before[row.name][key], "after": at_step(curves, last, key)}
-            entry["curves"] = len(curves)
-            entry["seconds"] = stat([c.get("seconds") for c in curves])
-            table[row.name] = entry
-        attacks[attack.name] = {"steps": [s for s in attack.eval_at if s], "last_step": last, "rows": table}
-    unlearn_s = {row.name: stat([read_json(folder.dir / "unlearn" / label / "timing.json").get("seconds")
+            table[row.name] = {
+                "values": {k: {"before": before[row.name][k], **{str(s): at_step(curves, s, k) for s in steps}}
+                           for k in keys},
+                "curves": len(curves), "seconds": stat([c.get("seconds") for c in curves])}
+        attacks[attack.name] = {"steps": steps, "last_step": steps[-1] if steps else None, "rows": table}
+    unlearn_s = {row.name: stat([read_json(folder.layout.unlearn(label) / "timing.json").get("seconds")
                                  for label, seed in row.models if seed is not None]) for row in rows[1:]}
-    base = next((unlearn_s[r.name] for r in rows[1:] if r.name.endswith("/ unlearn")), None)
-    meta = next((unlearn_s[r.name] for r in rows[1:] if r.name.endswith("/ meta")), None)
-    env = read_json(folder.dir / ENVIRONMENT)
+    by_variant = {row.variant: unlearn_s[row.name] for row in rows[1:]}
+    base, meta = by_variant.get("base"), by_variant.get("meta")
     return {"study": config.name, "seeds": config.seeds, "variants": config.variants,
-            "units": "fractions of samples in [0, 1]; mean and std (population) over seeds",
-            "before_attack": before, "attacks": attacks,
+            "units": "metric values as declared in 'values' (fractions in [0, 1] where 'fraction'); "
+                     "mean and std (population) over seeds",
+            "values": specs, "before_attack": before, "attacks": attacks,
             # the report stage's own time is not known while it writes, so it is left out
             "cost": {"stages_s": {k: v for k, v in read_json(folder.dir / TIMINGS).items() if k != "report"},
                      "unlearn_s": unlearn_s,
                      "meta_overhead": meta["mean"] / base["mean"] if base and meta and base["mean"] else None},
-            "failures": [{k: f.get(k) for k in ("stage", "error")} for f in read_json(folder.dir / FAILURES) or []],
-            "environment": env}
+            "failures": [{k: f.get(k) for k in ("stage", "error")} for f in _failures(folder.dir)],
+            "environment": read_json(folder.dir / ENVIRONMENT)}
+
+
+def _failures(run_dir: Path) -> list[dict]:
+    import json
+
+    try:
+        found = json.loads((run_dir / FAILURES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f for f in found if isinstance(f, dict)] if isinstance(found, list) else []
 
 
 def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
     """The report as blocks (heading, paragraph, table, image, code) for both renderers."""
-    from .evaluation.concept_rates import evaluation_roles
     from .plots import plot_curves
 
-    config, doc = folder.config, []
+    config, doc, specs = folder.config, [], results["values"]
+    primary = specs[0] if specs else None
+    label_of = {label: row.name for row in rows for label, _ in row.models}
+    readings = "; ".join(f"{s['label']}: {'higher' if s['higher_is_better'] else 'lower'} is better" for s in specs)
     doc += [("h1", f"metaunlearn study '{config.name}'"),
             ("p", (f"Method {method_title(config)}; variants {', '.join(config.variants)}; seeds {config.seeds}. "
-                   "Rates in percent, mean ± std over seeds (forget rate: lower is better; related and unrelated "
-                   "accuracy: higher is better before the attack; after a relearning attack a meta-unlearned "
-                   "model's related accuracy is meant to fall)."))]
+                   f"Mean ± std over seeds; shares in percent ({readings}). After a relearning attack a "
+                   "meta-unlearned model's related quality is meant to fall (its self-destruct)."))]
     doc += [("h2", "Before any attack"),
-            ("table", ["model", "forget rate", "related accuracy", "unrelated accuracy"],
-             [[r.name] + [pct(results["before_attack"][r.name][k]) for k in METRICS] for r in rows])]
+            ("table", ["model"] + [s["label"] for s in specs],
+             [[r.name] + [fmt(results["before_attack"][r.name][s["key"]], s) for s in specs] for r in rows])]
     for attack in config.attacks:
         res = results["attacks"][attack.name]
         doc += [("h2", f"Attack {attack.name}"),
-                ("p", (f"{attack.kind} finetuning on {attack.data} data, lr {attack.lr:g}, {attack.steps} steps, "
-                       f"batch {attack.batch_size}. Forget rate (%) before and at each attack step:")),
-                ("table", ["model", "before"] + [f"step {s}" for s in res["steps"]],
-                 [[name] + [pct(e["forget_rate"][k]) for k in ["before"] + [str(s) for s in res["steps"]]]
-                  for name, e in res["rows"].items()]),
-                ("p", f"Related and unrelated accuracy (%) before the attack and after it (step {res['last_step']}):"),
-                ("table", ["model", "related before", "related after", "unrelated before", "unrelated after"],
-                 [[name] + [pct(e[k][w]) for k in METRICS[1:] for w in ("before", "after")]
-                  for name, e in res["rows"].items()])]
-        label_of = {label: row.name for row in rows for label, _ in row.models}
+                ("p", f"{attack.kind} finetuning on {attack.data} data, {attack.optimizer} lr {attack.lr:g}, "
+                      f"{attack.steps} steps, batch {attack.batch_size}.")]
+        if primary is not None:
+            columns = ["before"] + [str(s) for s in res["steps"]]
+            doc += [("p", f"{primary['label'].capitalize()} before and at each attack step:"),
+                    ("table", ["model", "before"] + [f"step {s}" for s in res["steps"]],
+                     [[name] + [fmt(e["values"][primary["key"]][c], primary) for c in columns]
+                      for name, e in res["rows"].items()])]
+        if len(specs) > 1 and res["last_step"] is not None:
+            last = str(res["last_step"])
+            doc += [("p", f"The other values before the attack and after it (step {last}):"),
+                    ("table", ["model"] + [f"{s['label']} {w}" for s in specs[1:] for w in ("before", "after")],
+                     [[name] + [fmt(e["values"][s["key"]][w], s) for s in specs[1:] for w in ("before", last)]
+                      for name, e in res["rows"].items()])]
         curves = [c for row in rows for c in folder.curves(row, attack)]
-        if curves:
-            path = plot_curves(curves, folder.dir / "report" / f"curves-{attack.name}.png",
-                               title=f"{attack.name}: relearning (forget) and self-destruct (related, unrelated)",
+        if curves and specs:
+            path = plot_curves(curves, folder.dir / "report" / f"curves-{attack.name}.png", specs,
+                               title=f"{attack.name}: every value over the attack",
                                key=lambda c: label_of.get(c["model"], c["model"]))
             doc.append(("img", folder.image(path, f"curves of {attack.name}")))
-    prompts = [f"{role}: {p}" for role, ps in evaluation_roles(config).items() for p in ps]
+    prompts = next((folder.evaluation(label).get("prompts") for r in rows for label, _ in r.models
+                    if folder.evaluation(label).get("prompts")), [])
     doc += [("h2", "Samples"),
-            ("p", "Each grid has one row per evaluation prompt, in this order: " + "; ".join(prompts) +
+            ("p", "Each grid has one row per evaluation prompt, in this order: " +
+             "; ".join(f"{role}: {p}" for role, p in prompts) +
              ". Columns: the first samples of each prompt, with the same seeds for every model (first seed shown).")]
     first = [(row.name, *row.models[0]) for row in rows if row.models]
     doc.append(("table", ["model", "samples before any attack"],
-                [[name, folder.image(folder.dir / "eval" / f"{label}.png", f"{name} samples")]
-                 for name, label, _ in first]))
+                [[name, folder.image(folder.layout.eval_grid(label), f"{name} samples")] for name, label, _ in first]))
     for attack in config.attacks:
-        ends = sorted({attack.eval_at[0], attack.eval_at[-1]}) if attack.eval_at else []
+        ends = sorted({attack.eval_at[0], attack.eval_at[-1]})
         doc += [("h3", f"Attack {attack.name}"),
                 ("table", ["model"] + [f"step {s}" for s in ends],
-                 [[name] + [folder.image(folder.attack_dir(label, attack.name, attack_seeds(config, attack, seed)[0])
+                 [[name] + [folder.image(folder.layout.attack(label, attack.name, attack_seeds(config, attack, seed)[0])
                                          / f"samples-step{s}.png", f"{name} step {s}") for s in ends]
                   for name, label, seed in first])]
     cost = results["cost"]
@@ -220,6 +247,6 @@ def write_report(run_dir: str | Path) -> Path:
         raise MetaunlearnError(f"'{run_dir}' has no results yet (no evaluations, no attack curves); "
                                "run or resume the study with `metaunlearn run` first")
     doc = build(folder, rows, results)
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "report.md", to_markdown(doc))
-    return atomic_write_text(run_dir / "report.html", to_html(doc, run_dir, f"metaunlearn: {config.name}"))
+    write_json(run_dir / "results.json", results)
+    write_text(run_dir / "report.md", to_markdown(doc))
+    return write_text(run_dir / "report.html", to_html(doc, run_dir, f"metaunlearn: {config.name}"))

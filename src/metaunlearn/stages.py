@@ -1,27 +1,20 @@
-"""The stages of a study, each reading and writing files in the run folder:
-
-    runs/<name>/data/<split>/...                  concept data (latents + prompt embeddings)
-    runs/<name>/unlearn/<variant>-seed<s>/model   released model (save_pretrained)
-    runs/<name>/eval/<label>.{json,png}           concept rates of a model, a grid of its samples
-    runs/<name>/attacks/<label>/<attack>-seed<s>/ relearning curve, sample grids
-
-Every stage skips work whose inputs (by fingerprint) did not change.
-
-The CLI commands and the study runner call these; they hold no state.
+"""The stages of a study, each reading and writing files in the run folder
+(paths, fingerprints and done-checks: layout.py). Every stage skips work whose
+inputs did not change. The CLI commands and the study runner call these; they
+hold no state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
+from . import layout
 from .config import AttackConfig, StudyConfig
 from .data import ConceptData, prepare_concept_data
+from .layout import ORIGINAL, RunLayout, read_json, write_json
 from .model import DiffusionModel
-from .runfiles import atomic_write_json, read_json
-from .worlds import resolve_model_source
+from .worlds import resolve_model_source, world_for
 
 
 def resolve_device(config: StudyConfig) -> str:
@@ -31,183 +24,113 @@ def resolve_device(config: StudyConfig) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def original_source(config: StudyConfig) -> Path | str:
+    return resolve_model_source(config.model)
+
+
 def load_model(config: StudyConfig, source: str | Path | None = None) -> DiffusionModel:
     """The study's original model, or another folder (an unlearned model) with the same settings."""
     import torch
 
-    dtype = getattr(torch, config.model.dtype)
-    return DiffusionModel.load(source or resolve_model_source(config.model.source),
-                               device=resolve_device(config), dtype=dtype)
-
-
-def original_source(config: StudyConfig) -> Path | str:
-    return resolve_model_source(config.model.source)
+    return DiffusionModel.load(source or original_source(config), device=resolve_device(config),
+                               dtype=getattr(torch, config.model.dtype))
 
 
 def concept_data(config: StudyConfig, model: DiffusionModel | None = None, split: str = "train",
                  progress: bool = True) -> ConceptData:
     """A split of the concept data, made with the original model (loaded only if the cache misses)."""
-    return prepare_concept_data(config, model or (lambda: load_model(config)), split, config.run_dir() / "data",
-                                progress=progress, log=print if progress else (lambda *_: None))
-
-
-def data_cached(config: StudyConfig, split: str) -> bool:
-    """Whether the split's cache already serves this config (what prepare_concept_data checks)."""
-    from .data import FORMAT, MANIFEST, _folder_signatures
-
-    manifest = read_json(config.run_dir() / "data" / split / MANIFEST)
-    return (manifest.get("format"), manifest.get("fingerprint"), manifest.get("folders")) == (
-        FORMAT, config.fingerprint("model", "concepts", "data"), _folder_signatures(config))
-
-
-def variant_config(config: StudyConfig, variant: str) -> StudyConfig:
-    """The config of one variant of a study: 'base' (meta off) or 'meta' (meta on)."""
-    return config.model_copy(update={"meta": config.meta.model_copy(update={"enabled": variant == "meta"})})
-
-
-def variant_name(config: StudyConfig) -> str:
-    if config.method.name == "none":
-        return "meta-only"
-    return f"{config.method.name}-meta" if config.meta.enabled else config.method.name
-
-
-def unlearn_dir(config: StudyConfig, seed: int) -> Path:
-    return config.run_dir() / "unlearn" / f"{variant_name(config)}-seed{seed}"
-
-
-def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
-    """What an unlearned model depends on: the meta section only when meta is on, so
-    tuning meta leaves a finished base model alone."""
-    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ())
-    return f"{config.fingerprint(*sections)}-{seed}"
-
-
-def unlearn_done(config: StudyConfig, seed: int) -> bool:
-    status = read_json(unlearn_dir(config, seed) / "run.json")
-    # runs made before the meta section was dropped from base fingerprints stay valid
-    legacy = f"{config.fingerprint('model', 'concepts', 'data', 'method', 'meta')}-{seed}"
-    return status.get("status") == "done" and status.get("fingerprint") in (unlearn_fingerprint(config, seed), legacy)
+    return prepare_concept_data(config, model or (lambda: load_model(config)), split,
+                                RunLayout.of(config).data_root(), progress=progress,
+                                log=print if progress else (lambda *_: None))
 
 
 def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     """Base method (+ meta objective when enabled) on the original model; returns
     at once when the same run already finished."""
-    from .train import unlearn
+    from .unlearn import unlearn
 
-    folder = unlearn_dir(config, seed)
-    if unlearn_done(config, seed):
-        return folder / "model"
+    folder = RunLayout.of(config).unlearn(layout.unlearn_label(config, seed))
+    if layout.unlearn_done(config, seed):
+        return folder / layout.MODEL
     model = load_model(config)
     data = concept_data(config, model, "train", progress=progress)
     start = time.perf_counter()
-    out = unlearn(config, model, data, folder, seed, fingerprint=unlearn_fingerprint(config, seed),
-                  progress=progress)
+    out = unlearn(config, model, data, folder, seed, layout.unlearn_fingerprint(config, seed), progress=progress)
     # the time of the run that finished it (a resumed run counts only its own part)
-    atomic_write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start, 2)})
+    write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start, 2)})
     return out
 
 
-def model_identity(source: str | Path) -> str:
-    """A released model's identity: its unlearning run's fingerprint when it has one, else its path."""
-    return read_json(Path(source).parent / "run.json").get("fingerprint", str(source))
+def evaluator(config: StudyConfig):
+    """The study's metrics, with what they need to know about the original model."""
+    from .metrics import Context, Evaluator
 
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def eval_path(config: StudyConfig, label: str) -> Path:
-    return config.run_dir() / "eval" / f"{label}.json"
-
-
-def evaluation_fingerprint(config: StudyConfig, source: str | Path) -> str:
-    return _digest(model_identity(source), config.fingerprint("model", "concepts", "evaluation"))
-
-
-def evaluation_done(config: StudyConfig, model_dir: str | Path | None = None, label: str | None = None) -> bool:
-    path = eval_path(config, label or model_label(model_dir))
-    source = model_dir or original_source(config)
-    return read_json(path).get("fingerprint") == evaluation_fingerprint(config, source) and \
-        path.with_suffix(".png").is_file()
-
-
-def make_model_detector(config: StudyConfig, source: str | Path):
-    from .evaluation.detectors import make_detector
-
-    return make_detector(config.evaluation.detector, source, world_dir=original_source(config))
+    return Evaluator(config, Context(config, world_for(config.model), original_source(config)))
 
 
 def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label: str | None = None,
                  progress: bool = True) -> tuple[dict, Path]:
-    """Concept rates of a model (the original when model_dir is None) into
+    """Every metric of a model (the original when model_dir is None) into
     eval/<label>.json, with a grid of its samples in eval/<label>.png; skipped
     when that model was already evaluated with these settings."""
-    from .evaluation.concept_rates import evaluate_concepts, evaluation_roles, forget_concepts, write_results
     from .plots import save_samples
 
     source = model_dir or original_source(config)
-    label = label or model_label(model_dir)
-    out = eval_path(config, label)
-    if evaluation_done(config, model_dir, label):
+    label = label or layout.model_label(model_dir)
+    runs = RunLayout.of(config)
+    out = runs.eval(label)
+    if layout.evaluation_done(config, source, label):
         return read_json(out), out
-    model = load_model(config, source)
-    results, images, _ = evaluate_concepts(model, make_model_detector(config, source), evaluation_roles(config),
-                                           forget_concepts(config), config.evaluation, progress=progress,
-                                           return_images=True)
-    save_samples(images, config.evaluation.samples_per_prompt, out.with_suffix(".png"))
-    results.update(model=str(source), fingerprint=evaluation_fingerprint(config, source))
-    write_results(results, out)
+    results, samples = evaluator(config).evaluate(load_model(config, source), progress=progress)
+    save_samples(samples.images, samples.per_prompt, runs.eval_grid(label))
+    results.update(model=str(source), fingerprint=layout.evaluation_fingerprint(config, source))
+    write_json(out, results)
     return results, out
 
 
-def model_label(model_dir: str | Path | None) -> str:
-    """'original' for the study's model, else the run folder's name (unlearn/<label>/model)."""
-    if model_dir is None:
-        return "original"
-    path = Path(model_dir)
-    return path.parent.name if path.name == "model" else path.name
-
-
-def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, source: str | Path) -> str:
-    return _digest(attack.model_dump(mode="json"), seed, model_identity(source),
-                   config.fingerprint("model", "concepts", "data", "evaluation"))
-
-
-def attack_done(config: StudyConfig, attack: AttackConfig, seed: int, model_dir: str | Path | None = None,
-                label: str | None = None) -> bool:
-    from .attacks import attack_dir
-
-    source = model_dir or original_source(config)
-    done = read_json(attack_dir(config, label or model_label(model_dir), attack, seed) / "curve.json")
-    return done.get("fingerprint") == attack_fingerprint(config, attack, seed, source)
-
-
 def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_dir: str | Path | None = None,
-                   label: str | None = None, data: ConceptData | None = None, detector=None,
+                   label: str | None = None, data: ConceptData | None = None, metrics=None,
                    progress: bool = True) -> dict:
-    """One attack with one seed on one released model (the original when model_dir is None)."""
-    from .attacks import attack_and_save
+    """One attack with one seed on one released model (the original when model_dir is None),
+    into attacks/<label>/<attack>-seed<s>/; returns the finished curve when it already ran."""
+    from .attacks import make_attack, run_attack
+    from .plots import plot_curves
 
     source = model_dir or original_source(config)
+    label = label or layout.model_label(model_dir)
+    out = RunLayout.of(config).attack(label, attack.name, seed)
+    fingerprint = layout.attack_fingerprint(config, attack, seed, source)
+    if layout.attack_done(config, attack, seed, source, label):
+        return read_json(out / layout.CURVE)
     data = data or concept_data(config, split="attack", progress=progress)
-    detector = detector or make_model_detector(config, source)
-    return attack_and_save(config, attack, lambda: load_model(config, source), data, detector, seed,
-                           label or model_label(model_dir), attack_fingerprint(config, attack, seed, source), progress)
+    model = load_model(config, source)  # a fresh copy of the released weights for every attack
+    curve = run_attack(config, attack, model, data, metrics or evaluator(config), seed, label, progress,
+                       sample_dir=out)
+    curve["fingerprint"] = fingerprint
+    if attack.save_final:
+        make_attack(attack).save(model, out)
+    write_json(out / layout.CURVE, curve)
+    plot_curves([curve], out / "curve.png", title=f"{attack.name} on {label} (seed {seed})")
+    return curve
 
 
 def run_attacks(config: StudyConfig, model_dir: str | Path | None = None, label: str | None = None,
                 progress: bool = True) -> list[dict]:
-    """Every attack of the study, for every seed, on one released model (the
-    original when model_dir is None: the reference curves)."""
+    """Every attack of the study on one released model (the original when model_dir
+    is None: the reference curves), with the seeds `metaunlearn run` gives it."""
     from .plots import by_attack, plot_curves
 
-    label = label or model_label(model_dir)
-    source = model_dir or original_source(config)
+    label = label or layout.model_label(model_dir)
+    unlearn_seed = layout.unlearn_seed_of(model_dir)
     data = concept_data(config, split="attack", progress=progress)
-    detector = make_model_detector(config, source)
-    curves = [run_one_attack(config, attack, seed, model_dir, label, data, detector, progress)
-              for attack in config.attacks for seed in attack.seeds or config.seeds]
+    metrics = evaluator(config)
+    curves = [run_one_attack(config, attack, seed, model_dir, label, data, metrics, progress)
+              for attack in config.attacks for seed in layout.attack_seeds(config, attack, unlearn_seed)]
     if curves:
-        plot_curves(curves, config.run_dir() / "attacks" / label / "curves.png", title=f"attacks on {label}",
+        plot_curves(curves, RunLayout.of(config).attacks(label) / "curves.png", title=f"attacks on {label}",
                     key=by_attack)
     return curves
+
+
+__all__ = ["ORIGINAL", "concept_data", "evaluator", "load_model", "original_source", "resolve_device",
+           "run_attacks", "run_evaluate", "run_one_attack", "run_unlearn"]

@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import stages
-from .config import AttackConfig, StudyConfig, dump_config
-from .runfiles import atomic_write_json, read_json
-
-TIMINGS, FAILURES, ENVIRONMENT, LOG, STUDY_FILE = "timings.json", "failures.json", "environment.json", \
-    "study.log", "study.yaml"
+from . import layout, stages
+from .config import StudyConfig
+from .layout import (ENVIRONMENT, FAILURES, LOG, ORIGINAL, STUDY_FILE, TIMINGS, RunLayout, read_json, write_json,
+                     write_text)
 
 
 @dataclass
@@ -39,25 +37,6 @@ class Outcome:
     run_dir: Path
     report: Path | None
     failures: list[dict] = field(default_factory=list)
-
-
-def unlearned_models(config: StudyConfig) -> list[tuple[str, str, int, StudyConfig]]:
-    """(variant, label, seed, variant config) of every unlearned model of the study."""
-    out = []
-    for variant in config.variants:
-        vcfg = stages.variant_config(config, variant)
-        for seed in config.seeds:
-            out.append((variant, stages.unlearn_dir(vcfg, seed).name, seed, vcfg))
-    return out
-
-
-def attack_seeds(config: StudyConfig, attack: AttackConfig, unlearn_seed: int | None) -> list[int]:
-    """The attack's own seeds, else the unlearning run's seed (one attack per unlearned
-    model, so cost stays linear in seeds). The original model is the reference that
-    tells relearning from an attack that destroys everything: its first seed suffices."""
-    if attack.seeds:
-        return list(attack.seeds)
-    return list(config.seeds[:1]) if unlearn_seed is None else [unlearn_seed]
 
 
 def environment(config: StudyConfig) -> dict:
@@ -81,44 +60,46 @@ def environment(config: StudyConfig) -> dict:
 
 
 def _model_stage(config: StudyConfig, log: Callable[[str], None]) -> Stage:
-    source = config.model.source
-    if source != "digits":  # a folder or hub id: loaded by each stage, nothing to build
-        return Stage("model", lambda: True, lambda: None)
-    from .worlds.digits import REPORT_FILE, DigitsWorldConfig, cache_root, get_world
+    from .worlds import world_for
 
-    world = DigitsWorldConfig()
-    cached = cache_root() / "worlds" / f"digits-{world.key()}" / REPORT_FILE
-    return Stage("model", cached.is_file, lambda: get_world(world, log=log))
+    world = world_for(config.model)
+    if world is None:  # a folder or hub id: loaded by each stage, nothing to build
+        return Stage("model", lambda: True, lambda: None)
+    return Stage("model", world.is_built, lambda: world.folder(log=log))
 
 
 def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> list[Stage]:
     """Every stage of the study, in order. Stages draw no progress bars of their
     own (quiet=False): the study's one bar shows where it is."""
     quiet = False
+    runs = RunLayout.of(config)
+    original = stages.original_source
     out = [_model_stage(config, log)]
     for split in ("train", "attack"):
-        out.append(Stage(f"data/{split}", lambda s=split: stages.data_cached(config, s),
+        out.append(Stage(f"data/{split}", lambda s=split: layout.data_done(config, s),
                           lambda s=split: stages.concept_data(config, split=s, progress=quiet), ("model",)))
-    out.append(Stage("evaluate/original", lambda: stages.evaluation_done(config),
+    out.append(Stage(f"evaluate/{ORIGINAL}", lambda: layout.evaluation_done(config, original(config), ORIGINAL),
                       lambda: stages.run_evaluate(config, progress=quiet), ("model",)))
-    models = unlearned_models(config)
-    for _, label, seed, vcfg in models:
-        out.append(Stage(f"unlearn/{label}", lambda c=vcfg, s=seed: stages.unlearn_done(c, s),
-                          lambda c=vcfg, s=seed: stages.run_unlearn(c, s, progress=quiet), ("data/train",)))
-    for _, label, seed, vcfg in models:
-        model_dir = stages.unlearn_dir(vcfg, seed) / "model"
-        out.append(Stage(f"evaluate/{label}", lambda c=vcfg, m=model_dir: stages.evaluation_done(c, m),
-                          lambda c=vcfg, m=model_dir: stages.run_evaluate(c, m, progress=quiet),
-                          (f"unlearn/{label}",)))
-    for _, label, seed, vcfg in [(None, "original", None, config)] + models:
-        model_dir = None if seed is None else stages.unlearn_dir(vcfg, seed) / "model"
+    models = layout.unlearned_models(config)
+    for m in models:
+        out.append(Stage(f"unlearn/{m.label}", lambda m=m: layout.unlearn_done(m.config, m.seed),
+                          lambda m=m: stages.run_unlearn(m.config, m.seed, progress=quiet), ("data/train",)))
+    for m in models:
+        model_dir = runs.model(m.label)
+        out.append(Stage(f"evaluate/{m.label}", lambda m=m, d=model_dir: layout.evaluation_done(m.config, d, m.label),
+                          lambda m=m, d=model_dir: stages.run_evaluate(m.config, d, progress=quiet),
+                          (f"unlearn/{m.label}",)))
+    targets = [(ORIGINAL, None, config, None)] + [(m.label, m.seed, m.config, runs.model(m.label)) for m in models]
+    for label, seed, vcfg, model_dir in targets:
         needs = ("data/attack",) + (() if seed is None else (f"unlearn/{label}",))
         for attack in config.attacks:
-            for s in attack_seeds(config, attack, seed):
+            for s in layout.attack_seeds(config, attack, seed):
+                source = (lambda d=model_dir, c=vcfg: d or original(c))
                 out.append(Stage(f"attack/{label}/{attack.name}-seed{s}",
-                                  lambda c=vcfg, a=attack, s=s, m=model_dir: stages.attack_done(c, a, s, m),
-                                  lambda c=vcfg, a=attack, s=s, m=model_dir: stages.run_one_attack(
-                                      c, a, s, m, progress=quiet), needs))
+                                  lambda c=vcfg, a=attack, s=s, src=source, lb=label: layout.attack_done(
+                                      c, a, s, src(), lb),
+                                  lambda c=vcfg, a=attack, s=s, d=model_dir: stages.run_one_attack(
+                                      c, a, s, d, progress=quiet), needs))
     return out
 
 
@@ -130,11 +111,11 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
 
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / STUDY_FILE)
-    atomic_write_json(run_dir / ENVIRONMENT, environment(config))
+    write_text(run_dir / STUDY_FILE, config.to_yaml())
+    write_json(run_dir / ENVIRONMENT, environment(config))
     timings = read_json(run_dir / TIMINGS)
     failures: list[dict] = []
-    atomic_write_json(run_dir / FAILURES, failures)
+    write_json(run_dir / FAILURES, failures)
 
     def log(text: str) -> None:
         with open(run_dir / LOG, "a", encoding="utf-8") as f:
@@ -165,11 +146,11 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
             bad.add(step.name)
             failures.append({"stage": step.name, "error": f"{type(err).__name__}: {err}".splitlines()[0],
                              "traceback": traceback.format_exc()})
-            atomic_write_json(run_dir / FAILURES, failures)
+            write_json(run_dir / FAILURES, failures)
             log(f"FAILED  {step.name}: {failures[-1]['error']}")
             continue
         timings[step.name] = round(time.perf_counter() - start, 2)
-        atomic_write_json(run_dir / TIMINGS, timings)
+        write_json(run_dir / TIMINGS, timings)
         log(f"finish  {step.name} ({timings[step.name]:.1f} s)")
     bar.close()
     log(f"study {config.name}: {'done' if not failures else f'{len(failures)} failure(s)'}")

@@ -1,21 +1,20 @@
-"""Base unlearning methods. Adding one: a file with a `Method` subclass and
-one line in METHODS."""
+"""Base unlearning methods. Adding one: a module with a `Method` subclass that
+registers itself (`@METHODS.register(name, OptionsClass)`); the built-in ones
+are imported here."""
 
 from __future__ import annotations
 
 from ..config import MethodConfig
-from ..errors import MetaunlearnError
-from .base import Method, NoMethod, StepContext
-from .esd import EsdMethod
-from .sdd import SddMethod
-
-METHODS: dict[str, type[Method]] = {"esd": EsdMethod, "sdd": SddMethod, "none": NoMethod}
+from ..registry import METHODS
+# each registers itself; the order is the order of `choose one of` in errors
+from . import esd  # noqa: F401,I001
+from . import sdd  # noqa: F401
+from . import none  # noqa: F401
+from .base import Method
 
 
 def make_method(config: MethodConfig, guide: str = "") -> Method:
-    if config.name not in METHODS:
-        raise MetaunlearnError(f"unknown method '{config.name}'; choose one of {', '.join(METHODS)}")
-    return METHODS[config.name](config, guide)
+    return METHODS.get(config.name, "method.name").impl(config, guide)
 
 
-__all__ = ["METHODS", "Method", "StepContext", "make_method"]
+__all__ = ["METHODS", "Method", "make_method"]

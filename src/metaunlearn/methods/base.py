@@ -1,42 +1,67 @@
-"""What a base unlearning method is to the training loop: named loss terms
-over the trainable UNet weights, plus optional state (an EMA teacher) that
-checkpoints must carry. Loading, data, the loop, preservation and the meta
-objective live elsewhere and are shared."""
+"""What a base unlearning method is to the rest of metaunlearn.
+
+Two families share one interface:
+- loss-based (ESD, SDD): `loss(ctx)` returns the method's loss terms at every
+  training step, over the trainable UNet weights;
+- closed-form (UCE, RECE): `edit(model, data)` changes the weights once,
+  before any training step; with the meta objective enabled the edited model
+  then goes through a meta stage (the same engine, the method adding no loss).
+
+Optional capabilities are declared here with their defaults: `target` (the
+prediction the method regresses the forget prompt onto, for meta's
+'unlearn_target'), state that checkpoints must carry (an EMA teacher), and a
+hook after each optimizer step. Loading, data, the loop, preservation and the
+meta objective live elsewhere and are shared.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from ..config import MethodConfig
 from ..data import ConceptData
+from ..engine import StepContext, Terms
 from ..model import DiffusionModel
+from ..registry import Options
 
 
-@dataclass
-class StepContext:
-    step: int
-    generator: torch.Generator  # the only source of randomness of a step: resumes replay it exactly
-    batch_size: int
-
-
-class Method(ABC):
-    name: str = ""
+class Method:
+    closed_form: ClassVar[bool] = False  # True: `edit` does the unlearning, no training steps of its own
+    needs_meta: ClassVar[bool] = False  # True: nothing to do without the meta objective ('none')
+    has_target: ClassVar[bool] = False  # True: `target` is implemented
 
     def __init__(self, config: MethodConfig, guide: str = ""):
         self.config = config
+        self.options: Options = config.options()
         self.guide_prompt = guide  # the concept the forget concept maps to ("" = empty prompt)
 
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @classmethod
+    def title(cls, config: MethodConfig) -> str:
+        """How reports name the method with these settings."""
+        return config.name.upper()
+
     def setup(self, model: DiffusionModel, trainable: dict[str, torch.nn.Parameter], data: ConceptData) -> None:
-        """Called once before the first step, with the weights still original."""
+        """Called once before the first step (after `edit`), with the weights the training starts from."""
         self.model, self.trainable, self.data = model, trainable, data
         self.uncond = model.empty_conditioning()
 
-    @abstractmethod
-    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Named loss terms of one step; the loop adds them up."""
+    def edit(self, model: DiffusionModel, data: ConceptData) -> None:
+        """Closed-form methods: change the model's weights in place (deterministic:
+        a resumed run applies it again before loading its checkpoint)."""
+
+    def loss(self, ctx: StepContext) -> Terms:
+        """Loss-based methods: named loss terms of one step."""
+        return Terms()
+
+    def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' has no target prediction")
 
     def after_step(self) -> None:
         """Called after each optimizer step (e.g. to update an EMA teacher)."""
@@ -53,31 +78,38 @@ class Method(ABC):
         index = torch.randint(0, len(forget.prompts), (ctx.batch_size,), generator=ctx.generator)
         return forget.cond[index]
 
-    def make_x_t(self, ctx: StepContext, cond, x_t_mode: str, ddim_steps: int, guidance: float,
-                 params=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t for the forget prompt: partial DDIM sampling (k ~ U{0..steps-1}
-        steps; k = 0 is pure noise), or forget images noised to a random t."""
+    def forget_x_t(self, ctx: StepContext, cond, options: XtOptions,
+                   params=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t for the forget prompts `cond`, as `options.x_t` says: partial DDIM
+        sampling (k ~ U{0..steps-1} steps, k = 0 is pure noise) with the model's
+        weights or `params`, or forget images noised to a random t."""
         model, n = self.model, len(cond)
-        if x_t_mode == "sample":
-            k = int(torch.randint(0, ddim_steps, (1,), generator=ctx.generator))
-            seeds = torch.randint(0, 2**31 - 1, (n,), generator=ctx.generator).tolist()
-            x_t, t = model.sample_latents(cond, seeds, steps=ddim_steps, guidance_scale=guidance,
-                                          stop_after=k, params=params, uncond=self.uncond)
-            return x_t, torch.full((n,), t, device=model.device, dtype=torch.long)
+        if options.x_t == "noised":
+            return self.noised_x_t(ctx, n)
+        k = int(torch.randint(0, options.ddim_steps, (1,), generator=ctx.generator))
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=ctx.generator).tolist()
+        x_t, t = model.sample_latents(cond, seeds, steps=options.ddim_steps, guidance_scale=options.sample_guidance,
+                                      stop_after=k, params=params, uncond=self.uncond)
+        return x_t, torch.full((n,), t, device=model.device, dtype=torch.long)
+
+    def noised_x_t(self, ctx: StepContext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t as forget images noised to a random t."""
+        model = self.model
         latents, _ = self.data.forget.sample(n, ctx.generator)
         t = model.sample_timesteps(n, ctx.generator)
-        return model.add_noise(latents.to(model.device, model.dtype), model.sample_noise(latents.shape, ctx.generator), t), t
+        noise = model.sample_noise(latents.shape, ctx.generator)
+        return model.add_noise(latents.to(model.device, model.dtype), noise, t), t
+
+
+class XtOptions(Options):
+    """How a prompt-based method gets x_t for the forget prompt."""
+
+    x_t: Literal["sample", "noised"] = Field("sample", description=(
+        "'sample': partial DDIM sampling with the forget prompt (the paper; ESD samples the student, SDD its "
+        "EMA teacher); 'noised': forget images noised to a random t (cheaper)."))
+    ddim_steps: int = Field(50, gt=0, description="DDIM steps of the partial sampling that makes x_t.")
+    sample_guidance: float = Field(3.0, ge=0, description="Guidance scale of that partial sampling.")
 
 
 def guide_conditioning(model: DiffusionModel, guide: str):
     return model.encode_prompts([guide]) if guide else model.empty_conditioning()
-
-
-class NoMethod(Method):
-    """`method: none`: no base loss, for a meta-only stage on an already
-    unlearned model (the paper's route for UCE/RECE)."""
-
-    name = "none"
-
-    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return {}

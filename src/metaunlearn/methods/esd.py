@@ -14,13 +14,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from ..engine import StepContext, Terms
 from ..params import snapshot
-from .base import Method, StepContext
+from ..registry import METHODS
+from .base import Method, XtOptions
 
 
+class EsdOptions(XtOptions):
+    eta: float = Field(1.0, description="Negative guidance η of the ESD target ε(∅) − η·(ε(c) − ε(∅)).")
+
+
+@METHODS.register("esd", EsdOptions, help="Erased Stable Diffusion: negative guidance from the frozen original")
 class EsdMethod(Method):
-    name = "esd"
+    has_target = True
+
+    @classmethod
+    def title(cls, config) -> str:
+        """ESD-u / ESD-x by trained weights, with η when not 1 (the paper's ESD-u-3)."""
+        kind = {"noxattn": "u", "xattn": "x"}.get(config.params, config.params)
+        eta = config.options().eta
+        return f"ESD-{kind}" + (f" (η={eta:g})" if eta != 1 else "")
 
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
@@ -28,14 +43,13 @@ class EsdMethod(Method):
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        model, eta = self.model, self.config.esd.eta
+        model, eta = self.model, self.options.eta
         both = type(cond).cat([self.uncond.expand(len(x_t)), cond])
         eps_u, eps_c = model.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both, self.teacher).chunk(2)
         return eps_u - eta * (eps_c - eps_u)
 
-    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        cfg = self.config.esd
+    def loss(self, ctx: StepContext) -> Terms:
         cond = self.forget_batch(ctx)
-        x_t, t = self.make_x_t(ctx, cond, cfg.x_t, cfg.ddim_steps, cfg.sample_guidance)
+        x_t, t = self.forget_x_t(ctx, cond, self.options)
         pred = self.model.predict(x_t, t, cond)
-        return {"esd": F.mse_loss(pred.float(), self.target(x_t, t, cond).float())}
+        return Terms({"esd": F.mse_loss(pred.float(), self.target(x_t, t, cond).float())})

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from ..engine import StepContext, Terms
 from ..params import snapshot
-from .base import Method, StepContext, guide_conditioning
+from ..registry import METHODS
+from .base import Method, XtOptions, guide_conditioning
 
 
+class SddOptions(XtOptions):
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the EMA teacher.")
+
+
+@METHODS.register("sdd", SddOptions, help="Safe self-Distillation Diffusion: distil onto an EMA teacher's guide")
 class SddMethod(Method):
-    name = "sdd"
+    has_target = True
 
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
@@ -34,16 +42,15 @@ class SddMethod(Method):
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return self.model.predict(x_t, t, self.guide.expand(len(x_t)), self.ema)
 
-    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        cfg = self.config.sdd
+    def loss(self, ctx: StepContext) -> Terms:
         cond = self.forget_batch(ctx)
-        x_t, t = self.make_x_t(ctx, cond, cfg.x_t, cfg.ddim_steps, cfg.sample_guidance, params=self.ema)
+        x_t, t = self.forget_x_t(ctx, cond, self.options, params=self.ema)
         pred = self.model.predict(x_t, t, cond)
-        return {"sdd": F.mse_loss(pred.float(), self.target(x_t, t, cond).float())}
+        return Terms({"sdd": F.mse_loss(pred.float(), self.target(x_t, t, cond).float())})
 
     @torch.no_grad()
     def after_step(self) -> None:
-        decay = self.config.sdd.ema_decay
+        decay = self.options.ema_decay
         for name, param in self.trainable.items():
             self.ema[name].lerp_(param.detach(), 1 - decay)
 

@@ -1,39 +1,109 @@
-"""Built-in worlds. `model.source: digits` names the digits world; anything else
-is a diffusers folder or hub id that `DiffusionModel.load` resolves itself.
+"""Built-in worlds: tiny text-to-image models built on the spot, each with its
+own dataset (role data by class), prompts and concept detector.
 
-Imports stay lazy: config.py imports `worlds.digits_data`, which runs this file,
-and building a world pulls in training code nobody needs to read a config.
+A world is a plugin: a `World` subclass registered in `WORLDS` under the name
+that `model.source` uses (`source: digits`), with its build options under that
+name (`model: {source: digits, digits: {preset: reduced}}`). A folder a world
+built carries a world.json naming it, so a copy of the folder is recognised as
+that world too. Nothing outside this package knows any particular world.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-WORLD_FILE = "world.json"  # written by worlds.digits.build_world (its REPORT_FILE)
+from ..registry import WORLDS, Options
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import ModelConfig, RoleConfig
+    from ..model import DiffusionModel
+
+WORLD_FILE = "world.json"
+
+# A data feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1],
+# captions, sources), so a large role never holds all its full-size images at once.
+Chunks = Iterator[tuple["torch.Tensor", list[str], list[str]]]
 
 
-def resolve_model_source(source: str) -> Path | str:
-    """'digits' -> the cached digits world folder (built on first use); else `source` unchanged."""
-    if source == "digits":
-        from .digits import DigitsWorldConfig, get_world
+class World:
+    """A built-in world. `folder()` builds it (once, cached) or returns the folder it was opened from."""
 
-        return get_world(DigitsWorldConfig())
-    return source
+    name: ClassVar[str] = ""
+    default_detector: ClassVar[str] = ""  # a registered detector that judges this world's classes
+
+    def __init__(self, options: Options, folder: Path | None = None):
+        self.options, self._folder = options, folder
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> World:
+        """The world a built folder (with its world.json) belongs to."""
+        return cls(WORLDS.get(cls.name).options.model_validate({}), Path(folder))
+
+    def folder(self, log=print, rebuild: bool = False) -> Path:
+        raise NotImplementedError
+
+    def describe(self, folder: Path) -> str:
+        """A few lines on a built folder's quality, for `metaunlearn world`."""
+        return f"{self.name} world: {folder}"
+
+    def is_built(self) -> bool:
+        raise NotImplementedError
+
+    def normalise_classes(self, classes: list[str]) -> list[str]:
+        """The canonical names of `classes`; ValueError naming the bad ones."""
+        raise NotImplementedError
+
+    def class_prompts(self, name: str) -> list[str]:
+        """Prompts that ask for class `name` (evaluation of a role given by classes only)."""
+        raise NotImplementedError
+
+    def class_feed(self, role: RoleConfig, split: str, model: DiffusionModel, batch: int) -> tuple[int, Chunks]:
+        """A role's images of its classes from the world's dataset split, captioned by its prompts."""
+        raise NotImplementedError
+
+
+def cache_root() -> Path:
+    """Where built worlds are kept: $METAUNLEARN_CACHE, else the platform's user cache folder."""
+    env = os.environ.get("METAUNLEARN_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("metaunlearn"))
 
 
 def world_report(path: str | os.PathLike | None) -> dict | None:
-    """The world.json of a built-in world folder, or None for any other model."""
+    """The world.json of a built world's folder, or None for any other model."""
     if not path:
         return None
     try:
-        report = json.loads((Path(path) / WORLD_FILE).read_text())
+        report = json.loads((Path(path) / WORLD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
 
 
-def is_digits_world(path: str | os.PathLike | None) -> bool:
-    report = world_report(path)
-    return report is not None and report.get("world") == "digits"
+def world_for(model: ModelConfig) -> World | None:
+    """The world `model.source` names or a folder of which it is; None for other models."""
+    source = model.source
+    if source in WORLDS:
+        return WORLDS.get(source).impl(model.options(source))
+    report = world_report(source)
+    if report is not None and report.get("world") in WORLDS:
+        return WORLDS.get(report["world"]).impl.from_folder(Path(source))
+    return None
+
+
+def resolve_model_source(model: ModelConfig) -> Path | str:
+    """The folder or hub id the original model loads from (a world is built on first use)."""
+    world = world_for(model)
+    return world.folder() if world is not None else model.source
+
+
+from . import digits  # noqa: E402,F401  (the built-in world registers itself)

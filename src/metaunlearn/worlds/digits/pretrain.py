@@ -9,9 +9,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import Conditioning
-from ..model import DiffusionModel
-from .digits_data import prompts_for
+from ...conditioning import Conditioning
+from ...model import DiffusionModel
+from .dataset import prompts_for
 
 
 def _cosine(opt, steps: int, warmup: int):

@@ -13,23 +13,23 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..evaluation.digit_classifier import DigitClassifier, train_classifier
-from ..model import DiffusionModel
-from .digits_data import load_split, prompts_for, vocabulary
-from .digits_train import train_denoiser, train_vae
-from .pipeline import TinyPipelineConfig, build_pipeline
+from ...layout import atomic_dir
+from ...model import DiffusionModel
+from .. import WORLD_FILE as REPORT_FILE
+from .. import cache_root
+from ..pipeline import TinyPipelineConfig, build_pipeline
+from .classifier import DigitClassifier, train_classifier
+from .dataset import load_split, prompts_for, vocabulary
+from .detector import CLASSIFIER_DIR
+from .pretrain import train_denoiser, train_vae
 
 WORLD_FORMAT = 1  # bump when the build changes in a way the config does not show
-DETECTOR_DIR = "detector"
-REPORT_FILE = "world.json"
 
 
 @dataclass
@@ -70,37 +70,19 @@ class DigitsWorldConfig:
                    detector_steps=4, eval_samples_per_digit=2, eval_steps=2)
 
 
-def cache_root() -> Path:
-    """$METAUNLEARN_CACHE, else the platform's user cache folder."""
-    env = os.environ.get("METAUNLEARN_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("metaunlearn"))
+def world_folder(config: DigitsWorldConfig) -> Path:
+    return cache_root() / "worlds" / f"digits-{config.key()}"
 
 
 def get_world(config: DigitsWorldConfig | None = None, rebuild: bool = False, log=print) -> Path:
     """The folder of the world for `config`, built (once) if not cached."""
     config = config or DigitsWorldConfig()
-    target = cache_root() / "worlds" / f"digits-{config.key()}"
+    target = world_folder(config)
     if (target / REPORT_FILE).is_file() and not rebuild:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # build next to the target and rename: an interrupted build never looks finished
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # an interrupted build never looks finished
         build_world(config, tmp, log=log)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def load_detector(world_dir: str | Path) -> DigitClassifier:
-    return DigitClassifier.load(Path(world_dir) / DETECTOR_DIR)
 
 
 def _stage(log, name: str):
@@ -160,7 +142,7 @@ def build_world(config: DigitsWorldConfig, out: str | Path, log=print) -> dict:
         metrics = evaluate_world(model, detector, test_x, test_y, config)
 
     model.save(out)
-    detector.save(out / DETECTOR_DIR)
+    detector.save(out / CLASSIFIER_DIR)
     timings["total"] = round(time.perf_counter() - start, 2)
     report = {"world": "digits", "key": config.key(), "config": config.to_dict(), "metrics": metrics,
               "timings_s": timings, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

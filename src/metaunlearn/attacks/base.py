@@ -1,0 +1,106 @@
+"""Relearning attacks: what an adversary runs on a released model.
+
+An attack kind is a plugin (`ATTACKS`): an `Attack` subclass that says which
+weights the attacker trains and how its result is saved; the finetuning
+itself runs on the shared engine with the attack's optimizer settings and the
+plain denoising loss on the attacker's held-out images (the `attack` split,
+never seen by unlearning or the meta objective): of the forget concept
+(relearning), or of a benign role (the paper's CLEAN setting). The model is
+evaluated in process at the requested steps, instead of saving a full copy per
+step (3.4 GB each at SD scale), and the attack returns its curve.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import AttackConfig, StudyConfig
+from ..data import ConceptData, RoleData
+from ..engine import Engine, Objective, make_accelerator
+from ..errors import MetaunlearnError
+from ..metrics import Evaluator
+from ..model import DiffusionModel
+from ..plots import save_samples
+from ..registry import ATTACKS, Options
+
+ATTACK_SEED_SPACE = 1_000_000  # attack randomness never replays an unlearning run's
+
+
+class Attack:
+    """One attack kind. Built as `cls(config)`; `self.options` holds its own settings."""
+
+    def __init__(self, config: AttackConfig):
+        self.config = config
+        self.options: Options = config.options()
+
+    def trainable(self, model: DiffusionModel) -> dict[str, torch.nn.Parameter]:
+        """The tensors the attacker trains (made trainable here; new ones, such as an
+        adapter, are initialised from torch's global generator, seeded by the caller)."""
+        raise NotImplementedError
+
+    def objectives(self, model: DiffusionModel, images: RoleData) -> dict[str, Objective]:
+        """What the attacker minimises: the denoising loss on its images."""
+        from ..unlearn import denoising_objective
+
+        return {"attack": denoising_objective(model, images, "denoise")}
+
+    def save(self, model: DiffusionModel, out: Path) -> None:
+        """Save the attacked weights into `out` (with `save_final`)."""
+        raise NotImplementedError
+
+
+def make_attack(config: AttackConfig) -> Attack:
+    return ATTACKS.get(config.kind, f"attack '{config.name}' kind").impl(config)
+
+
+def attacker_data(data: ConceptData, attack: AttackConfig) -> RoleData:
+    """The attacker's images: the `attack` split of the role `attack.data` names."""
+    if data.split != "attack":
+        raise MetaunlearnError(f"attacks use the held-out 'attack' split, got '{data.split}'")
+    role = getattr(data, attack.data)
+    if role is None or len(role) == 0:
+        raise MetaunlearnError(f"attack '{attack.name}' needs concepts.{attack.data} data in the attack split, "
+                               "and there is none")
+    return role
+
+
+def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel, data: ConceptData,
+               evaluator: Evaluator, seed: int, label: str, progress: bool = True,
+               sample_dir: Path | None = None) -> dict:
+    """Finetune `model` in place as the attacker would and return its curve: the
+    metric values at every step of `attack.eval_at` (0 = before the attack). With
+    `sample_dir`, the samples of the first and last evaluation go there as
+    samples-step<N>.png (the report's before/after grids, at no extra sampling)."""
+    images = attacker_data(data, attack)
+    kind = make_attack(attack)
+    accelerator = make_accelerator(config.model)
+    model.to(accelerator.device)
+    with torch.random.fork_rng(devices=[]):  # an adapter's initial weights follow the attack seed, nothing else
+        torch.manual_seed(ATTACK_SEED_SPACE + seed)
+        trainable = kind.trainable(model)
+    engine = Engine(model.unet, trainable, kind.objectives(model, images), attack,
+                    ATTACK_SEED_SPACE + seed, accelerator, hint=f"attack '{attack.name}' diverged; lower its lr "
+                                                                  f"({attack.lr:g})")
+    points: list[dict] = []
+    start = time.perf_counter()
+
+    def evaluate(done: int) -> None:
+        if done not in attack.eval_at:
+            return
+        results, samples = evaluator.evaluate(model, progress=False)
+        if sample_dir is not None and done in (attack.eval_at[0], attack.eval_at[-1]):
+            save_samples(samples.images, samples.per_prompt, Path(sample_dir) / f"samples-step{done}.png")
+        recent = engine.losses[-10:]
+        points.append({"step": done, "values": results["values"],
+                       "loss": sum(recent) / len(recent) if recent else None,
+                       "seconds": round(time.perf_counter() - start, 2)})
+
+    engine.run(after=evaluate, desc=f"attack {attack.name} ({label}, seed {seed})", progress=progress)
+    model.unet.eval().requires_grad_(False)
+    return {"attack": attack.model_dump(mode="json"), "seed": seed, "model": label, "points": points,
+            "specs": [v.as_dict() for v in evaluator.values],
+            "trainable_parameters": sum(p.numel() for p in trainable.values()),
+            "seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,239 @@
+"""The one training loop: unlearning, the meta stage, every attack and the
+benchmarks run their optimizer steps here.
+
+Per step: every objective returns `Terms` (loss terms, summed into the loss,
+and log-only values), the loss is checked finite, backpropagated, gradients
+averaged across accelerate processes and clipped, the optimizer and the lr
+schedule step, and stateful hooks (an EMA teacher) update. Each step draws its
+randomness from a generator seeded by (seed, step), so a run resumed from a
+checkpoint replays exactly the steps an uninterrupted run would have taken.
+`run` adds checkpoints, resume, logging (JSONL, and accelerate's trackers)
+and a callback after every step (evaluation during attacks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ModelConfig, OptimizerSettings
+from .errors import TrainingError
+from .layout import write_text
+
+
+@dataclass
+class StepContext:
+    step: int
+    generator: torch.Generator  # the only source of randomness of a step: resumes replay it exactly
+    batch_size: int
+
+
+@dataclass
+class Terms:
+    """What an objective returns for one step."""
+
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added up into the loss
+    logs: dict[str, float] = field(default_factory=dict)  # logged only
+
+
+Objective = Callable[[StepContext], Terms]
+
+
+class Stateful(Protocol):
+    """Something that changes with training besides the trained tensors (an EMA teacher)."""
+
+    def after_step(self) -> None: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + process)
+
+
+def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, project_dir: Path | None = None):
+    from accelerate import Accelerator
+
+    device = model.device
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device.startswith("cuda:") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
+    return Accelerator(mixed_precision=model.mixed_precision, cpu=cpu, log_with=trackers or None,
+                       project_dir=str(project_dir) if project_dir else None)
+
+
+def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
+    from diffusers.optimization import get_scheduler
+
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                              num_training_steps=settings.steps)
+    return optimizer, scheduler
+
+
+class JsonlLog:
+    """Append-only JSON-lines log of per-step values. On resume, lines past the
+    checkpoint are dropped: those steps are about to be replayed."""
+
+    def __init__(self, path: Path, keep_until_step: int = 0):
+        self.path = Path(path)
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        kept = [line for line, step in zip(lines, map(_step_of, lines)) if step is not None and step <= keep_until_step]
+        write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a log line; None for a line a kill -9 cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+@dataclass
+class StepRecord:
+    step: int  # steps done after this one
+    loss: float
+    terms: dict[str, float]
+    logs: dict[str, float]
+    grad_norm: float
+    lr: float
+    seconds: float
+
+    def as_log(self) -> dict:
+        return {"step": self.step, "loss": self.loss, **self.terms, **self.logs, "grad_norm": self.grad_norm,
+                "lr": self.lr, "seconds": round(self.seconds, 4)}
+
+
+class Engine:
+    """Optimizer steps over `params` (name -> trainable tensor of `module`) for the
+    objectives' summed loss. `hint` ends the message of a non-finite loss."""
+
+    def __init__(self, module: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
+                 objectives: Mapping[str, Objective], settings: OptimizerSettings, seed: int, accelerator,
+                 stateful: tuple[Stateful, ...] = (), hint: str = "lower the learning rate"):
+        self.module, self.params, self.objectives = module, dict(params), dict(objectives)
+        self.settings, self.seed, self.accelerator, self.stateful, self.hint = settings, seed, accelerator, \
+            stateful, hint
+        optimizer, scheduler = make_optimizer(list(self.params.values()), settings)
+        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+        self.last_good = "none (the run had not checkpointed yet)"
+        self.losses: list[float] = []  # every step's loss, in this process's run
+
+    def context(self, step: int) -> StepContext:
+        return StepContext(step, step_generator(self.seed, step, self.accelerator.process_index),
+                           self.settings.batch_size)
+
+    def step(self, step: int) -> StepRecord:
+        """One optimizer step (0-based index `step`)."""
+        begin, acc = time.perf_counter(), self.accelerator
+        ctx = self.context(step)
+        self.module.train()
+        losses: dict[str, torch.Tensor] = {}
+        logs: dict[str, float] = {}
+        with acc.autocast():
+            for objective in self.objectives.values():
+                terms = objective(ctx)
+                losses.update(terms.losses)
+                logs.update(terms.logs)
+        if not losses:
+            raise TrainingError("nothing to train: no objective returned a loss term")
+        total = sum(losses.values())
+        value = total.item()
+        if not math.isfinite(value):
+            shown = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); last good checkpoint: "
+                                f"{self.last_good}; {self.hint}")
+        acc.backward(total)
+        if acc.num_processes > 1:  # the UNet is not DDP-wrapped (functional calls): average by hand
+            for param in self.params.values():
+                if param.grad is not None:
+                    param.grad = acc.reduce(param.grad, "mean")
+        clip = self.settings.grad_clip
+        grad_norm = acc.clip_grad_norm_(self.params.values(), clip) if clip > 0 else torch.tensor(float("nan"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for hook in self.stateful:
+            hook.after_step()
+        self.module.eval()
+        return StepRecord(step + 1, value, {k: v.item() for k, v in losses.items()}, logs, float(grad_norm),
+                          self.scheduler.get_last_lr()[0], time.perf_counter() - begin)
+
+    # --------------------------------------------------------------- checkpoints
+    def save(self, folder: Path, done: int) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        extra = {f"{i}.{k}": v for i, hook in enumerate(self.stateful) for k, v in hook.state_dict().items()}
+        self.last_good = save_checkpoint(folder, done, self.params, state, extra).name
+
+    def resume(self, folder: Path) -> int:
+        """Load the newest checkpoint in `folder`, if any; returns the steps it had done."""
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            return 0
+        state = load_checkpoint(checkpoint)
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["training_state"]["optimizer"])
+        self.scheduler.load_state_dict(state["training_state"]["scheduler"])
+        for i, hook in enumerate(self.stateful):
+            prefix = f"{i}."
+            hook.load_state_dict({k[len(prefix):]: v for k, v in state["extra"].items() if k.startswith(prefix)})
+        self.last_good = checkpoint.name
+        return state["step"]
+
+    # --------------------------------------------------------------- the loop
+    def run(self, *, checkpoints: Path | None = None, checkpoint_every: int = 0, log: Path | None = None,
+            log_every: int = 1, after: Callable[[int], None] | None = None, desc: str = "train",
+            progress: bool = True, tracker_name: str = "", tracker_config: dict | None = None) -> list[float]:
+        """All steps: resumes from `checkpoints` (when given), checkpoints every
+        `checkpoint_every` steps, logs to `log` (JSONL) and the trackers, and calls
+        `after(done)` before the first step and after each. Returns every step's loss."""
+        from tqdm.auto import tqdm
+
+        acc, steps = self.accelerator, self.settings.steps
+        start = self.resume(checkpoints) if checkpoints is not None else 0
+        jsonl = JsonlLog(log, keep_until_step=start) if log is not None and acc.is_main_process else None
+        tracking = bool(acc.log_with)
+        if tracking:
+            acc.init_trackers(tracker_name or desc, config=tracker_config)
+        if after is not None:
+            after(start)
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, leave=False,
+                   disable=not progress or not acc.is_main_process)
+        for step in bar:
+            record = self.step(step)
+            self.losses.append(record.loss)
+            done = record.step
+            if acc.is_main_process:
+                if done % log_every == 0 or done == steps:
+                    if jsonl is not None:
+                        jsonl.write(record.as_log())
+                    if tracking:
+                        acc.log({k: v for k, v in record.as_log().items() if k != "step"}, step=done)
+                bar.set_postfix(loss=f"{record.loss:.4f}", refresh=False)
+                if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                    self.save(checkpoints, done)
+            if after is not None:
+                after(done)
+        bar.close()
+        if tracking:
+            acc.end_training()
+        return self.losses

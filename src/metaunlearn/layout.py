@@ -1,0 +1,263 @@
+"""The run folder: where every artifact of a study lives, what each depends
+on (fingerprints), when a stage counts as done, and how files get there
+(atomically: written under a temporary name and renamed, so an interrupted
+stage never leaves anything that looks finished).
+
+    <run>/study.yaml, study.log, timings.json, environment.json, failures.json
+    <run>/data/<split>/{forget,related,unrelated}.safetensors, manifest.json
+    <run>/unlearn/<label>/model/          released model (save_pretrained)
+                         /checkpoints/    resumable
+                         /run.json        fingerprint, seed, status
+    <run>/eval/<label>.json, <label>.png  metric values of a model, a grid of its samples
+    <run>/attacks/<label>/<attack>-seed<s>/curve.json, samples-step<N>.png
+    <run>/report.html, report.md, results.json
+
+Every other module asks this one for paths, fingerprints and done-checks; it
+imports nothing heavier than the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AttackConfig, StudyConfig
+
+STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
+    "environment.json"
+RUN_STATUS, MODEL, CURVE, MANIFEST = "run.json", "model", "curve.json", "manifest.json"
+DATA_FORMAT = 1  # bump when the cached concept data change meaning
+ORIGINAL = "original"
+
+
+# ----------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is flushed to disk and
+    renamed onto `path`, on failure removed. The one way files are written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`, swapped into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():  # out of the way first: a kill between the renames leaves no half-deleted folder
+            trash = path.with_name(f".old-{path.name}")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from disk; {} when missing or unreadable (never half-written: see atomic_file)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------- variants and labels
+@dataclass(frozen=True)
+class Unlearned:
+    """One unlearned model of a study."""
+
+    variant: str  # 'base' or 'meta'
+    seed: int
+    config: StudyConfig  # the study config with meta.enabled set for the variant
+    label: str  # its folder name under unlearn/
+
+
+def variant_config(config: StudyConfig, variant: str) -> StudyConfig:
+    """The config of one variant of a study: 'base' (meta off) or 'meta' (meta on)."""
+    return config.model_copy(update={"meta": config.meta.model_copy(update={"enabled": variant == "meta"})})
+
+
+def unlearn_label(config: StudyConfig, seed: int) -> str:
+    if config.method.name == "none":
+        name = "meta-only"
+    else:
+        name = f"{config.method.name}-meta" if config.meta.enabled else config.method.name
+    return f"{name}-seed{seed}"
+
+
+def unlearned_models(config: StudyConfig) -> list[Unlearned]:
+    out = []
+    for variant in config.variants:
+        vcfg = variant_config(config, variant)
+        out += [Unlearned(variant, seed, vcfg, unlearn_label(vcfg, seed)) for seed in config.seeds]
+    return out
+
+
+def attack_seeds(config: StudyConfig, attack: AttackConfig, unlearn_seed: int | None) -> list[int]:
+    """The attack's own seeds, else the unlearning run's seed (one attack per unlearned
+    model, so cost stays linear in seeds). The original model is the reference that
+    tells relearning from an attack that destroys everything: its first seed suffices."""
+    if attack.seeds:
+        return list(attack.seeds)
+    return list(config.seeds[:1]) if unlearn_seed is None else [unlearn_seed]
+
+
+# ----------------------------------------------------------------- the folder
+class RunLayout:
+    """Paths of one run folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, config: StudyConfig) -> RunLayout:
+        return cls(config.run_dir())
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    def data_root(self) -> Path:
+        return self.root / "data"
+
+    def data(self, split: str) -> Path:
+        return self.data_root() / split
+
+    def unlearn(self, label: str) -> Path:
+        return self.root / "unlearn" / label
+
+    def model(self, label: str) -> Path:
+        return self.unlearn(label) / MODEL
+
+    def eval(self, label: str) -> Path:
+        return self.root / "eval" / f"{label}.json"
+
+    def eval_grid(self, label: str) -> Path:
+        return self.eval(label).with_suffix(".png")
+
+    def attacks(self, label: str) -> Path:
+        return self.root / "attacks" / label
+
+    def attack(self, label: str, attack: str, seed: int) -> Path:
+        return self.attacks(label) / f"{attack}-seed{seed}"
+
+    def released(self, label: str) -> bool:
+        """The original, or an unlearned model whose run finished and whose folder is there."""
+        if label == ORIGINAL:
+            return True
+        return read_json(self.unlearn(label) / RUN_STATUS).get("status") == "done" and \
+            (self.model(label) / "model_index.json").is_file()
+
+
+def model_label(model_dir: str | os.PathLike | None) -> str:
+    """'original' for the study's model, else the run folder's name (unlearn/<label>/model)."""
+    if model_dir is None:
+        return ORIGINAL
+    path = Path(model_dir)
+    return path.parent.name if path.name == MODEL else path.name
+
+
+def unlearn_seed_of(model_dir: str | os.PathLike | None) -> int | None:
+    """The unlearning seed recorded beside a released model; None for the original or a foreign folder."""
+    if model_dir is None:
+        return None
+    seed = read_json(Path(model_dir).parent / RUN_STATUS).get("seed")
+    return seed if isinstance(seed, int) else None
+
+
+# ----------------------------------------------------------------- fingerprints
+def data_fingerprint(config: StudyConfig) -> str:
+    return config.fingerprint("model", "concepts", "data")
+
+
+def data_manifest_key(config: StudyConfig) -> dict:
+    """What a split's cache must have been made from to serve this config: the data
+    fingerprint and the signatures of its image folders (files change without the config)."""
+    from .imagefolder import signature
+
+    folders = {role: signature(spec.images) for role in ("forget", "related", "unrelated")
+               if (spec := getattr(config.concepts, role)).images}
+    return {"format": DATA_FORMAT, "fingerprint": data_fingerprint(config), "folders": folders}
+
+
+def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
+    """What an unlearned model depends on: the meta section only when meta is on, so
+    tuning meta leaves a finished base model alone."""
+    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ())
+    return f"{config.fingerprint(*sections)}-{seed}"
+
+
+def model_identity(source: str | os.PathLike) -> str:
+    """A released model's identity: its unlearning run's fingerprint when it has one, else its path."""
+    return read_json(Path(source).parent / RUN_STATUS).get("fingerprint", str(source))
+
+
+def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> str:
+    return digest(model_identity(source), config.fingerprint("model", "concepts", "evaluation"))
+
+
+def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike) -> str:
+    return digest(attack.model_dump(mode="json"), seed, model_identity(source),
+                  config.fingerprint("model", "concepts", "data", "evaluation"))
+
+
+# ----------------------------------------------------------------- done checks
+def data_done(config: StudyConfig, split: str) -> bool:
+    manifest = read_json(RunLayout.of(config).data(split) / MANIFEST)
+    return bool(manifest) and all(manifest.get(k) == v for k, v in data_manifest_key(config).items())
+
+
+def unlearn_done(config: StudyConfig, seed: int) -> bool:
+    layout, label = RunLayout.of(config), unlearn_label(config, seed)
+    status = read_json(layout.unlearn(label) / RUN_STATUS)
+    return status.get("fingerprint") == unlearn_fingerprint(config, seed) and layout.released(label)
+
+
+def evaluation_done(config: StudyConfig, source: str | os.PathLike, label: str) -> bool:
+    layout = RunLayout.of(config)
+    return read_json(layout.eval(label)).get("fingerprint") == evaluation_fingerprint(config, source) and \
+        layout.eval_grid(label).is_file()
+
+
+def attack_done(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike,
+                label: str) -> bool:
+    curve = read_json(RunLayout.of(config).attack(label, attack.name, seed) / CURVE)
+    return curve.get("fingerprint") == attack_fingerprint(config, attack, seed, source) and bool(curve.get("points"))

@@ -1,0 +1,80 @@
+"""What a metric is: it judges the samples of every evaluation prompt and
+returns named values, each declared with how to read it (`Value`), so
+results.json, the report's tables and the curves show whatever metrics a
+study configured without knowing any of them.
+
+A metric is a plugin: a `Metric` subclass registered in `METRICS` with its
+options class; `evaluation.metrics` lists the ones a study computes and each
+one's options sit under its name in the `evaluation` section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..registry import Options
+
+if TYPE_CHECKING:
+    from ..config import StudyConfig
+    from ..model import DiffusionModel
+    from ..worlds import World
+
+
+@dataclass(frozen=True)
+class Value:
+    """One number a metric reports, and how to read it."""
+
+    key: str  # unique across the study's metrics, e.g. 'forget_rate'
+    label: str  # for tables and plots, e.g. 'forget rate'
+    role: str | None = None  # the data role it concerns ('forget', 'related', 'unrelated'), if one
+    higher_is_better: bool = True
+    fraction: bool = True  # a share in [0, 1], shown in percent
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Samples:
+    """Every evaluation prompt's samples, prompt-major: entry k's images are
+    `images[k * per_prompt:(k + 1) * per_prompt]`."""
+
+    entries: list[tuple[str, str]]  # (role, prompt)
+    images: torch.Tensor  # (len(entries) * per_prompt, 3, H, W) in [0, 1]
+    per_prompt: int
+    forget_concepts: list[str]  # the forget role's classes, else its prompts
+
+    def of(self, k: int) -> torch.Tensor:
+        return self.images[k * self.per_prompt:(k + 1) * self.per_prompt]
+
+
+@dataclass
+class Context:
+    """What a metric may need besides the samples: the study, the built-in world
+    (None for other models) and the folder of the original model."""
+
+    config: StudyConfig
+    world: World | None
+    original: str | Path
+
+
+@dataclass
+class Result:
+    values: dict[str, float | None]  # every declared key; None: not measurable here
+    details: dict  # JSON-ready, e.g. per prompt
+
+
+class Metric:
+    """Judges samples. `values` declares every key `compute` returns."""
+
+    values: list[Value] = []
+
+    def __init__(self, options: Options, context: Context):
+        self.options, self.context = options, context
+
+    def compute(self, samples: Samples, model: DiffusionModel) -> Result:
+        raise NotImplementedError

@@ -1,0 +1,90 @@
+"""Unlearning a model: the base method (a closed-form edit, or its loss at every
+step), a preservation term (denoising loss on related + unrelated data, so
+erasing one concept does not damage the others) and, when enabled, the meta
+objective, trained by the engine into a run folder that resumes after a kill.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import StudyConfig
+from .data import ConceptData, RoleData
+from .engine import Engine, Objective, StepContext, Terms, make_accelerator
+from .errors import TrainingError
+from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, write_json, write_text
+from .methods import make_method
+from .model import DiffusionModel
+from .params import make_trainable
+
+NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
+
+
+def preservation_data(data: ConceptData) -> RoleData | None:
+    parts = [r for r in (data.related, data.unrelated) if r is not None and len(r)]
+    return RoleData.concat(parts, role="benign") if parts else None
+
+
+def denoising_objective(model: DiffusionModel, data: RoleData, name: str, weight: float = 1.0) -> Objective:
+    """The plain denoising loss on batches of `data`: preservation, and what attackers train."""
+    def objective(ctx: StepContext) -> Terms:
+        latents, cond = data.sample(ctx.batch_size, ctx.generator)
+        return Terms({name: weight * model.denoising_loss(latents, cond, generator=ctx.generator)})
+
+    return objective
+
+
+def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_dir: Path, seed: int,
+            fingerprint: str, extra: dict[str, Objective] | None = None, progress: bool = True) -> Path:
+    """Unlearn into `out_dir` (checkpoints/, log.jsonl, config.yaml, run.json) and
+    return `out_dir/model`, a folder stock diffusers loads. Resumes from the last
+    checkpoint of an interrupted run with the same fingerprint; returns at once
+    when a finished run with the same fingerprint is there. `extra` objectives
+    are added to the loss (an extension point for research code)."""
+    out_dir = Path(out_dir)
+    cfg = config.method
+    status = read_json(out_dir / RUN_STATUS)
+    if status.get("fingerprint") == fingerprint and status.get("status") == "done" and \
+            (out_dir / MODEL / "model_index.json").is_file():
+        return out_dir / MODEL
+    method = make_method(cfg, config.concepts.guide)
+    if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
+        raise TrainingError(NOTHING_TO_TRAIN.format(name=cfg.name))
+    checkpoints = out_dir / "checkpoints"
+    if status.get("fingerprint") not in (None, fingerprint):
+        shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
+    write_text(out_dir / "config.yaml", config.to_yaml())
+    write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "running"})
+
+    accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
+    model.to(accelerator.device)
+    method.edit(model, data)  # closed form: before any training step (deterministic, so a resume redoes it)
+    steps = 0
+    if not method.closed_form or config.meta.enabled or extra:
+        trainable = make_trainable(model.unet, cfg.params)
+        method.setup(model, trainable, data)
+        objectives: dict[str, Objective] = {"method": method.loss}
+        benign = preservation_data(data) if cfg.preservation_weight > 0 else None
+        if benign is not None:
+            objectives["preserve"] = denoising_objective(model, benign, "preserve", cfg.preservation_weight)
+        objectives.update(extra or {})
+        if config.meta.enabled:
+            from .meta import make_meta
+
+            objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
+        engine = Engine(model.unet, trainable, objectives, cfg, seed, accelerator, stateful=(method,),
+                        hint="lower method.lr or keep method.grad_clip on")
+        engine.run(checkpoints=checkpoints, checkpoint_every=cfg.checkpoint_every, log=out_dir / "log.jsonl",
+                   log_every=cfg.log_every, desc=f"unlearn ({cfg.name})", progress=progress,
+                   tracker_name=out_dir.name, tracker_config={"method": cfg.name, "seed": seed})
+        for param in trainable.values():
+            param.requires_grad_(False)
+        steps = cfg.steps
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(out_dir / MODEL) as tmp:
+            model.save(tmp)
+        write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps})
+    return out_dir / MODEL
