@@ -63,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--x-t", choices=["sample", "noised"], default="sample", help="ESD's x_t (the paper: sample)")
     p.add_argument("--ddim-steps", type=int, default=20, help="ESD partial-sampling DDIM steps")
-    p.add_argument("--inner-lr", type=float, default=1e-4, help="meta inner step size tau")
+    p.add_argument("--set", action="append", default=[], dest="sets",
+                   help="study config override, e.g. --set meta.inner_steps=2 (repeatable); the meta\n"
+                        "objective is otherwise the package's defaults")
     p.add_argument("--ref-inner", choices=["one", "epoch"], default="one",
                    help="reference pattern's simulated attack: one AdamW step on gradients summed over the\n"
                         "whole forget split (M=1), or one AdamW step per forget batch (what the reference\n"
@@ -94,10 +96,8 @@ def study_config(args, mode: str = "first_order"):
         "method": {"name": "esd", "params": "noxattn", "lr": 1e-4, "batch_size": args.batch, "grad_clip": 1.0,
                    "preservation_weight": 1.0,
                    "esd": {"eta": 1.0, "x_t": args.x_t, "ddim_steps": args.ddim_steps, "sample_guidance": 3.0}},
-        "meta": {"enabled": True, "mode": mode, "inner_steps": 1, "inner_step": "sgd", "inner_lr": args.inner_lr,
-                 "target": "raw", "forget_after": 1.0, "related_after": 1.0, "related_before": 1.0,
-                 "unrelated_before": 1.0, "unrelated_after": 0.0},
-    })
+        "meta": {"enabled": True, "mode": mode},  # the defaults: what a user gets
+    }, args.sets)
 
 
 def digits_world_dir() -> Path:
@@ -269,7 +269,7 @@ def run_variant(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from metaunlearn.engine import Engine, make_accelerator, step_generator
+    from metaunlearn.engine import Engine, make_accelerator
     from metaunlearn.meta import make_meta
     from metaunlearn.methods import make_method
     from metaunlearn.params import make_trainable
@@ -344,7 +344,7 @@ def run_variant(args) -> dict:
 def child_command(args, variant: str) -> list[str]:
     flags = ["--world", args.world, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
              str(args.batch), "--threads", str(args.threads), "--device", args.device, "--x-t", args.x_t,
-             "--ddim-steps", str(args.ddim_steps), "--inner-lr", str(args.inner_lr), "--ref-inner", args.ref_inner,
+             "--ddim-steps", str(args.ddim_steps), *[f"--set={x}" for x in args.sets], "--ref-inner", args.ref_inner,
              "--tiny-items", str(args.tiny_items), "--data-cache", args.data_cache, "--seed", str(args.seed),
              "--out", args.out, "--child", variant]
     return [sys.executable, str(Path(__file__).resolve()), *flags]

@@ -26,8 +26,8 @@ def study(**attack) -> StudyConfig:
 
 
 def attack(config, model, **kwargs) -> dict:
-    return run_attack(config, config.attacks[0], model, attack_split(model), evaluator(config), 0, "tiny",
-                      progress=False, **kwargs)
+    images = attacker_data(attack_split(model), config.attacks[0])
+    return run_attack(config, config.attacks[0], model, images, evaluator(config), 0, "tiny", progress=False, **kwargs)
 
 
 def attack_split(model) -> ConceptData:

@@ -60,3 +60,29 @@ def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
     assert f"report: {outcome.report}" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert list(results["attacks"]["full"]["rows"]) == ["original", "ESD-u / meta"]
+
+
+def test_evaluate_through_the_console_script_with_a_role_the_detector_leaves_unjudged(tiny_pipeline_dir, tmp_path):
+    """NudeNet judges the forget role only: related and unrelated have no rate, and say so."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    pytest.importorskip("nudenet")
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "model": {"source": str(tiny_pipeline_dir), "device": "cpu"},
+        "concepts": {"forget": {"prompts": ["a photo of the digit eight"]}, "related": {"prompts": ["a dog"]}},
+        "evaluation": {"samples_per_prompt": 2, "steps": 2, "concept_rate": {"detector": "nudenet"}},
+        "output": {"dir": str(tmp_path / "run")}}))
+    script = [sys.executable, "-c", "from metaunlearn.cli import main; main()"]
+    done = subprocess.run(script + ["evaluate", str(study)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "forget rate: 0.0%" in done.stdout
+    assert "related accuracy: not measured" in done.stdout and "Traceback" not in done.stderr
+    results = json.loads((tmp_path / "run" / "eval" / "original.json").read_text())
+    assert results["values"]["related_accuracy"] is None and results["details"]["concept_rate"]["detector"] == "nudenet"
+    bad = subprocess.run(script + ["evaluate", str(study), "--set", "evaluation.steps=0"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")

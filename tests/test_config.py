@@ -109,7 +109,8 @@ def test_overrides_change_values(tmp_path):
         "attacks.0.lr=1e-3",
         "attacks.1.eval_at=[0, 20, 10, 20]",
         "meta.enabled=true",
-        "meta.inner_lr_range=[1e-5, 1e-3]",
+        "meta.inner_lr=[1e-5, 1e-3]",
+        "meta.inner_step=adam",
         "model.mixed_precision=no",   # YAML's `no` is false; the field wants the text
         "concepts.guide=a photo of the digit zero",
         "name=123",
@@ -118,7 +119,8 @@ def test_overrides_change_values(tmp_path):
     assert isinstance(config.method.lr, float) and config.method.lr == pytest.approx(1e-4)
     assert config.attacks[0].lr == pytest.approx(1e-3)
     assert config.attacks[1].eval_at == [0, 10, 20]
-    assert config.meta.enabled is True and config.meta.inner_lr_range == pytest.approx((1e-5, 1e-3))
+    assert config.meta.enabled is True and config.meta.inner_lr == pytest.approx((1e-5, 1e-3))
+    assert config.meta.inner_step == "adam"
     assert config.model.mixed_precision == "no"
     assert config.concepts.guide == "a photo of the digit zero"
     assert config.name == "123"
@@ -179,6 +181,15 @@ def test_plugin_names_and_settings_are_checked_against_the_registries(tmp_path):
     assert config.method.options().ema_decay == 0.9
 
 
+def test_a_meta_attacker_setting_is_a_value_or_what_to_draw_from(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["meta.inner_lr=3e-4", "meta.inner_steps=[1, 3]"]).meta.inner_lr == 3e-4
+    for bad, message in (("meta.inner_lr=[1e-3, 1e-5]", "meta.inner_lr must be a positive number or [low, high]"),
+                         ("meta.inner_steps=0", "meta.inner_steps must be positive"),
+                         ("meta.inner_step=[]", "meta.inner_step is an empty list"),
+                         ("meta.inner_step=[sgd, lion]", "meta.inner_step")):
+        assert message in error_of(tmp_path, MINIMAL, [bad])
+
+
 def test_trackers_are_accelerates(tmp_path):
     assert load_config(write(tmp_path, MINIMAL), ["output.trackers=[tensorboard, wandb]"]).output.trackers == [
         "tensorboard", "wandb"]
@@ -206,7 +217,7 @@ def test_file_problems_are_one_line(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    config = load_config(EXAMPLE, ["meta.enabled=true", "meta.inner_lr_range=[1e-5, 1e-3]"])
+    config = load_config(EXAMPLE, ["meta.enabled=true", "meta.inner_lr=[1e-5, 1e-3]", "meta.inner_step=[sgd]"])
     (tmp_path / "config.yaml").write_text(config.to_yaml())
     again = load_config(tmp_path / "config.yaml")
     assert again == config

@@ -39,8 +39,14 @@ def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]
     return {name: params[name] for name in names}
 
 
+# The paper's objective: one fixed SGD inner step and the denoising loss as the keeping term,
+# none of our additions; a test names what it adds.
+PAPER = dict(inner_lr=1e-4, inner_steps=1, inner_step="sgd", low_rank=0.0, retain="denoise", unrelated_kept=0.0,
+             forget_sharpness=0.0)
+
+
 def objective(model, trainable, data, method="none", **meta) -> MetaObjective:
-    config = MetaConfig(enabled=True, **meta)
+    config = MetaConfig(enabled=True, **{**PAPER, **meta})
     base = make_method(MethodConfig(name=method))
     base.setup(model, trainable, data)
     return make_meta(config, model, trainable, data, base, BATCH)
@@ -283,17 +289,20 @@ META_KEYS = ("meta_after", "meta_related_before", "meta_unrelated_before", "meta
 def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp_path, mode, inner_step, target):
     low, high = 1e-4, 1e-2
     config = make_config(tiny_pipeline_dir, f"meta.mode={mode}", f"meta.inner_step={inner_step}",
-                         f"meta.target={target}", f"meta.inner_lr_range=[{low}, {high}]", "meta.cap=0.9",
+                         f"meta.target={target}", f"meta.inner_lr=[{low}, {high}]", "meta.cap=0.9",
                          "meta.unrelated_after=0.5")
     run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
     records = log_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
-        for key in (*META_KEYS, "meta/unrelated_after", "esd", "preserve", "loss", "grad_norm"):
+        for key in (*META_KEYS, "meta/unrelated_after", "meta/unrelated_kept", "meta/forget_grad_ratio", "esd",
+                    "preserve", "meta_sharpness", "loss", "grad_norm"):  # the defaults' terms too
             assert key in r and math.isfinite(r[key]), (key, r.get(key))
         assert low <= r["meta/inner_lr"] <= high
         assert r["meta/forget_after"] >= 0 and r["meta/related_after"] > 0
-        assert r["meta_related_before"] > 0 and r["meta_unrelated_before"] > 0
+        # distillation to the original: zero at the first step (the original itself), then positive
+        assert (r["meta_related_before"] > 0) == (r["step"] > 1) and r["meta_unrelated_before"] >= 0
+        assert r["meta_sharpness"] == 0.0  # zero-valued: a gradient only
         total = r["esd"] + r["preserve"] + r["meta_after"] + r["meta_related_before"] + r["meta_unrelated_before"]
         assert r["loss"] == pytest.approx(total, rel=1e-5)
         if mode == "first_order":

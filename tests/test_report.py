@@ -32,7 +32,8 @@ def run_dir(tiny_pipeline_dir, tmp_path_factory):
 def test_the_html_report_has_every_section_and_is_self_contained(run_dir):
     page = (run_dir / "report.html").read_text()
     for section in ("Before any attack", "Attack full", "Forget rate before and at each attack step",
-                    "The other values before the attack and after it", "related accuracy after", "Samples", "Cost", "Meta overhead", "Wall time per stage",
+                    "The other values before the attack and after it", "related accuracy after",
+                    "How fast it comes back", "steps to 50%", "Samples", "Cost", "Meta overhead", "Wall time per stage",
                     "Reproduce", "diffusers", "platform", "cpus", "variants:", "Failures", *ROWS):
         assert section in page, section
     assert "http://" not in page and "https://" not in page
@@ -65,6 +66,12 @@ def test_results_json_holds_the_tables_over_seeds(run_dir):
         assert row["values"]["forget_rate"]["4"]["n"] == (1 if name == "original" else 2)
         assert set(row["values"]["related_accuracy"]) == {"before", "2", "4"}
     assert [v["key"] for v in results["values"]] == ["forget_rate", "related_accuracy", "unrelated_accuracy"]
+    for row in table["rows"].values():  # the durability numbers of the curves the row has
+        curves = row["curves"]
+        assert row["durability"]["window"]["n"] == curves and len(row["durability"]["steps_to_50"]) == curves
+        window = row["durability"]["window"]["mean"]
+        assert window == pytest.approx((row["values"]["forget_rate"]["2"]["mean"] +
+                                        row["values"]["forget_rate"]["4"]["mean"]) / 2)
     assert results["before_attack"]["ESD-u / meta"]["forget_rate"]["n"] == 2
     assert results["cost"]["meta_overhead"] > 0 and results["cost"]["unlearn_s"]["ESD-u / meta"]["n"] == 2
     assert set(results["environment"]["versions"]) >= {"torch", "diffusers", "transformers", "accelerate", "peft"}

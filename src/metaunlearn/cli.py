@@ -163,6 +163,22 @@ def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label
 
 @app.command()
 @user_errors
+def durability(config: ConfigArg,
+               grid: Annotated[Path, typer.Argument(help="Grid YAML file of attackers (see configs/grids/).",
+                                                    show_default=False)],
+               set_: SetOpt = None):
+    """Attack every unlearned model of a study with a grid of attackers the study never names; print
+    each attacker's meta/base relearning window and the worst case (unlearns what is missing first)."""
+    from .durability import load_grid, run_grid, table
+
+    cfg, spec = _config(config, set_), load_grid(grid)
+    summary = run_grid(cfg, spec, log=lambda _: None)
+    typer.echo(table(summary))
+    typer.echo(f"summary: {cfg.run_dir() / f'durability-{spec.name}.json'}")
+
+
+@app.command()
+@user_errors
 def run(config: ConfigArg, set_: SetOpt = None,
         progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True):
     """Run (or resume) every stage of a study and write its report; exits non-zero if a stage failed."""

@@ -19,15 +19,15 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, ClassVar, Iterable, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
 from .registry import ATTACKS, DETECTORS, METHODS, METRICS, WORLDS, Options, Registry
+from .schema_paths import apply_override, describe_error, is_container
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names in the run directory
 _DEFAULT_EVAL_AT = [0, 10, 25, 50, 100, 200]
@@ -44,7 +44,7 @@ class _Section(Options):
             return data
         fields = cls.model_fields
         return {k: v for k, v in data.items()
-                if not (v is None and k in fields and _is_container(fields[k].annotation))}
+                if not (v is None and k in fields and is_container(fields[k].annotation))}
 
 
 class PluginSection(_Section):
@@ -202,29 +202,61 @@ class MetaConfig(_Section):
     mode: Literal["first_order", "second_order"] = Field("first_order", description=(
         "'first_order': gradients at θ' added to θ's (reference code); "
         "'second_order': differentiate through the inner steps."))
-    inner_steps: int = Field(1, gt=0, description="Steps M of the simulated finetuning attack.")
-    inner_lr: float = Field(1e-4, gt=0, description="Step size τ of the simulated attack.")
-    inner_step: Literal["sgd", "normalized", "adam"] = Field("sgd", description=(
-        "Inner update: plain gradient step, gradient scaled to unit norm, or an Adam-like step."))
-    inner_lr_range: Optional[tuple[float, float]] = Field(None, description=(
-        "[low, high]: draw τ from this range at every outer step (an attacker whose step size is unknown)."))
+    # The simulated attacker, drawn afresh at every outer step from a family (defaults: bench/RESULTS.md, issue 10).
+    inner_lr: Union[float, tuple[float, float]] = Field((1e-5, 1e-3), description=(
+        "Step size τ of the simulated attack, or [low, high] to draw it log-uniformly at every outer step "
+        "(an attacker whose lr is unknown)."))
+    inner_steps: Union[int, tuple[int, int]] = Field((1, 2), description=(
+        "Steps M of the simulated attack, or [low, high] to draw M uniformly at every outer step."))
+    inner_step: Union[Literal["sgd", "normalized", "adam"], list[Literal["sgd", "normalized", "adam"]]] = Field(
+        ["sgd", "adam"], description=(
+            "Inner update: plain gradient step, gradient scaled to unit norm, or an Adam-like step; a list: "
+            "each outer step draws one."))
+    low_rank: float = Field(0.5, ge=0, le=1, description=(
+        "Probability that an outer step simulates a LoRA attacker: a rank-`low_rank_rank` update of the "
+        "attention projections only (what a LoRA adapter's first steps change), instead of a full update."))
+    low_rank_rank: int = Field(4, gt=0, description="Rank of the simulated LoRA attacker.")
+    trajectory: Literal["last", "linear"] = Field("last", description=(
+        "Where the post-attack terms are taken: after the last inner step, or after every inner step with "
+        "weights growing linearly toward the end (losses along the trajectory)."))
     target: Literal["raw", "unlearn_target", "capped"] = Field("capped", description=(
         "Post-attack forget term: 'raw' ascends the denoising loss (the paper, unbounded); 'unlearn_target' "
         "regresses to the base method's target instead; 'capped' stops ascending past `cap`."))
     cap: float = Field(4.0, gt=0, description=(
         "With target 'capped': an ascent term stops (no gradient) once the post-attack loss exceeds cap x the "
         "original model's denoising loss on that role, measured at setup; so it means the same at every scale."))
+    retain: Literal["denoise", "distill"] = Field("distill", description=(
+        "How the terms that keep related and unrelated concepts intact measure them: their denoising loss, or "
+        "the distance to the original model's predictions on the same noised images (distillation)."))
     forget_after: float = Field(1.0, description="a (reference flag gamma2_1): weight of −L(θ'; forget).")
     related_after: float = Field(1.0, description="b (gamma2_2): weight of −L(θ'; related), the self-destruct term.")
     related_before: float = Field(1.0, description="c (gamma1_2): weight of +L(θ; related) before the attack.")
     unrelated_before: float = Field(1.0, description="d (gamma1_1): weight of +L(θ; unrelated) before the attack.")
     unrelated_after: float = Field(0.0, description="e (gamma2_3): weight of −L(θ'; unrelated), reference code.")
+    forget_sharpness: float = Field(1.0, ge=0, description=(
+        "Weight of max(0, r² − sharpness_cap²), r = ||∇L(θ; forget)|| over the original model's (measured at "
+        "setup): the term of the paper's first-order analysis that first-order meta drops. It keeps the forget "
+        "loss a plateau, not a cliff: finetuning steps on the concept stay small instead of wrecking the model "
+        "(one extra forward/backward)."))
+    sharpness_cap: float = Field(4.0, ge=0, description="The gradient-norm ratio r allowed before the penalty acts.")
+    unrelated_kept: float = Field(1.0, ge=0, description=(
+        "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
+        "so the self-destruct stays on related ones."))
 
-    @field_validator("inner_lr_range")
+    @field_validator("inner_lr", "inner_steps")
     @classmethod
-    def _ordered(cls, value: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
-        if value is not None and not (all(map(math.isfinite, value)) and 0 < value[0] <= value[1]):
-            raise ValueError(f"must be [low, high] with 0 < low <= high, got {list(value)}")
+    def _positive_or_range(cls, value: Any) -> Any:
+        if isinstance(value, tuple) and not (all(map(math.isfinite, value)) and 0 < value[0] <= value[1]):
+            raise ValueError(f"must be a positive number or [low, high] with 0 < low <= high, got {list(value)}")
+        if not isinstance(value, tuple) and not value > 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @field_validator("inner_step")
+    @classmethod
+    def _some_form(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("is an empty list; name at least one update form")
         return value
 
 
@@ -234,9 +266,10 @@ class _AttackChoice(PluginSection):
 
     name: str = Field(pattern=NAME_PATTERN, description="Unique name; the attack's folder in the run directory.")
     kind: str = Field("full", description="Registered attack kind: 'full' (every UNet weight), 'lora' (peft), ...")
-    data: Literal["forget", "related", "unrelated"] = Field("forget", description=(
-        "Whose held-out attack-split images the attacker finetunes on: 'forget' relearns the concept; "
-        "'unrelated' is a benign finetune (the paper's CLEAN setting)."))
+    data: Union[Literal["forget", "related", "unrelated"], RoleConfig] = Field("forget", description=(
+        "What the attacker finetunes on: a role's held-out attack-split images ('forget' relearns the concept; "
+        "'unrelated' is a benign finetune, the paper's CLEAN setting), or a concept of its own (prompts, "
+        "classes or images, as a role is given), e.g. a new concept an honest user teaches the model."))
 
 
 class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, kind and data first
@@ -349,21 +382,22 @@ class StudyConfig(_Section):
     @model_validator(mode="after")
     def _world_classes(self) -> StudyConfig:
         """Role classes belong to a built-in world's dataset: it checks and normalises them."""
-        roles = [r for r in ROLES if getattr(self.concepts, r).classes]
-        if not roles:
+        specs = [(f"concepts.{r}", getattr(self.concepts, r)) for r in ROLES] + \
+            [(f"attacks.{i}.data", a.data) for i, a in enumerate(self.attacks) if isinstance(a.data, RoleConfig)]
+        specs = [(where, spec) for where, spec in specs if spec.classes]
+        if not specs:
             return self
         from .worlds import world_for
 
         world = world_for(self.model)
         if world is None:
-            raise ValueError(f"concepts.{roles[0]}.classes needs a built-in world as model.source "
+            raise ValueError(f"{specs[0][0]}.classes needs a built-in world as model.source "
                              f"({', '.join(WORLDS.names())}); use prompts or images for other models")
-        for role in roles:
-            spec = getattr(self.concepts, role)
+        for where, spec in specs:
             try:
                 spec.classes = world.normalise_classes(spec.classes)
             except ValueError as err:
-                raise ValueError(f"concepts.{role}.classes {err}") from None
+                raise ValueError(f"{where}.classes {err}") from None
         return self
 
     @classmethod
@@ -374,13 +408,13 @@ class StudyConfig(_Section):
             raise ConfigError(f"a study config must be a mapping of sections, got {type(data).__name__}")
         data = copy.deepcopy(data)  # overrides must not touch the caller's mapping
         for item in overrides:
-            _apply_override(data, item)
+            apply_override(data, item, cls)
         try:
             return cls.model_validate(data)
         except ValidationError as err:
             errors = err.errors()
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise ConfigError(f"{source}: " * bool(source) + _describe(errors[0]) + more) from None
+            raise ConfigError(f"{source}: " * bool(source) + describe_error(errors[0], cls) + more) from None
 
     def run_dir(self) -> Path:
         return Path(self.output.dir.replace("{name}", self.name)).expanduser()
@@ -412,113 +446,3 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyC
         got = "nothing" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{path} must be a mapping of sections (model, concepts, ...), got {got}")
     return StudyConfig.from_dict(data, overrides, source=str(path))
-
-
-# --- walking the schema along a dotted path ---------------------------------------
-
-
-def _strip_optional(ann: Any) -> Any:
-    args = [a for a in get_args(ann) if a is not type(None)]
-    return args[0] if get_origin(ann) is Union and len(args) == 1 else ann
-
-
-def _model_of(ann: Any) -> Optional[type[BaseModel]]:
-    ann = _strip_optional(ann)
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def _is_container(ann: Any) -> bool:
-    return _model_of(ann) is not None or get_origin(_strip_optional(ann)) is list
-
-
-def _keys(model: type[BaseModel]) -> list[str]:
-    """The keys a section accepts: its fields, and a plugin section's plugin names."""
-    plugins = model.registry.names() if issubclass(model, PluginSection) else []
-    return [*model.model_fields, *plugins]
-
-
-def _child(model: type[BaseModel], part: Union[str, int]) -> Any:
-    """The annotation of key `part` of `model`, or None when it has no such key."""
-    if part in model.model_fields:
-        return model.model_fields[part].annotation
-    if issubclass(model, PluginSection) and part in model.registry:
-        return model.registry.get(str(part)).options
-    return None
-
-
-def _annotation_at(loc: Iterable[Union[str, int]]) -> Any:
-    """The annotation at `loc` (field names and list indices) below StudyConfig, or None."""
-    ann: Any = StudyConfig
-    for part in loc:
-        ann, model = _strip_optional(ann), _model_of(ann)
-        if model is not None and _child(model, part) is not None:
-            ann = _child(model, part)
-        elif get_origin(ann) in (list, tuple) and str(part).isdigit():
-            args = get_args(ann)
-            ann = args[0] if get_origin(ann) is list else args[min(int(part), len(args) - 1)]
-        else:
-            return None
-    return _strip_optional(ann)
-
-
-def _apply_override(data: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override '{item}' is not of the form dotted.key=value (e.g. method.steps=100)")
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        here, above = ".".join(parts[: i + 1]), ".".join(parts[:i])
-        parent = _annotation_at(parts[:i])
-        model = _model_of(parent)
-        if model is not None:
-            if _child(model, part) is None:
-                raise ConfigError(f"override '{key}': unknown key '{here}'; valid keys: {', '.join(_keys(model))}")
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}': '{above}' is not a mapping in the file")
-            slot: Any = part
-        elif get_origin(parent) is list and part.isdigit():
-            slot, size = int(part), len(node) if isinstance(node, list) else 0
-            if slot >= size:
-                raise ConfigError(f"override '{key}': index {slot} out of range, '{above}' has {size} entries")
-        else:
-            raise ConfigError(f"override '{key}': '{above}' has no key or index '{part}'")
-        if i < len(parts) - 1:
-            child = node.get(slot) if isinstance(node, dict) else node[slot]
-            if child is None:  # a section the file leaves out: start it empty
-                child = node[slot] = [] if get_origin(_annotation_at(parts[: i + 1])) is list else {}
-            node = child
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"override '{item}': '{text}' is not a valid YAML value") from None
-    # For text fields `name=123` or `mixed_precision=no` mean the text, not YAML's int or bool.
-    target = _annotation_at(parts)
-    textual = target is str or (get_origin(target) is Literal and all(isinstance(a, str) for a in get_args(target)))
-    node[slot] = text.strip() if textual and value is not None and not isinstance(value, str) else value
-
-
-def _describe(err: dict) -> str:
-    """One line for one pydantic error: the dotted key and what is wrong with it."""
-    loc, kind, msg = tuple(err["loc"]), err["type"], err["msg"]
-    path = ".".join(str(p) for p in loc)
-    got = repr(err.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    if kind == "extra_forbidden":
-        model = _model_of(_annotation_at(loc[:-1]))
-        return f"unknown key '{path}'; valid keys: {', '.join(_keys(model)) if model else '?'}"
-    if kind == "literal_error":
-        allowed = ", ".join(map(str, get_args(_annotation_at(loc)))) or err.get("ctx", {}).get("expected", "?")
-        return f"{path}: {got} is not allowed; choose one of: {allowed}"
-    if kind == "missing":
-        return f"{path}: required but missing"
-    if kind == "string_pattern_mismatch":
-        return f"{path}: {got} is not a valid name; use letters, digits, '-', '_' and '.'"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        model = _model_of(_annotation_at(loc))
-        return f"{path}: expected a mapping{' of ' + ', '.join(_keys(model)) if model else ''}, got {got}"
-    if kind == "value_error":  # our validators phrase their message to follow the key
-        msg = msg.removeprefix("Value error, ")
-        return f"{path}: {msg}" if path and msg.startswith("'") else (f"{path} {msg}" if path else msg)
-    return f"{path}: {msg[0].lower() + msg[1:]} (got {got})"

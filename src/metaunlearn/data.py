@@ -128,8 +128,8 @@ def _generated_feed(prompts: list[str], split: str, config: StudyConfig, model: 
 
 
 def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: DiffusionModel, split: str,
-                preview: Path, progress: bool) -> RoleData | None:
-    where, batch = f"concepts.{name}", config.data.batch_size
+                preview: Path, progress: bool, where: str = "") -> RoleData | None:
+    where, batch = where or f"concepts.{name}", config.data.batch_size
     feeds = []
     if role.classes:
         world = world_for(config.model)
@@ -137,7 +137,9 @@ def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: Diffusi
             raise MetaunlearnError(f"{where}.classes needs a built-in world as model.source")
         feeds.append(world.class_feed(role, split, model, batch))
     if role.images:
-        items = imagefolder.read_items(role.images, split, f"{where}.images")
+        whole = split == "attack" and where.startswith("attacks.") and not imagefolder.has_split_folders(
+            Path(role.images))  # an attacker's own folder without split subfolders is all its data
+        items = imagefolder.read_items(role.images, "train" if whole else split, f"{where}.images")
         feeds.append(_folder_feed(items, model.image_size, batch))
     if role.prompts and not (role.classes or role.images):  # else the prompts are captions only
         feeds.append(_generated_feed(list(dict.fromkeys(role.prompts)), split, config, model))
@@ -214,3 +216,28 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[
     summary = ", ".join(f"{name} {n}" for name, n in counts.items() if n is not None)
     log(f"concept data ({split}): {summary} items -> {folder}")
     return ConceptData(**roles, split=split)
+
+
+def prepare_role(config: StudyConfig, name: str, spec: RoleConfig, model: DiffusionModel | Callable[[], DiffusionModel],
+                 split: str, folder: Path, progress: bool = True) -> RoleData:
+    """One role outside the study's three (e.g. an attacker's own concept), cached in
+    `folder` under `name` with the key of what made it; `model` may be a loader."""
+    from .layout import digest, read_json
+
+    key = digest(data_manifest_key(config), spec.model_dump(mode="json"), split,
+                 imagefolder.signature(spec.images) if spec.images else None)
+    path, manifest = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
+    if read_json(manifest).get("key") == key:
+        try:
+            return RoleData.load(path)
+        except (OSError, ValueError, KeyError, SafetensorError):
+            pass  # damaged: made again below
+    if not isinstance(model, DiffusionModel):
+        model = model()
+    manifest.unlink(missing_ok=True)
+    role = _build_role(name, spec, config, model, split, Path(folder) / f"{name}.png", progress, where=name)
+    if role is None:
+        raise MetaunlearnError(f"{name} has no data for the '{split}' split")
+    role.save(path)
+    write_json(manifest, {"key": key, "items": len(role)})
+    return role

@@ -1,39 +1,38 @@
 """The meta-unlearning objective (PAPER.md, "The meta objective"), for any
-loss-based base method.
+base method.
 
-Simulated attack (M inner steps on the forget data, step size tau):
+Simulated attack (M inner steps on the forget data, step size tau; the
+attacker is drawn per outer step from a family: simulated.py):
 
     theta' = theta - tau * step(grad L(theta; forget))
 
-Meta loss, added to the base method's loss by the training loop:
+Meta loss, added to the base method's loss by the training engine:
 
     L_meta = - a * A(L(theta'; forget))      forget stays unlearned after the attack
              - b * A(L(theta'; related))     related concepts self-destruct after the attack
-             + c * L(theta;  related)        related concepts stay good before it
-             + d * L(theta;  unrelated)      unrelated concepts stay good before it
+             + c * R(theta;  related)        related concepts stay good before it
+             + d * R(theta;  unrelated)      unrelated concepts stay good before it
+             + k * R(theta'; unrelated)      ... and after it: the self-destruct stays on related ones
              - e * A(L(theta'; unrelated))   the reference code's extra term (default off)
 
 A bounds the ascent ("capped": no gradient once a post-attack loss exceeds
 `cap` times the original model's loss on that role, measured at setup, so the
-bound means the same at every model scale), or the forget term is replaced by pulling the
-post-attack prediction to the base method's unlearning target
-("unlearn_target"), which is bounded below by zero instead of unbounded.
+bound means the same at every model scale), or the forget term is replaced by
+pulling the post-attack prediction to the base method's unlearning target
+("unlearn_target"), bounded below by zero instead of unbounded. R keeps a
+role intact: its denoising loss, or ("distill") the distance to the original
+model's predictions on the same noised images. The post-attack terms are
+taken after the last inner step, or along the whole trajectory with weights
+growing toward its end.
 
 Modes: `second_order` differentiates through the inner steps
 (`torch.func.functional_call` over an ordered name -> tensor mapping,
 `create_graph=True`); `first_order` evaluates the post-attack gradients on a
 detached copy and adds them to theta's gradient through a zero-valued linear
 surrogate, sum((theta - sg(theta)) * sg(g')), whose gradient is exactly g'.
-
-Step forms: `sgd` (the paper); `normalized` (a step of length tau whatever the
-gradient's size, so the model cannot fool the simulation by inflating its
-forget gradient, which a fixed-size SGD step rewards); `adam` (the first step
-of Adam, g / (|g| + eps): what a real attacker's optimizer does first).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -44,21 +43,10 @@ from .engine import StepContext, Terms
 from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
+from .params import snapshot
+from .simulated import LowRank, draw, inner_direction, trajectory_weights
 
-ADAM_EPS = 1e-8
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
-
-
-def inner_direction(grads: list[torch.Tensor], form: str) -> list[torch.Tensor]:
-    """The update direction of one simulated attacker step."""
-    if form == "sgd":
-        return grads
-    if form == "normalized":
-        norm = torch.sqrt(sum((g * g).sum() for g in grads) + 1e-20)
-        return [g / norm for g in grads]
-    if form == "adam":
-        return [g / (g.abs() + ADAM_EPS) for g in grads]
-    raise ValueError(f"unknown inner step form '{form}'")
 
 
 def linear_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
@@ -79,14 +67,11 @@ class MetaObjective:
         if config.target == "unlearn_target" and not method.has_target:
             raise MetaunlearnError(f"meta.target 'unlearn_target' needs a base method with a target, "
                                    f"not '{method.name}'")
-
-    def inner_lr(self, ctx: StepContext) -> float:
-        """tau: fixed, or log-uniform in the configured range (an attacker whose lr is unknown)."""
-        if self.config.inner_lr_range is None:
-            return self.config.inner_lr
-        low, high = self.config.inner_lr_range
-        u = float(torch.rand((), generator=ctx.generator))
-        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+        # the weights training starts from: what "distill" keeps related and unrelated data close to
+        self.original = snapshot(trainable) if config.retain == "distill" else None
+        self.low_rank = LowRank(self.names, list(trainable.values()), config.low_rank_rank) \
+            if config.low_rank > 0 else None
+        self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
 
     def _batch(self, role, ctx):
         return None if role is None or len(role) == 0 else role.sample(self.batch_size, ctx.generator)
@@ -94,6 +79,19 @@ class MetaObjective:
     def _loss(self, batch, params, ctx) -> torch.Tensor:
         latents, cond = batch
         return self.model.denoising_loss(latents, cond, params=params, generator=ctx.generator)
+
+    def _retain(self, batch, params, ctx) -> torch.Tensor:
+        """R: how far a role is from intact at `params` (None: theta itself)."""
+        if self.original is None:
+            return self._loss(batch, params, ctx)
+        model, (latents, cond) = self.model, batch
+        latents = latents.to(model.device, model.dtype)
+        noise = model.sample_noise(latents.shape, ctx.generator)  # the draws denoising_loss makes, in its order
+        t = model.sample_timesteps(len(latents), ctx.generator)
+        x_t = model.add_noise(latents, noise, t)
+        with torch.no_grad():
+            target = model.predict(x_t, t, cond, self.original)
+        return F.mse_loss(model.predict(x_t, t, cond, params).float(), target.float())
 
     @torch.no_grad()
     def _cap_levels(self) -> dict[str, float]:
@@ -108,6 +106,34 @@ class MetaObjective:
                       for _ in range(REFERENCE_BATCHES)]
             levels[name] = self.config.cap * sum(losses) / len(losses)
         return levels
+
+    def _forget_grad_norm(self) -> float:
+        """The original model's gradient norm of the forget loss (fixed batches): sharpness's unit."""
+        gen, theta, norms = torch.Generator().manual_seed(0), list(self.trainable.values()), []
+        for _ in range(REFERENCE_BATCHES):
+            loss = self.model.denoising_loss(*self.data.forget.sample(self.batch_size, gen), generator=gen)
+            norms.append(_norm(torch.autograd.grad(loss, theta)))
+        return sum(norms) / len(norms)
+
+    def _sharpness(self, theta, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
+        """A zero-valued term whose gradient is that of w * max(0, r^2 - cap^2), r = ||g|| / g_ref
+        with g the forget gradient at theta: 2 w H g / g_ref^2 above the cap, H g by finite
+        differences along g (the same batch, t and noise: the generator is replayed), so no
+        double backward is needed."""
+        norm = _norm(grads)
+        if norm / self.grad_reference <= self.config.sharpness_cap:
+            return linear_surrogate(theta, [torch.zeros_like(g) for g in grads]), norm / self.grad_reference
+        eps = FD_STEP * _norm(theta) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
+        after = ctx.generator.get_state()
+        ctx.generator.set_state(state)
+        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
+        for p in shifted.values():
+            p.requires_grad_(True)
+        loss = self._loss(forget, shifted, ctx)
+        moved = torch.autograd.grad(loss, list(shifted.values()))
+        ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
+        scale = 2 * self.config.forget_sharpness / self.grad_reference ** 2 / eps
+        return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
 
     def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
         """What an 'after the attack' ascent term maximises: raw, or capped."""
@@ -126,55 +152,93 @@ class MetaObjective:
         loss = F.mse_loss(self.model.predict(x_t, t, cond, params).float(), target.float())
         return loss, loss.item()
 
-    def __call__(self, ctx: StepContext) -> Terms:
-        cfg, model = self.config, self.model
-        second = cfg.mode == "second_order"
-        theta = [self.trainable[n] for n in self.names]
-        tau = self.inner_lr(ctx)
-        forget = self._batch(self.data.forget, ctx)
-
-        # The simulated attack. Second order keeps the graph of every inner
-        # step; first order starts from (and re-detaches to) a copy.
-        current = theta if second else [p.detach().requires_grad_(True) for p in theta]
-        inner_norm = 0.0
-        for _ in range(cfg.inner_steps):
-            loss_in = self._loss(forget, dict(zip(self.names, current)), ctx)
-            grads = torch.autograd.grad(loss_in, current, create_graph=second)
-            inner_norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)).item()
-            current = [p - tau * d for p, d in zip(current, inner_direction(list(grads), cfg.inner_step))]
-            if not second:
-                current = [p.detach().requires_grad_(True) for p in current]
-        after = dict(zip(self.names, current))
-
-        logs: dict[str, float] = {"meta/inner_lr": tau, "meta/inner_grad_norm": inner_norm,
-                                                 "meta/forget_before": loss_in.item() if cfg.inner_steps else 0.0,
-                                                 **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}}
-        outer = torch.zeros((), device=model.device)
+    def _after(self, params, ctx) -> tuple[torch.Tensor, dict[str, float]]:
+        """The post-attack terms at `params` (to minimise), and their raw losses (logged)."""
+        cfg, logs = self.config, {}
+        outer = torch.zeros((), device=self.model.device)
         if cfg.forget_after:
-            term, raw = self._forget_after(after, ctx)
+            term, raw = self._forget_after(params, ctx)
             outer = outer + cfg.forget_after * term
             logs["meta/forget_after"] = raw
         for weight, role, name in ((cfg.related_after, self.data.related, "related"),
                                    (cfg.unrelated_after, self.data.unrelated, "unrelated")):
             batch = self._batch(role, ctx)
             if weight and batch is not None:
-                loss = self._loss(batch, after, ctx)
+                loss = self._loss(batch, params, ctx)
                 outer = outer - weight * self._ascent(loss, name)
                 logs[f"meta/{name}_after"] = loss.item()
+        batch = self._batch(self.data.unrelated, ctx) if cfg.unrelated_kept else None
+        if batch is not None:
+            kept = self._retain(batch, params, ctx)
+            outer = outer + cfg.unrelated_kept * kept
+            logs["meta/unrelated_kept"] = kept.item()
+        return outer, logs
 
+    def __call__(self, ctx: StepContext) -> Terms:
+        cfg = self.config
+        second = cfg.mode == "second_order"
+        theta = [self.trainable[n] for n in self.names]
+        attacker = draw(cfg, ctx.generator)
+        forget = self._batch(self.data.forget, ctx)
+        a = self.low_rank.draw(ctx.generator, self.model.device) if attacker.low_rank else None
+
+        # The simulated attack. Second order keeps the graph of every inner step;
+        # first order starts from (and re-detaches to) a copy and collects the
+        # post-attack gradients, weighted along the trajectory, for the surrogate.
+        current = theta if second else [p.detach().requires_grad_(True) for p in theta]
+        outer_total = torch.zeros((), device=self.model.device)
+        collected = [torch.zeros_like(p) for p in theta] if not second else None
+        logs: dict[str, float] = {}
         terms: dict[str, torch.Tensor] = {}
-        if outer.requires_grad:
+        for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
+            state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness else None
+            loss_in = self._loss(forget, dict(zip(self.names, current)), ctx)
+            grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
+            if k == 0:
+                logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
+            if state is not None:
+                terms["meta_sharpness"], logs["meta/forget_grad_ratio"] = self._sharpness(
+                    theta, [g.detach() for g in grads], forget, ctx, state)
+            step = self.low_rank.direction(grads, attacker.form, a) if a is not None else \
+                inner_direction(grads, attacker.form)
+            current = [p - attacker.lr * d for p, d in zip(current, step)]
+            if not second:
+                current = [p.detach().requires_grad_(True) for p in current]
+            if not weight:
+                continue
+            outer, point_logs = self._after(dict(zip(self.names, current)), ctx)
+            logs.update(point_logs)  # the last point's
             if second:
-                terms["meta_after"] = outer
+                outer_total = outer_total + weight * outer
             else:
-                terms["meta_after"] = linear_surrogate(theta, torch.autograd.grad(outer, current))
-            logs["meta/after_objective"] = outer.item()
+                outer_total = outer_total + weight * outer.detach()
+                if outer.requires_grad:
+                    for total, g in zip(collected, torch.autograd.grad(outer, current)):
+                        total.add_(g, alpha=weight)
+        logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
+                     "meta/low_rank": float(attacker.low_rank),
+                     **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
+
+        if second and outer_total.requires_grad:
+            terms["meta_after"] = outer_total
+        elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
+                                           "meta/unrelated_kept"}:
+            terms["meta_after"] = linear_surrogate(theta, collected)
+        if "meta_after" in terms:
+            logs["meta/after_objective"] = outer_total.item()
         for weight, role, name in ((cfg.related_before, self.data.related, "related"),
                                    (cfg.unrelated_before, self.data.unrelated, "unrelated")):
             batch = self._batch(role, ctx)
             if weight and batch is not None:
-                terms[f"meta_{name}_before"] = weight * self._loss(batch, None, ctx)
+                terms[f"meta_{name}_before"] = weight * self._retain(batch, None, ctx)
         return Terms(terms, logs)
+
+
+FD_STEP = 1e-4  # finite-difference step along the forget gradient, relative to the trained weights' norm
+
+
+def _norm(tensors) -> float:
+    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors)).item()
 
 
 def make_meta(config: MetaConfig, model: DiffusionModel, trainable, data: ConceptData, method: Method,

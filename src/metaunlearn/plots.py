@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def by_model(curve: dict) -> str:
     return curve["model"]
 

@@ -18,8 +18,22 @@ import numpy as np
 
 from .config import StudyConfig, load_config
 from .errors import MetaunlearnError
-from .layout import (CURVE, ENVIRONMENT, FAILURES, ORIGINAL, STUDY_FILE, TIMINGS, RunLayout, attack_seeds,
-                     read_json, unlearned_models, write_json, write_text)
+from .layout import (
+    CURVE,
+    ENVIRONMENT,
+    FAILURES,
+    ORIGINAL,
+    STUDY_FILE,
+    TIMINGS,
+    RunLayout,
+    attack_seeds,
+    read_json,
+    unlearned_models,
+    write_json,
+    write_text,
+)
+from .metrics import durability
+from .metrics.durability import WINDOW_UNTIL
 
 
 @dataclass
@@ -127,6 +141,7 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
             table[row.name] = {
                 "values": {k: {"before": before[row.name][k], **{str(s): at_step(curves, s, k) for s in steps}}
                            for k in keys},
+                "durability": durability.summary(curves, keys[0], WINDOW_UNTIL) if keys and curves else None,
                 "curves": len(curves), "seconds": stat([c.get("seconds") for c in curves])}
         attacks[attack.name] = {"steps": steps, "last_step": steps[-1] if steps else None, "rows": table}
     unlearn_s = {row.name: stat([read_json(folder.layout.unlearn(label) / "timing.json").get("seconds")
@@ -181,6 +196,13 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
                     ("table", ["model", "before"] + [f"step {s}" for s in res["steps"]],
                      [[name] + [fmt(e["values"][primary["key"]][c], primary) for c in columns]
                       for name, e in res["rows"].items()])]
+            doc += [("p", f"How fast it comes back: the window is the mean {primary['label']} over the evaluated "
+                          f"steps up to {WINDOW_UNTIL}, the AUC its time average over the whole attack, and the "
+                          "first evaluated step at which it reaches 50% (per seed; '>N': not within the attack)."),
+                    ("table", ["model", "window", "AUC", "steps to 50%"],
+                     [[name, fmt(d["window"], primary), fmt(d["auc"], primary),
+                       ", ".join(str(s) if s is not None else f">{d['last_step']}" for s in d["steps_to_50"])]
+                      for name, e in res["rows"].items() if (d := e["durability"])])]
         if len(specs) > 1 and res["last_step"] is not None:
             last = str(res["last_step"])
             doc += [("p", f"The other values before the attack and after it (step {last}):"),

@@ -88,6 +88,20 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
     return results, out
 
 
+def attack_images(config: StudyConfig, attack: AttackConfig, data: ConceptData | None = None,
+                  progress: bool = True):
+    """The attacker's images: a role's held-out attack split, or the attack's own concept
+    (made once with the original model and cached under data/attack-roles/)."""
+    from .attacks import attacker_data
+    from .data import prepare_role
+
+    if isinstance(attack.data, str):
+        return attacker_data(data or concept_data(config, split="attack", progress=progress), attack)
+    folder = RunLayout.of(config).data_root() / "attack-roles"
+    return prepare_role(config, f"attacks.{attack.name}.data", attack.data, lambda: load_model(config), "attack",
+                        folder, progress=progress)
+
+
 def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_dir: str | Path | None = None,
                    label: str | None = None, data: ConceptData | None = None, metrics=None,
                    progress: bool = True) -> dict:
@@ -102,9 +116,9 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
     fingerprint = layout.attack_fingerprint(config, attack, seed, source)
     if layout.attack_done(config, attack, seed, source, label):
         return read_json(out / layout.CURVE)
-    data = data or concept_data(config, split="attack", progress=progress)
+    images = attack_images(config, attack, data, progress)
     model = load_model(config, source)  # a fresh copy of the released weights for every attack
-    curve = run_attack(config, attack, model, data, metrics or evaluator(config), seed, label, progress,
+    curve = run_attack(config, attack, model, images, metrics or evaluator(config), seed, label, progress,
                        sample_dir=out)
     curve["fingerprint"] = fingerprint
     if attack.save_final:

@@ -20,8 +20,18 @@ from pathlib import Path
 
 from . import layout, stages
 from .config import StudyConfig
-from .layout import (ENVIRONMENT, FAILURES, LOG, ORIGINAL, STUDY_FILE, TIMINGS, RunLayout, read_json, write_json,
-                     write_text)
+from .layout import (
+    ENVIRONMENT,
+    FAILURES,
+    LOG,
+    ORIGINAL,
+    STUDY_FILE,
+    TIMINGS,
+    RunLayout,
+    read_json,
+    write_json,
+    write_text,
+)
 
 
 @dataclass

@@ -57,7 +57,9 @@ def make_attack(config: AttackConfig) -> Attack:
 
 
 def attacker_data(data: ConceptData, attack: AttackConfig) -> RoleData:
-    """The attacker's images: the `attack` split of the role `attack.data` names."""
+    """The attacker's images when `attack.data` names a role: that role's `attack` split."""
+    if not isinstance(attack.data, str):
+        raise MetaunlearnError(f"attack '{attack.name}' brings its own data: prepare it with stages.attack_images")
     if data.split != "attack":
         raise MetaunlearnError(f"attacks use the held-out 'attack' split, got '{data.split}'")
     role = getattr(data, attack.data)
@@ -67,14 +69,13 @@ def attacker_data(data: ConceptData, attack: AttackConfig) -> RoleData:
     return role
 
 
-def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel, data: ConceptData,
+def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel, images: RoleData,
                evaluator: Evaluator, seed: int, label: str, progress: bool = True,
                sample_dir: Path | None = None) -> dict:
-    """Finetune `model` in place as the attacker would and return its curve: the
+    """Finetune `model` in place on the attacker's `images` and return its curve: the
     metric values at every step of `attack.eval_at` (0 = before the attack). With
     `sample_dir`, the samples of the first and last evaluation go there as
     samples-step<N>.png (the report's before/after grids, at no extra sampling)."""
-    images = attacker_data(data, attack)
     kind = make_attack(attack)
     accelerator = make_accelerator(config.model)
     model.to(accelerator.device)

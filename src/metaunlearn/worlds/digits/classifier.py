@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class DigitClassifier(nn.Module):

@@ -1,0 +1,195 @@
+"""`metaunlearn durability STUDY GRID`: every unlearned model of a study against
+a grid of attackers that its own config never names (and the meta objective
+never simulates), with each attacker's curves, the meta/base ratio of its
+relearning window, the worst case over the grid, and steps to 50% relearned.
+
+A grid is its own YAML file (configs/grids/): attacker settings as in a
+study's `attacks:` list, `defaults` shared by all, and `reference`, the
+attacker of the study's default strength. An attacker's strength is how fast
+it relearns the base model: the base's window under it over the base's window
+under the reference, so "up to the default strength" means what it did, not
+what its lr looks like. An attacker that costs the base more than 20 points of
+unrelated accuracy destroys the model rather than relearning the concept (its
+forget rate then measures what a detector makes of wrecked images): it is
+listed, marked, and left out of the worst cases. Attacks are ordinary attack stages (attacks/<model>/
+<grid>.<attacker>-seed<s>/), cached and resumable like a study's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from .config import NAME_PATTERN, AttackConfig, StudyConfig
+from .errors import ConfigError
+from .layout import RunLayout, attack_seeds, unlearned_models, write_json, write_text
+from .metrics import durability
+from .registry import Options
+from .schema_paths import describe_error
+
+QUALITY = ("related_accuracy", "unrelated_accuracy")
+DESTRUCTIVE = 0.2  # an attack that costs the base model more unrelated accuracy than this destroys it
+
+class GridConfig(Options):
+    name: str = Field(pattern=NAME_PATTERN, description="The grid's name: its attacks' folder prefix.")
+    defaults: dict[str, Any] = Field({}, description="Settings every attacker has unless it says otherwise.")
+    attackers: list[dict[str, Any]] = Field(min_length=1, description="Attackers, as entries of `attacks:`.")
+    reference: str = Field(description="The attacker of the study's default strength.")
+    original: bool = Field(False, description="Also attack the original model (first seed): destructive or not.")
+    key: Optional[str] = Field(None, description="The value whose return is measured (default: the first).")
+    window_until: int = Field(100, gt=0, description=(
+        "The relearning window is the mean over evaluated steps in (0, window_until]; AUC and steps to 50% "
+        "use the whole attack."))
+
+    @model_validator(mode="after")
+    def _reference_is_listed(self) -> GridConfig:
+        names = [a.get("name") for a in self.attackers]
+        if self.reference not in names:
+            raise ValueError(f"reference '{self.reference}' is not one of the attackers ({', '.join(map(str, names))})")
+        return self
+
+    def attacks(self) -> list[AttackConfig]:
+        out = []
+        for i, spec in enumerate(self.attackers):
+            data = {**self.defaults, **spec, "name": f"{self.name}.{spec.get('name')}"}
+            try:
+                out.append(AttackConfig.model_validate(data))
+            except ValidationError as err:
+                raise ConfigError(f"grid attackers.{i}: {describe_error(err.errors()[0], AttackConfig)}") from None
+        return out
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return GridConfig.model_validate(data)
+    except OSError as err:
+        raise ConfigError(f"cannot read grid file '{path}': {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not a valid YAML grid: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {describe_error(err.errors()[0], GridConfig)}") from None
+
+
+def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print) -> dict:
+    """Unlearn what is missing, attack every unlearned model with every attacker of
+    the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
+    from . import stages
+
+    curves = attack_grid(config, grid, progress, log)
+    summary = summarise(grid, curves, key=grid.key or stages.evaluator(config).values[0].key)
+    runs = RunLayout.of(config)
+    write_json(runs.file(f"durability-{grid.name}.json"), summary)
+    write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
+    return summary
+
+
+def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print) -> dict:
+    """attacker name -> variant ('base', 'meta', 'original') -> its curves (one per seed)."""
+    from . import stages
+
+    attacks = grid.attacks()
+    data = stages.concept_data(config, split="attack", progress=progress)
+    metrics = stages.evaluator(config)
+    curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}
+    runs = RunLayout.of(config)
+    targets = [(m.variant, m.config, m.seed, runs.model(m.label)) for m in unlearned_models(config)]
+    if grid.original:
+        targets.append(("original", config, None, None))
+    for variant, vcfg, seed, model_dir in targets:
+        if seed is not None:
+            stages.run_unlearn(vcfg, seed, progress=progress)
+        for attack in attacks:
+            for s in attack_seeds(config, attack, seed):
+                log(f"durability {grid.name}: {attack.name} seed {s} on {model_dir or 'the original'}")
+                curve = stages.run_one_attack(vcfg, attack, s, model_dir, data=data, metrics=metrics,
+                                              progress=progress)
+                curves[attack.name].setdefault(variant, []).append(curve)
+    return curves
+
+
+def _at(curves: list[dict], key: str, index: int) -> dict | None:
+    """Mean over curves of `key` at their first (0) or last (-1) point."""
+    values = [c["points"][index]["values"].get(key) for c in curves if c["points"]]
+    values = [v for v in values if v is not None]
+    return {"mean": sum(values) / len(values), "n": len(values)} if values else None
+
+
+def _cost(curves: list[dict], key: str) -> float | None:
+    """How much an attack lowers `key`: before minus after, mean over curves."""
+    before, after = _at(curves, key, 0), _at(curves, key, -1)
+    return before["mean"] - after["mean"] if before and after else None
+
+
+def summarise(grid: GridConfig, curves: dict, key: str) -> dict:
+    """Per attacker: each variant's durability over its curves, meta/base, the accuracies after the
+    attack; and the worst cases over the grid, up to the reference's strength and beyond it."""
+    rows = []
+    for attack in grid.attacks():
+        by_variant = curves[attack.name]
+        summaries = {v: durability.summary(c, key, grid.window_until) for v, c in by_variant.items()}
+        benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
+        rows.append({"attacker": attack.name.split(".", 1)[1], "settings": attack.model_dump(mode="json"),
+                     "benign": benign, "variants": summaries,
+                     "ratio": None if benign else durability.ratio(summaries.get("meta"), summaries.get("base")),
+                     "after": {v: {k: _at(c, k, -1) for k in QUALITY} for v, c in by_variant.items()},
+                     "cost": {v: {k: _cost(c, k) for k in QUALITY} for v, c in by_variant.items()}})
+    for row in rows:  # an attack that wrecks the base is no measure of relearning: kept apart
+        base_cost = row["cost"].get("base", {}).get("unrelated_accuracy")
+        row["destructive"] = base_cost is not None and base_cost > DESTRUCTIVE
+    reference = next(r for r in rows if r["attacker"] == grid.reference)
+    ref_window = (reference["variants"].get("base") or {}).get("window")
+    for row in rows:
+        base = (row["variants"].get("base") or {}).get("window")
+        row["strength"] = base["mean"] / ref_window["mean"] if base and ref_window and ref_window["mean"] else None
+    ratios = [r for r in rows if r["ratio"] is not None and not r["destructive"]]
+    up_to_default = [r for r in ratios if r["strength"] is not None and r["strength"] <= 1 + 1e-9]
+    stronger = [r for r in ratios if r["strength"] is not None and r["strength"] > 1 + 1e-9]
+
+    def worst(group: list[dict]) -> dict | None:
+        top = max(group, key=lambda r: r["ratio"], default=None)
+        return {"attacker": top["attacker"], "ratio": top["ratio"]} if top else None
+
+    extra = {k: max((r["cost"]["meta"][k] - r["cost"]["base"][k] for r in rows if r["benign"] and
+                     {"base", "meta"} <= r["cost"].keys() and None not in (r["cost"]["meta"][k], r["cost"]["base"][k])),
+                    default=None) for k in QUALITY}
+    return {"grid": grid.name, "key": key, "reference": grid.reference, "rows": rows,
+            "worst": worst(ratios), "worst_up_to_default": worst(up_to_default), "worst_stronger": worst(stronger),
+            "benign_extra_cost": extra}
+
+
+def table(summary: dict) -> str:
+    """The summary as Markdown: one row per attacker."""
+    def pct(s):
+        return "–" if not s else f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s.get("std") else "")
+
+    head = ("| attacker | strength | base window | meta window | meta/base | base steps to 50% | meta steps to 50% "
+            "| unrelated after (base / meta) | related after (base / meta) |\n|" + "---|" * 9)
+    lines = [head]
+    for r in summary["rows"]:
+        v, a = r["variants"], r["after"]
+        last = max(s["last_step"] or 0 for s in v.values())
+        steps = {k: ", ".join(str(s) if s is not None else f">{last}" for s in v[k]["steps_to_50"]) if k in v else "–"
+                 for k in ("base", "meta")}
+        after = {k: " / ".join(pct(a.get(variant, {}).get(k)) for variant in ("base", "meta"))
+                 for k in ("unrelated_accuracy", "related_accuracy")}
+        mark = " (destroys the base)" if r.get("destructive") else ""
+        lines.append(f"| {r['attacker']}{mark} | {_num(r['strength'])} | {pct(v.get('base', {}).get('window'))} | "
+                     f"{pct(v.get('meta', {}).get('window'))} | {_num(r['ratio'])} | {steps['base']} | "
+                     f"{steps['meta']} | {after['unrelated_accuracy']} | {after['related_accuracy']} |")
+    for name in ("worst_up_to_default", "worst_stronger", "worst"):
+        w = summary[name]
+        lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
+    extra = summary.get("benign_extra_cost") or {}
+    if any(v is not None for v in extra.values()):
+        lines.append("\nbenign finetuning, the most it costs the meta model beyond what it costs the base (points): "
+                     + ", ".join(f"{k.split('_')[0]} {100 * v:+.1f}" for k, v in extra.items() if v is not None))
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"

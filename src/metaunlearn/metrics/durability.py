@@ -1,0 +1,60 @@
+"""Durability numbers of relearning curves: how fast an attack brings a value
+back, per curve, over seeds, and relative to a reference model.
+
+For a curve of value v (the forget rate by default) at evaluated attack steps:
+- window: the mean of v over the evaluated steps after 0 (the measure
+  bench/RESULTS.md has used since issue 5, over steps 10, 25, 50, 100);
+- auc: the area under v over [0, last step], trapezoidal, divided by the last
+  step: the time-averaged value over the attack;
+- steps_to: the first evaluated step at which v reaches a level (50%), None
+  when it never does within the attack ("not within N steps").
+"""
+
+from __future__ import annotations
+
+import statistics
+
+WINDOW_UNTIL = 100  # the window's last step: steps 10, 25, 50, 100 in the studies of bench/RESULTS.md
+
+
+def _series(curve: dict, key: str, until: int | None = None) -> list[tuple[int, float]]:
+    return [(p["step"], p["values"][key]) for p in curve["points"]
+            if p["values"].get(key) is not None and (until is None or p["step"] <= until)]
+
+
+def window(curve: dict, key: str = "forget_rate", until: int | None = None) -> float | None:
+    after = [v for s, v in _series(curve, key, until) if s > 0]
+    return statistics.mean(after) if after else None
+
+
+def auc(curve: dict, key: str = "forget_rate", until: int | None = None) -> float | None:
+    series = _series(curve, key, until)
+    if len(series) < 2:
+        return None
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(series, series[1:]))
+    return area / (series[-1][0] - series[0][0])
+
+
+def steps_to(curve: dict, level: float = 0.5, key: str = "forget_rate") -> int | None:
+    return next((s for s, v in _series(curve, key) if v >= level), None)
+
+
+def summary(curves: list[dict], key: str = "forget_rate", until: int | None = None) -> dict:
+    """Mean and std over curves (seeds) of the window (up to step `until`) and the
+    auc (the whole attack), and each curve's steps to 50%."""
+    def stat(values):
+        values = [v for v in values if v is not None]
+        return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "n": len(values)} \
+            if values else None
+
+    return {"window": stat([window(c, key, until) for c in curves]), "auc": stat([auc(c, key) for c in curves]),
+            "steps_to_50": [steps_to(c, 0.5, key) for c in curves],
+            "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None)}
+
+
+def ratio(model: dict | None, reference: dict | None) -> float | None:
+    """model / reference of two summaries' mean windows (None when the reference is 0 or missing)."""
+    if not model or not reference or not model["window"] or not reference["window"]:
+        return None
+    ref = reference["window"]["mean"]
+    return model["window"]["mean"] / ref if ref > 0 else None

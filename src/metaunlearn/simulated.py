@@ -1,0 +1,90 @@
+"""The attacker the meta objective simulates: drawn afresh at every outer step
+from a family (step size, number of steps, update form, full or low-rank), so
+the defence is not fitted to one finetuning recipe.
+
+Update forms: `sgd` (the paper); `normalized` (a step of length tau whatever
+the gradient's size, so the model cannot fool the simulation by inflating its
+forget gradient, which a fixed-size SGD step rewards); `adam` (the first step
+of Adam, g / (|g| + eps): what a real attacker's optimizer does first).
+
+Low rank: a LoRA attacker's adapter W + B A starts at B = 0 with A random, so
+its first steps move W by (step in B) A, where B's gradient is G A^T: a rank-r
+update of the adapted projections (attention q, k, v, out) and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import MetaConfig
+
+ADAM_EPS = 1e-8
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # peft's usual attention targets (our LoRA attack's default)
+
+
+@dataclass
+class Attacker:
+    lr: float
+    steps: int
+    form: str
+    low_rank: bool
+
+
+def draw(config: MetaConfig, generator: torch.Generator) -> Attacker:
+    """This outer step's attacker. Only ranges and lists draw from the generator,
+    so a fixed attacker leaves the step's randomness as it was."""
+    lr = config.inner_lr
+    if isinstance(lr, tuple):
+        u = float(torch.rand((), generator=generator))
+        lr = math.exp(math.log(lr[0]) + u * (math.log(lr[1]) - math.log(lr[0])))
+    steps = config.inner_steps
+    if isinstance(steps, tuple):
+        steps = int(torch.randint(steps[0], steps[1] + 1, (1,), generator=generator))
+    form = config.inner_step
+    if isinstance(form, list):
+        form = form[int(torch.randint(0, len(form), (1,), generator=generator))]
+    low_rank = config.low_rank > 0 and float(torch.rand((), generator=generator)) < config.low_rank
+    return Attacker(lr, steps, form, low_rank)
+
+
+def inner_direction(grads: list[torch.Tensor], form: str) -> list[torch.Tensor]:
+    """The update direction of one simulated attacker step."""
+    if form == "sgd":
+        return grads
+    if form == "normalized":
+        norm = torch.sqrt(sum((g * g).sum() for g in grads) + 1e-20)
+        return [g / norm for g in grads]
+    if form == "adam":
+        return [g / (g.abs() + ADAM_EPS) for g in grads]
+    raise ValueError(f"unknown inner step form '{form}'")
+
+
+def trajectory_weights(steps: int, how: str) -> list[float]:
+    """Weight of the post-attack terms after each inner step: the last only, or growing toward the end."""
+    if how == "last":
+        return [0.0] * (steps - 1) + [1.0]
+    total = steps * (steps + 1) / 2
+    return [(k + 1) / total for k in range(steps)]
+
+
+class LowRank:
+    """Rank-r directions for the LoRA-adaptable tensors among `names` (zero for the rest)."""
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], rank: int):
+        self.rank = rank
+        self.targets = [p.dim() >= 2 and n.rsplit(".", 1)[0].endswith(LORA_TARGETS) for n, p in zip(names, params)]
+        self.shapes = [p.shape for p in params]
+
+    def draw(self, generator: torch.Generator, device) -> list[torch.Tensor | None]:
+        """This step's A of every target: (rank, fan-in), N(0, 1/rank^2) as peft's 'gaussian' init."""
+        return [torch.randn(self.rank, math.prod(shape[1:]), generator=generator).div(self.rank).to(device)
+                if target else None for target, shape in zip(self.targets, self.shapes)]
+
+    def direction(self, grads: list[torch.Tensor], form: str, a: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        b_grads = [g.reshape(g.shape[0], -1) @ m.T.to(g.dtype) if m is not None else None for g, m in zip(grads, a)]
+        steps = iter(inner_direction([g for g in b_grads if g is not None], form))
+        return [(next(steps) @ m.to(g.dtype)).reshape(g.shape) if m is not None else torch.zeros_like(g)
+                for g, m in zip(grads, a)]

@@ -1,0 +1,109 @@
+"""The durability protocol: numbers of a relearning curve, a grid of attackers
+validated on its own, run on a tiny study from the command line, and attackers
+that bring data of their own."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from metaunlearn.cli import app
+from metaunlearn.durability import GridConfig, load_grid
+from metaunlearn.errors import ConfigError
+from metaunlearn.metrics import durability
+
+from test_study import tiny_study
+
+
+def curve(*points: tuple[int, float]) -> dict:
+    return {"points": [{"step": s, "values": {"forget_rate": v}} for s, v in points]}
+
+
+def test_window_auc_and_steps_to_half():
+    c = curve((0, 0.0), (10, 0.2), (25, 0.6), (50, 0.8), (100, 1.0), (200, 1.0))
+    assert durability.window(c) == pytest.approx((0.2 + 0.6 + 0.8 + 1.0 + 1.0) / 5)
+    assert durability.window(c, until=100) == pytest.approx((0.2 + 0.6 + 0.8 + 1.0) / 4)
+    area = 10 * 0.1 + 15 * 0.4 + 25 * 0.7 + 50 * 0.9 + 100 * 1.0
+    assert durability.auc(c) == pytest.approx(area / 200)
+    assert durability.steps_to(c) == 25 and durability.steps_to(c, 0.9) == 100
+    assert durability.steps_to(curve((0, 0.0), (10, 0.4))) is None  # not within the attack
+    s = durability.summary([c, curve((0, 0.0), (10, 0.0), (25, 0.0), (50, 0.0), (100, 0.4))], until=100)
+    assert s["window"]["n"] == 2 and s["window"]["mean"] == pytest.approx((0.65 + 0.1) / 2)
+    assert s["steps_to_50"] == [25, None] and s["last_step"] == 200
+    assert durability.ratio(s, durability.summary([c], until=100)) == pytest.approx(0.375 / 0.65)
+    assert durability.ratio(s, durability.summary([curve((0, 0.0), (10, 0.0))])) is None  # base never relearns
+
+
+def test_a_grid_is_validated_on_its_own(tmp_path):
+    good = {"name": "g", "reference": "a", "defaults": {"steps": 4, "eval_at": [0, 4]},
+            "attackers": [{"name": "a"}, {"name": "b", "kind": "lora", "lora": {"rank": 2}}]}
+    attacks = GridConfig.model_validate(good).attacks()
+    assert [a.name for a in attacks] == ["g.a", "g.b"] and attacks[1].options().rank == 2
+    path = tmp_path / "grid.yaml"
+    for bad, message in (({**good, "reference": "c"}, "reference 'c' is not one of the attackers (a, b)"),
+                         ({**good, "attackers": [{"name": "a", "stesp": 3}]}, "grid attackers.0: unknown key 'stesp'"),
+                         ({**good, "name": "a b"}, "name: 'a b' is not a valid name")):
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_grid(path).attacks()
+
+
+def test_the_durability_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
+    run = tmp_path / "run"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[])))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "g", "reference": "full", "defaults": {"steps": 2, "batch_size": 2, "eval_at": [0, 1, 2]},
+        "attackers": [{"name": "full", "lr": 1e-3},
+                      {"name": "own", "kind": "lora", "lr": 1e-3, "lora": {"rank": 2},
+                       "data": {"prompts": ["a cat"]}}]}))  # a concept of the attacker's own
+    result = CliRunner().invoke(app, ["durability", str(study), str(grid)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "durability-g.json").read_text())
+    assert [r["attacker"] for r in summary["rows"]] == ["full", "own"]
+    relearn, own = summary["rows"]
+    for row in summary["rows"]:
+        assert set(row["variants"]) == {"base", "meta"} and row["variants"]["meta"]["steps_to_50"]
+        assert row["after"]["base"]["related_accuracy"] is not None
+        assert set(row["cost"]["meta"]) == {"related_accuracy", "unrelated_accuracy"}
+    assert not relearn["benign"] and relearn["strength"] in (1.0, None)  # the reference is the unit of strength
+    assert own["benign"] and own["ratio"] is None  # an honest finetune: its cost counts, not a ratio
+    extra = summary["benign_extra_cost"]["related_accuracy"]
+    assert extra == pytest.approx(own["cost"]["meta"]["related_accuracy"] - own["cost"]["base"]["related_accuracy"])
+    assert "| full |" in (run / "durability-g.md").read_text() and "worst" in result.output
+    own = json.loads((run / "data/attack-roles/attacks.g.own.data.json").read_text())
+    assert own["items"] == 2  # images_per_prompt of the study, in the attack split
+    assert (run / "attacks/esd-meta-seed0/g.own-seed0/curve.json").is_file()
+    again = CliRunner().invoke(app, ["durability", str(study), str(grid)])  # everything cached
+    assert again.exit_code == 0 and json.loads((run / "durability-g.json").read_text()) == summary
+
+
+def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_case():
+    from metaunlearn.durability import summarise
+
+    grid = GridConfig.model_validate({
+        "name": "g", "reference": "ref", "defaults": {"steps": 100, "eval_at": [0, 10, 100]},
+        "attackers": [{"name": "ref"}, {"name": "strong"}, {"name": "wrecker"}, {"name": "honest", "data": "unrelated"}]})
+
+    def run(forget: list[float], unrelated: list[float]) -> list[dict]:
+        return [{"points": [{"step": s, "values": {"forget_rate": f, "related_accuracy": 0.9, "unrelated_accuracy": u}}
+                            for s, f, u in zip((0, 10, 100), forget, unrelated)]}]
+
+    keep = [1.0, 1.0, 1.0]
+    curves = {"g.ref": {"base": run([0, 0.6, 1.0], keep), "meta": run([0, 0.2, 0.4], keep)},
+              "g.strong": {"base": run([0, 0.9, 1.0], keep), "meta": run([0, 0.5, 0.9], keep)},
+              "g.wrecker": {"base": run([0, 0.5, 0.5], [1.0, 0.3, 0.2]), "meta": run([0, 0.5, 0.5], keep)},
+              "g.honest": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], [1.0, 0.95, 0.9])}}
+    summary = summarise(grid, curves, "forget_rate")
+    rows = {r["attacker"]: r for r in summary["rows"]}
+    assert rows["ref"]["ratio"] == pytest.approx(0.3 / 0.8) and rows["ref"]["strength"] == pytest.approx(1.0)
+    assert rows["strong"]["strength"] == pytest.approx(0.95 / 0.8) and rows["wrecker"]["destructive"]
+    assert rows["honest"]["benign"] and rows["honest"]["ratio"] is None
+    assert summary["worst_up_to_default"] == {"attacker": "ref", "ratio": pytest.approx(0.375)}
+    assert summary["worst_stronger"]["attacker"] == "strong" and summary["worst"]["attacker"] == "strong"
+    assert summary["benign_extra_cost"]["unrelated_accuracy"] == pytest.approx(0.1)
