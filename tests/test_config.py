@@ -168,7 +168,7 @@ def test_bad_class_fails_and_classes_need_a_world(tmp_path):
 
 def test_plugin_names_and_settings_are_checked_against_the_registries(tmp_path):
     message = error_of(tmp_path, {**MINIMAL, "method": {"name": "esdd"}})
-    assert message.endswith("method.name: 'esdd' is not a registered method; choose one of: esd, sdd, none")
+    assert message.endswith("method.name: 'esdd' is not a registered method; choose one of: esd, sdd, uce, rece, none")
     message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a", "kind": "lora", "lora": {"rnak": 2}}]})
     assert "unknown key 'attacks.0.lora.rnak'; valid keys: rank, alpha, targets" in message
     message = error_of(tmp_path, {**MINIMAL, "evaluation": {"metrics": ["concept_rate", "fid9"]}})

@@ -54,7 +54,7 @@ class ScaleValues(Method):
 
     closed_form = True
 
-    def edit(self, model, data) -> None:
+    def edit(self, model, data, judge=None) -> None:
         with torch.no_grad():
             for name, param in model.unet.named_parameters():
                 if name.endswith("attn2.to_v.weight"):

@@ -160,6 +160,13 @@ class DiffusionModel:
         parts = [self._encode_batch(list(prompts[i:i + batch_size])) for i in range(0, len(prompts), batch_size)]
         return Conditioning.cat(parts)
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each prompt, start and end tokens included (what precedes the padding)."""
+        tokenizer = self.tokenizers[0]
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt", return_attention_mask=True)
+        return ids.attention_mask.sum(dim=1).tolist()
+
     def empty_conditioning(self) -> Conditioning:
         """The unconditional (empty prompt) conditioning, batch 1, as the pipeline defines it."""
         cond = self.encode_prompts([""])

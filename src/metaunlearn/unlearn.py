@@ -19,6 +19,28 @@ from .model import DiffusionModel
 from .params import make_trainable
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
+HELD_OUT_SEEDS = 500_000_000  # added to the evaluation seeds: the noise a method's own choices are judged on
+
+
+def forget_judge(config: StudyConfig, model: DiffusionModel):
+    """judge() -> the forget rate of `model` as it stands: the forget prompts sampled with seeds that
+    no evaluation uses (a closed-form method choosing between candidate edits must not see those)."""
+    from .config import RoleConfig
+    from .stages import evaluator
+
+    ev = config.evaluation
+    held_out = config.model_copy(update={
+        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS}),
+        "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
+    made = []
+
+    def judge() -> float:
+        if not made:
+            made.append(evaluator(held_out))
+        results, _ = made[0].evaluate(model, progress=False)
+        return results["values"][made[0].values[0].key]
+
+    return judge
 
 
 def preservation_data(data: ConceptData) -> RoleData | None:
@@ -59,7 +81,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
 
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
     model.to(accelerator.device)
-    method.edit(model, data)  # closed form: before any training step (deterministic, so a resume redoes it)
+    # closed form: before any training step (deterministic, so a resumed run redoes it)
+    method.edit(model, data, forget_judge(config, model))
     steps = 0
     if not method.closed_form or config.meta.enabled or extra:
         trainable = make_trainable(model.unet, cfg.params)
@@ -81,6 +104,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         for param in trainable.values():
             param.requires_grad_(False)
         steps = cfg.steps
+    method.finish(model, data)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

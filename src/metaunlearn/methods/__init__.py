@@ -9,6 +9,8 @@ from ..registry import METHODS
 # each registers itself; the order is the order of `choose one of` in errors
 from . import esd  # noqa: F401,I001
 from . import sdd  # noqa: F401
+from . import uce  # noqa: F401
+from . import rece  # noqa: F401
 from . import none  # noqa: F401
 from .base import Method
 

@@ -16,6 +16,7 @@ meta objective live elsewhere and are shared.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -52,9 +53,14 @@ class Method:
         self.model, self.trainable, self.data = model, trainable, data
         self.uncond = model.empty_conditioning()
 
-    def edit(self, model: DiffusionModel, data: ConceptData) -> None:
+    def edit(self, model: DiffusionModel, data: ConceptData, judge: Callable[[], float] | None = None) -> None:
         """Closed-form methods: change the model's weights in place (deterministic:
-        a resumed run applies it again before loading its checkpoint)."""
+        a resumed run applies it again before loading its checkpoint). `judge()` is the
+        forget rate of the model as it stands, on held-out samples, for methods that
+        choose between candidate edits."""
+
+    def finish(self, model: DiffusionModel, data: ConceptData) -> None:
+        """Called after the last training step (with the meta objective: after the meta stage)."""
 
     def loss(self, ctx: StepContext) -> Terms:
         """Loss-based methods: named loss terms of one step."""

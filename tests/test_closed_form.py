@@ -1,0 +1,164 @@
+"""The closed-form methods: UCE's solution against a least-squares solve, what
+it edits and what it leaves, the SDXL text width, RECE's adversarial
+embeddings against a direct minimisation, the meta stage's routes, and a
+closed-form run that checkpoints and resumes like any other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaunlearn import DiffusionModel
+from metaunlearn.engine import Terms
+from metaunlearn.layout import unlearn_fingerprint
+from metaunlearn.methods import make_method
+from metaunlearn.methods.rece import adversarial_keys
+from metaunlearn.methods.uce import aligned_keys, projections, solve
+from metaunlearn.unlearn import unlearn
+
+from helpers import concept_data
+from test_train import Crash, assert_same_weights, log_records, make_config, weights
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_the_closed_form_is_the_least_squares_solution():
+    w, ce, ve, cp = rand(5, 4, seed=1), rand(3, 4, seed=2), rand(3, 5, seed=3), rand(6, 4, seed=4)
+    lam, se, sp = 0.5, 2.0, 0.7
+    got = solve(w, ce, ve, cp, lam, se, sp)
+    # minimise lam ||X - W||^2 + se ||X ce^T - ve^T||^2 + sp ||X cp^T - W cp^T||^2 as one stacked system
+    a = torch.cat([lam ** 0.5 * torch.eye(4, dtype=torch.float64), se ** 0.5 * ce, sp ** 0.5 * cp])
+    y = torch.cat([lam ** 0.5 * w.T, se ** 0.5 * ve, sp ** 0.5 * (cp @ w.T)])
+    expected = torch.linalg.lstsq(a, y).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert solve(w.float(), ce, ve, cp, lam, se, sp).dtype == torch.float32  # solved in float64, stored as given
+
+
+def test_keys_from_the_last_content_token_on_or_every_token():
+    hidden, guide = rand(2, 6, 3, seed=5), rand(6, 3, seed=6)
+    keys, guides = aligned_keys(hidden, [4, 5], guide, 3, "last")
+    # prompt 0: last content token at 2, guide at 1 -> 6 - 2 = 4 tokens each; prompt 1: at 3 -> 3 tokens
+    assert keys.shape == (7, 3) and guides.shape == (7, 3)
+    for got, expected in ((keys[:4], hidden[0, 2:6]), (guides[:4], guide[1:5]), (keys[4:], hidden[1, 3:6]),
+                          (guides[4:], guide[1:4])):
+        assert torch.equal(got, expected)
+    every, paired = aligned_keys(hidden, [4, 5], guide, 3, "every")
+    assert torch.equal(every, hidden.flatten(0, 1)) and torch.equal(paired, torch.cat([guide, guide]))
+
+
+def edited(tiny_model, **options):
+    config = make_config("unused", "method.name=uce", *[f"method.uce.{k}={v}" for k, v in options.items()])
+    method = make_method(config.method, "the digit three")
+    before = weights(tiny_model.unet)
+    data = concept_data(tiny_model)
+    method.edit(tiny_model, data)
+    return method, before, data
+
+
+def test_uce_edits_cross_attention_keys_and_values_only_and_moves_the_forget_outputs_to_the_guide(tiny_model):
+    method, before, data = edited(tiny_model, erase_scale=1000, preserve_scale=0.001)
+    after = weights(tiny_model.unet)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(projections(tiny_model.unet)) and changed
+    keys = method.solved_keys
+    for name in projections(tiny_model.unet):
+        old_out, target = keys["erase"] @ before[name].T, keys["guide"] @ before[name].T
+        new_out = keys["erase"] @ after[name].T
+        assert (new_out - target).norm() < 0.02 * (old_out - target).norm(), name
+
+
+def test_the_preserved_outputs_stay_and_sdxl_text_widths_solve():
+    from diffusers import UNet2DConditionModel
+
+    # SDXL's UNet sees both encoders' hidden states side by side (768 + 1280 there; 32 + 64 here)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=96, attention_head_dim=8, norm_num_groups=8)
+    layers = projections(unet)
+    assert layers and all(m.weight.shape[1] == 96 for m in layers.values())
+    erase, guide, preserve = rand(4, 96, seed=7).float(), rand(4, 96, seed=8).float(), rand(40, 96, seed=9).float()
+    for module in layers.values():
+        w = module.weight.detach()
+        new = solve(w, erase, guide @ w.T, preserve, 0.5, 1.0, 100.0)
+        assert new.shape == w.shape
+        kept = (preserve @ new.T - preserve @ w.T).norm() / (preserve @ w.T).norm()
+        assert kept < 0.05
+
+
+def test_rece_adversarial_embedding_is_the_minimiser():
+    edited_ = [rand(5, 4, seed=10), rand(3, 4, seed=11)]
+    original = [rand(5, 4, seed=12), rand(3, 4, seed=13)]
+    c, gamma = rand(2, 4, seed=14), 0.3
+    got = adversarial_keys(edited_, original, c, gamma)
+    # gradient descent on sum_l ||W'_l c' - W_l c||^2 + gamma ||c'||^2, from zero
+    x = torch.zeros_like(c, requires_grad=True)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        loss = sum(((x @ wn.T - c @ wo.T) ** 2).sum() for wn, wo in zip(edited_, original)) + gamma * (x ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close(got, x.detach(), rtol=1e-6, atol=1e-8)
+
+
+def test_rece_keeps_the_round_its_judge_likes_best(tiny_model):
+    config = make_config("unused", "method.name=rece", "method.rece.rounds=2")
+    method = make_method(config.method, "")
+    verdicts = iter([0.5, 0.2, 0.4])  # round 0 (UCE), 1, 2
+    method.edit(tiny_model, concept_data(tiny_model), judge=lambda: next(verdicts))
+    assert method.history == [0.5, 0.2, 0.4] and method.best_round == 1
+    n = len(method.solved_keys["guide"])
+    assert len(method.solved_keys["erase"]) == n and n % 2 == 0  # round 1: the base keys and one set of c'
+
+
+@pytest.mark.parametrize("route", ["paper", "anchor", "reapply"])
+def test_the_meta_stage_after_an_edit(tiny_model, tiny_pipeline_dir, tmp_path, route):
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", f"method.uce.meta_route={route}",
+                         "method.steps=2", "meta.enabled=true")
+    out = unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+                  progress=False)
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2] and all("meta_after" in r for r in records)
+    assert all(("uce_anchor" in r) == (route == "anchor") for r in records)
+    assert (out / "model_index.json").is_file()
+
+
+def test_meta_on_an_edit_that_trains_no_projection_keeps_the_edit_exactly(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.steps=2", "meta.enabled=true")  # noxattn
+    reference = DiffusionModel.load(tiny_pipeline_dir)
+    make_method(config.method, "").edit(reference, concept_data(reference))
+    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+            progress=False)
+    for name, module in projections(tiny_model.unet).items():
+        assert torch.equal(module.weight, dict(reference.unet.named_parameters())[name])
+
+
+def test_a_closed_form_run_with_meta_resumes_like_any_other(tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
+                         "method.uce.meta_route=anchor", "method.lr=1e-4")
+    fingerprint = unlearn_fingerprint(config, 0)
+
+    def crash(ctx):
+        if ctx.step == 5:
+            raise Crash
+        return Terms()
+
+    uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
+    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, fingerprint, progress=False)
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    with pytest.raises(Crash):
+        unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, extra={"crash": crash},
+                progress=False)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "running"
+    model = DiffusionModel.load(tiny_pipeline_dir)  # a new process: the edit is applied again, then the checkpoint
+    unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
+    assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
+    assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
