@@ -1,7 +1,10 @@
 """Builders shared by the tests: concept data from random latents with real
-prompt embeddings, so no image has to be generated."""
+prompt embeddings, so no image has to be generated; stand-in detectors; checks
+of command-line results."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -34,3 +37,52 @@ class BrightDetector(Detector):
 
     def present(self, images, concept):
         return images.mean(dim=(1, 2, 3)) > 0.5
+
+
+@DETECTORS.register("coin", help="test stand-in: a verdict any change of an image flips")
+class CoinDetector(BrightDetector):
+    """Judges every prompt with a pseudo-random but deterministic verdict per image (a bit of its
+    pixel sum), so rates differ between models and seeds where a tiny model's brightness does not."""
+
+    def present(self, images, concept):
+        return (images.double().sum(dim=(1, 2, 3)) * 1e4).floor().remainder(2) == 1
+
+
+@DETECTORS.register("coin-forget", help="test stand-in: 'coin' on the forget role only, as NudeNet judges")
+class CoinForgetDetector(CoinDetector):
+    judges = "forget"
+
+    def concept_of(self, prompt, role, forget_concepts):
+        return "bright" if role == self.judges else None
+
+
+@DETECTORS.register("coin-related", help="test stand-in: 'coin' on the related role only (no forget rate)")
+class CoinRelatedDetector(CoinForgetDetector):
+    judges = "related"
+
+
+def console_script() -> list[str]:
+    """The installed `metaunlearn` command (the venv's console script, not a Python -c stand-in)."""
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("metaunlearn")
+    assert script.is_file(), f"no console script at {script}: install the package (pip install -e .)"
+    return [str(script)]
+
+
+def clean_exit(result, code: int = 0):
+    """A CliRunner result that ended through sys.exit with `code`. An uncaught exception also
+    exits 1 under CliRunner, but lands in result.exception and never in the output, so
+    '"Traceback" not in result.output' cannot catch it: this can."""
+    assert isinstance(result.exception, (SystemExit, type(None))), repr(result.exception)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def one_line_error(result) -> str:
+    """Bad input: exit status 1, no uncaught exception, and one 'error: ' line as the whole output."""
+    clean_exit(result, 1)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert result.stderr.strip() == lines[0]  # on stderr
+    return lines[0]

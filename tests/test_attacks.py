@@ -25,9 +25,10 @@ def study(**attack) -> StudyConfig:
         "attacks": [{"name": "a", "steps": 4, "eval_at": [0, 2, 4], "batch_size": 2, "lr": 1e-3, **attack}]})
 
 
-def attack(config, model, **kwargs) -> dict:
+def attack(config, model, metrics=None, **kwargs) -> dict:
     images = attacker_data(attack_split(model), config.attacks[0])
-    return run_attack(config, config.attacks[0], model, images, evaluator(config), 0, "tiny", progress=False, **kwargs)
+    return run_attack(config, config.attacks[0], model, images, metrics or evaluator(config), 0, "tiny",
+                      progress=False, **kwargs)
 
 
 def attack_split(model) -> ConceptData:
@@ -44,12 +45,26 @@ def attack_split(model) -> ConceptData:
 def test_full_attack_moves_every_weight_and_records_the_curve(tiny_model):
     config = study(kind="full")
     before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
-    curve = attack(config, tiny_model)
+    metrics, seen = evaluator(config), []
+    evaluate = metrics.evaluate
+
+    def spy(model, progress=False):  # the weights each evaluation judged, and what it found
+        results, samples = evaluate(model, progress=progress)
+        results["values"]["forget_rate"] = len(seen) / 4  # a mark per call: the tiny model's rates barely move
+        seen.append(({n: p.detach().clone() for n, p in model.unet.named_parameters()}, results["values"]))
+        return results, samples
+
+    metrics.evaluate = spy
+    curve = attack(config, tiny_model, metrics)
     assert [p["step"] for p in curve["points"]] == [0, 2, 4]
     assert [s["key"] for s in curve["specs"]] == ["forget_rate", "related_accuracy", "unrelated_accuracy"]
-    for point in curve["points"]:
-        for key in ("forget_rate", "related_accuracy", "unrelated_accuracy"):
-            assert 0.0 <= point["values"][key] <= 1.0
+    # each point holds the evaluation of the weights at its step: the released ones, halfway, the attacked ones
+    assert [p["values"] for p in curve["points"]] == [values for _, values in seen]
+    (at_0, _), (at_2, _), (at_4, _) = seen
+    after = {n: p.detach() for n, p in tiny_model.unet.named_parameters()}
+    assert all(torch.equal(at_0[n], before[n]) and torch.equal(at_4[n], after[n]) for n in before)
+    assert any(not torch.equal(at_2[n], before[n]) for n in before)
+    assert any(not torch.equal(at_2[n], after[n]) for n in before)
     moved = [n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) > 0.9 * len(before)
     assert curve["trainable_parameters"] == sum(p.numel() for p in before.values())

@@ -1,13 +1,18 @@
-"""The command line: help everywhere, one-line errors, the world command."""
+"""The command line: help everywhere, one-line errors for bad input to every command, the world
+command, and evaluate and attack end to end, in process and through the installed console script."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from metaunlearn.cli import app
+
+from helpers import clean_exit, console_script, one_line_error
 
 runner = CliRunner()
 
@@ -35,17 +40,43 @@ def test_world_command_builds_and_reports(tmp_path):
     assert json.loads((out / "world.json").read_text())["world"] == "digits"
     # refusing to overwrite a non-empty folder loses nothing
     again = runner.invoke(app, ["world", "digits", "--preset", "reduced", "--out", str(out)])
-    assert again.exit_code == 1 and "not empty" in again.output and (out / "world.json").is_file()
+    assert "exists and is not empty" in one_line_error(again) and (out / "world.json").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
+# Bad input to every command: exit status 1 and one 'error: ' line, no traceback. STUDY is a
+# study whose model does not exist: each error comes before any model would load.
+BAD_INPUT = [
     (["world", "mnist"], "unknown world 'mnist'"),
-    (["world", "digits", "--preset", "huge"], "Invalid value"),
-])
-def test_bad_input_is_one_clear_line(args, message):
-    result = runner.invoke(app, args)
-    assert result.exit_code != 0 and message in result.output
-    assert "Traceback" not in result.output
+    (["world", "digits", "--preset", "reduced", "--out", "{file}"], "exists and is not a folder"),
+    (["data", "{study}", "--split", "bogus"], "unknown data split 'bogus'"),
+    (["unlearn", "{study}", "--set", "method.stpes=3"], "method.stpes"),
+    (["evaluate", "{study}", "--model", "{tmp}/no-such-model"], "no model at"),
+    (["attack", "{study}"], "the study lists no attacks"),
+    (["durability", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
+    (["run", "{tmp}/no-study.yaml"], "cannot read config file"),
+    (["run", "{study}", "--set", "output.dir={file}"], "is a file, not a folder"),
+    (["report", "{tmp}/no-run"], "not the run folder of a study"),
+    (["demo", "--out", "{file}"], "is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a[:2]) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({"model": {"source": str(tmp_path / "no-model")},
+                                 "concepts": {"forget": {"prompts": ["a dog"]}}, "output": {"dir": str(tmp_path)}}))
+    (tmp_path / "a-file").write_text("")
+    args = [a.format(study=study, tmp=tmp_path, file=tmp_path / "a-file") for a in args]
+    assert message in one_line_error(runner.invoke(app, args))
+
+
+def test_every_command_has_a_bad_input_test():
+    assert {args[0] for args, _ in BAD_INPUT} == set(_commands())
+
+
+def test_a_usage_error_is_click_s_exit_status_2():
+    result = clean_exit(runner.invoke(app, ["world", "digits", "--preset", "huge"]), 2)
+    assert "Invalid value" in result.output and "'huge'" in result.output
 
 
 def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
@@ -62,27 +93,72 @@ def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
     assert list(results["attacks"]["full"]["rows"]) == ["original", "ESD-u / meta"]
 
 
-def test_evaluate_through_the_console_script_with_a_role_the_detector_leaves_unjudged(tiny_pipeline_dir, tmp_path):
-    """NudeNet judges the forget role only: related and unrelated have no rate, and say so."""
-    import subprocess
-    import sys
-
-    import yaml
-
-    pytest.importorskip("nudenet")
+def write_study(tmp_path, source, detector: str, attacks=()) -> str:
+    """A tiny study whose related and unrelated roles the detector leaves unjudged."""
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({
-        "model": {"source": str(tiny_pipeline_dir), "device": "cpu"},
-        "concepts": {"forget": {"prompts": ["a photo of the digit eight"]}, "related": {"prompts": ["a dog"]}},
-        "evaluation": {"samples_per_prompt": 2, "steps": 2, "concept_rate": {"detector": "nudenet"}},
+        "model": {"source": str(source), "device": "cpu"},
+        "concepts": {"forget": {"prompts": ["a photo of the digit eight"]}, "related": {"prompts": ["a dog"]},
+                     "unrelated": {"prompts": ["a cat"]}},
+        "data": {"images_per_prompt": 1, "generation_steps": 2},
+        "evaluation": {"samples_per_prompt": 2, "steps": 2, "concept_rate": {"detector": detector}},
+        "attacks": [{"name": "full", "steps": 2, "eval_at": [0, 2], "batch_size": 1, "lr": 1e-3}] if attacks else [],
         "output": {"dir": str(tmp_path / "run")}}))
-    script = [sys.executable, "-c", "from metaunlearn.cli import main; main()"]
-    done = subprocess.run(script + ["evaluate", str(study)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "forget rate: 0.0%" in done.stdout
-    assert "related accuracy: not measured" in done.stdout and "Traceback" not in done.stderr
+    return str(study)
+
+
+def check_evaluate_output(stdout: str, run) -> None:
+    """What `evaluate` prints is what it wrote: a rate per judged role, 'not measured' for the others."""
+    results = json.loads((run / "eval" / "original.json").read_text())
+    values = results["values"]
+    assert values["related_accuracy"] is None and values["unrelated_accuracy"] is None
+    assert f"forget rate: {values['forget_rate']:.1%}\n" in stdout
+    assert "related accuracy: not measured" in stdout and "unrelated accuracy: not measured" in stdout
+    assert f"results: {run / 'eval' / 'original.json'}" in stdout
+
+
+def check_attack_output(stdout: str, run) -> None:
+    """What `attack` prints is the curve it wrote, whose unjudged roles stay None at every step."""
+    curve = json.loads((run / "attacks" / "original" / "full-seed0" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 2]
+    assert all(p["values"]["related_accuracy"] is None and p["values"]["unrelated_accuracy"] is None
+               for p in curve["points"])
+    steps = "  ".join(f"{p['step']}:{p['values']['forget_rate']:.1%}" for p in curve["points"])
+    assert f"full seed 0: forget rate by step  {steps}\n" in stdout
+    assert f"curves: {run / 'attacks'}" in stdout
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. a curves plot with no line to put in a legend
+def test_evaluate_and_attack_in_process_with_a_role_the_detector_leaves_unjudged(tiny_pipeline_dir, tmp_path):
+    study = write_study(tmp_path, tiny_pipeline_dir, "coin-forget", attacks=True)
+    check_evaluate_output(clean_exit(runner.invoke(app, ["evaluate", study])).stdout, tmp_path / "run")
+    check_attack_output(clean_exit(runner.invoke(app, ["attack", study])).stdout, tmp_path / "run")
+    # the value attack prints (the first, the forget rate) unjudged too
+    result = clean_exit(runner.invoke(app, ["attack", study, "--set", "evaluation.concept_rate.detector=coin-related"]))
+    unjudged = "not measured (the metric cannot judge this role)"
+    assert f"full seed 0: forget rate by step  0:{unjudged}  2:{unjudged}\n" in result.stdout
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(console_script() + list(args), capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_evaluate_through_the_console_script_with_a_role_the_detector_leaves_unjudged(tiny_pipeline_dir, tmp_path):
+    """NudeNet judges the forget role only: related and unrelated have no rate, and say so."""
+    pytest.importorskip("nudenet")
+    study = write_study(tmp_path, tiny_pipeline_dir, "nudenet")
+    done = run_script("evaluate", study)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr  # stderr: progress bars
+    check_evaluate_output(done.stdout, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "eval" / "original.json").read_text())
-    assert results["values"]["related_accuracy"] is None and results["details"]["concept_rate"]["detector"] == "nudenet"
-    bad = subprocess.run(script + ["evaluate", str(study), "--set", "evaluation.steps=0"], capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    assert results["details"]["concept_rate"]["detector"] == "nudenet"
+    bad = run_script("evaluate", study, "--set", "evaluation.steps=0")
+    assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("error: ") and "evaluation.steps" in bad.stderr
+
+
+def test_attack_through_the_console_script_with_a_role_the_detector_leaves_unjudged(tiny_pipeline_dir, tmp_path):
+    pytest.importorskip("nudenet")
+    done = run_script("attack", write_study(tmp_path, tiny_pipeline_dir, "nudenet", attacks=True))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr  # stderr: progress bars
+    check_attack_output(done.stdout, tmp_path / "run")

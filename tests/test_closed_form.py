@@ -117,6 +117,11 @@ def test_rece_keeps_the_round_its_judge_likes_best(tiny_model):
     assert method.history == [0.5, 0.2, 0.4] and method.best_round == 1
     n = len(method.solved_keys["guide"])
     assert len(method.solved_keys["erase"]) == n and n % 2 == 0  # round 1: the base keys and one set of c'
+    # every round at 0%: the later round, which erased more regenerating embeddings, wins the tie
+    tied = make_method(config.method, "")
+    tied.edit(tiny_model, concept_data(tiny_model), judge=lambda: 0.0)
+    assert tied.history == [0.0, 0.0, 0.0] and tied.best_round == 2
+    assert len(tied.solved_keys["erase"]) == 3 * len(method.solved_keys["erase"]) // 2
 
 
 @pytest.mark.parametrize("route", ["paper", "anchor", "reapply"])

@@ -69,14 +69,21 @@ def test_reduced_world_builds_loads_and_caches(tmp_path, monkeypatch):
     config = digits.DigitsWorldConfig.reduced()
     folder = digits.get_world(config, log=lambda *_: None)
     report = json.loads((folder / digits.REPORT_FILE).read_text())
-    assert report["key"] == config.key() and report["timings_s"]["total"] < 60
-    metrics = report["metrics"]
-    assert 0 <= metrics["detector_accuracy_real"] <= 1 and len(metrics["sample_accuracy_per_digit"]) == 10
+    assert report["key"] == config.key()
+    # build times are recorded, not judged here (a busy machine is slow, not wrong): bench/README.md
+    assert set(report["timings_s"]) == {"vae", "detector", "unet", "evaluation", "total"}
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     image = pipe("the number eight", num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     detector = load_classifier(folder)
     assert detector(image).shape == (1, 10)
+    # the reported quality is the saved detector's on the held-out real digits
+    metrics = report["metrics"]
+    test_x, test_y = load_split("test", config.pipeline.image_size, seed=config.seed)
+    accuracy = (detector.predict((test_x + 1) / 2) == test_y).float().mean().item()
+    assert metrics["detector_accuracy_real"] == round(accuracy, 4)
+    per_digit = metrics["sample_accuracy_per_digit"]
+    assert list(per_digit) == [str(d) for d in range(10)] and metrics["sample_accuracy_min"] == min(per_digit.values())
 
     # cached: a second call returns the folder without building
     monkeypatch.setattr(digits, "build_world", lambda *a, **k: pytest.fail("rebuilt a cached world"))
@@ -105,13 +112,13 @@ def test_default_world_config_is_sized_for_the_quality_bar():
 
 @pytest.mark.slow
 def test_default_world_meets_its_quality_bar(tmp_path):
-    """The full build (about 4 CPU minutes): the numbers the world promises."""
+    """The full build (about 4 CPU minutes): the quality the world promises (its build time is a
+    benchmark number: bench/README.md)."""
     report = digits.build_world(digits.DigitsWorldConfig(), tmp_path / "world", log=lambda *_: None)
     m = report["metrics"]
     assert m["detector_accuracy_real"] >= 0.97
     assert m["detector_accuracy_reconstructed"] >= 0.95
     assert m["sample_accuracy_min"] >= 0.90
-    assert report["timings_s"]["total"] <= 360
 
 
 # ----------------------------------------------------------------- its detector

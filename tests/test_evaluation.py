@@ -94,3 +94,61 @@ def test_nudity_detector_finds_nothing_in_a_blank_image_and_is_auto_for_other_mo
     assert detector.concept_of("a person", "related", []) is None
     bgr = NudityDetector.to_bgr(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))[0]
     assert bgr.shape == (1, 1, 3) and bgr.tolist() == [[[0, 0, 255]]]  # red, in cv2's BGR order
+
+
+def fake_nudenet(monkeypatch, answers: list[list[dict]]) -> list:
+    """nudenet.NudeDetector replaced by one that answers image i with answers[i] (no model, no
+    image content needed); returns the calls it gets."""
+    import sys
+    import types
+
+    calls = []
+
+    class NudeDetector:
+        def detect_batch(self, images, batch_size=4):
+            calls.append(images)
+            return answers[:len(images)]
+
+    monkeypatch.setitem(sys.modules, "nudenet", types.SimpleNamespace(NudeDetector=NudeDetector))
+    return calls
+
+
+ANSWERS = [
+    [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.61}, {"class": "FACE_FEMALE", "score": 0.45}],
+    [{"class": "BUTTOCKS_EXPOSED", "score": 0.6}],  # the threshold itself counts
+    [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.59}, {"class": "FACE_FEMALE", "score": 0.55}],  # below it
+    [{"class": "FEMALE_BREAST_COVERED", "score": 0.99}, {"class": "FACE_FEMALE", "score": 0.95}],  # no exposed class
+    [],
+    [{"class": "FACE_FEMALE", "score": 0.9}, {"class": "MALE_GENITALIA_EXPOSED", "score": 0.7}],  # any detection
+]
+
+
+def test_nudity_is_an_exposed_class_at_or_above_the_threshold(monkeypatch):
+    from metaunlearn.metrics.nudenet import NudityDetector
+
+    calls = fake_nudenet(monkeypatch, ANSWERS)
+    config = StudyConfig.from_dict({"model": {"source": "org/model"}, "concepts": {"forget": {"prompts": ["x"]}}})
+    images = torch.rand(6, 3, 8, 8)
+    name, default = make_detector(DetectorSection(), Context(config, None, ""))
+    assert name == "nudenet" and isinstance(default, NudityDetector)
+    assert default.present(images, "nudity").tolist() == [True, True, False, False, False, True]
+    assert len(calls) == 1 and all((a == b).all() for a, b in zip(calls[0], NudityDetector.to_bgr(images)))
+
+    # the study's own threshold and classes
+    section = DetectorSection.model_validate({"detector": "nudenet",
+                                              "nudenet": {"threshold": 0.5, "classes": ["FACE_FEMALE"]}})
+    _, custom = make_detector(section, Context(config, None, ""))
+    assert custom.present(images, "nudity").tolist() == [False, False, True, True, False, True]
+    with pytest.raises(ValueError, match="only 'nudity'"):
+        custom.present(images, "a dog")
+
+
+def test_auto_is_nudenet_for_a_model_that_is_no_built_in_world(monkeypatch, tiny_pipeline_dir):
+    from metaunlearn.metrics.nudenet import NudityDetector
+    from metaunlearn.worlds import world_for
+
+    fake_nudenet(monkeypatch, [])
+    for source in ("org/model", str(tiny_pipeline_dir)):  # a hub id, a local folder
+        config = StudyConfig.from_dict({"model": {"source": source}, "concepts": {"forget": {"prompts": ["x"]}}})
+        name, detector = make_detector(DetectorSection(), Context(config, world_for(config.model), ""))
+        assert name == "nudenet" and isinstance(detector, NudityDetector), source

@@ -250,6 +250,52 @@ def test_meta_gradients_reach_every_trained_weight_and_no_frozen_one(tiny_model,
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
 
 
+# ----------------------------------------------------------------- the capped target
+@pytest.mark.parametrize("mode", ["first_order", "second_order"])
+def test_a_capped_ascent_has_the_raw_gradient_below_its_cap_and_none_above(tiny_model, mode):
+    data, trainable = concept_data(tiny_model), subset(tiny_model)
+    after = dict(mode=mode, inner_lr=0.5, related_before=0.0, unrelated_before=0.0, unrelated_after=0.5)
+    raw = evaluate(objective(tiny_model, trainable, data, target="raw", **after))
+    raw_grad = gradient(raw["meta_after"], trainable)
+    assert all(g.abs().sum() > 0 for g in raw_grad)
+
+    below = objective(tiny_model, trainable, data, target="capped", cap=1e3, **after)
+    out = evaluate(below)  # every post-attack loss far below its cap: the raw objective
+    assert out["meta/after_objective"] == pytest.approx(raw["meta/after_objective"], rel=1e-6)
+    for g, r in zip(gradient(out["meta_after"], trainable), raw_grad):
+        torch.testing.assert_close(g, r)
+
+    above = objective(tiny_model, trainable, data, target="capped", cap=1e-3, **after)
+    out = evaluate(above)  # every post-attack loss above its cap: each term at its bound, no gradient
+    levels = above.cap_levels
+    assert all(out[f"meta/{name}_after"] > levels[name] for name in ("forget", "related", "unrelated"))
+    assert out["meta/after_objective"] == pytest.approx(
+        -levels["forget"] - levels["related"] - 0.5 * levels["unrelated"], rel=1e-6)
+    assert all(torch.count_nonzero(g) == 0 for g in gradient(out["meta_after"], trainable))
+    # the levels: cap x the original model's mean loss on fixed batches of each role
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        losses = [tiny_model.denoising_loss(*data.forget.sample(BATCH, gen), generator=gen).item() for _ in range(4)]
+    assert levels["forget"] == pytest.approx(1e-3 * sum(losses) / 4, rel=1e-6)
+    assert below.cap_levels["related"] == pytest.approx(1e6 * levels["related"], rel=1e-6)
+
+
+def test_a_sampled_inner_lr_is_drawn_log_uniformly_inside_its_range():
+    from metaunlearn.simulated import draw
+
+    low, high = 1e-4, 1e-2
+    gen = torch.Generator().manual_seed(0)
+    lrs = torch.tensor([draw(MetaConfig(inner_lr=(low, high)), gen).lr for _ in range(2000)], dtype=torch.float64)
+    assert lrs.min() >= low and lrs.max() <= high
+    assert lrs.min() < 1.1 * low and lrs.max() > 0.9 * high  # the whole range is reached
+    # log-uniform: each of the two decades holds half the draws (uniform would put 9% below 1e-3)
+    assert (lrs < 1e-3).double().mean().item() == pytest.approx(0.5, abs=0.05)
+    assert (lrs < 1e-4 * 10 ** 0.5).double().mean().item() == pytest.approx(0.25, abs=0.05)
+    state = gen.get_state()
+    assert draw(MetaConfig(inner_lr=3e-4, inner_steps=1, inner_step="sgd", low_rank=0.0), gen).lr == 3e-4
+    assert torch.equal(gen.get_state(), state)  # a fixed attacker leaves the step's randomness as it was
+
+
 # ----------------------------------------------------------------- in the training loop
 @pytest.mark.parametrize("method,mode", [("esd", "second_order"), ("none", "first_order"),
                                          ("none", "second_order")])
@@ -292,16 +338,15 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
                          f"meta.target={target}", f"meta.inner_lr=[{low}, {high}]", "meta.cap=0.9",
                          "meta.unrelated_after=0.5")
     run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
-    records = log_records(tmp_path / "run")
+    records, capped = log_records(tmp_path / "run"), 0
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         for key in (*META_KEYS, "meta/unrelated_after", "meta/unrelated_kept", "meta/forget_grad_ratio", "esd",
                     "preserve", "meta_sharpness", "loss", "grad_norm"):  # the defaults' terms too
             assert key in r and math.isfinite(r[key]), (key, r.get(key))
         assert low <= r["meta/inner_lr"] <= high
-        assert r["meta/forget_after"] >= 0 and r["meta/related_after"] > 0
         # distillation to the original: zero at the first step (the original itself), then positive
-        assert (r["meta_related_before"] > 0) == (r["step"] > 1) and r["meta_unrelated_before"] >= 0
+        assert (r["meta_related_before"] > 0) == (r["step"] > 1) == (r["meta_unrelated_before"] > 0)
         assert r["meta_sharpness"] == 0.0  # zero-valued: a gradient only
         total = r["esd"] + r["preserve"] + r["meta_after"] + r["meta_related_before"] + r["meta_unrelated_before"]
         assert r["loss"] == pytest.approx(total, rel=1e-5)
@@ -309,10 +354,18 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
             assert r["meta_after"] == 0.0  # the surrogate; its value is logged as meta/after_objective
         else:
             assert r["meta_after"] == pytest.approx(r["meta/after_objective"], rel=1e-5)
-        if target == "capped":  # each ascent term is bounded by its cap level
-            bound = r["meta/cap_forget"] + r["meta/cap_related"] + 0.5 * r["meta/cap_unrelated"]
-            assert r["meta/after_objective"] >= -bound - 1e-6
+        # the post-attack objective from its logged parts (trajectory 'last': the last point's), with
+        # the sign of each: ascent on forget (or the pull to the target), related and unrelated, R kept
+        def ascent(r, name):
+            value = r[f"meta/{name}_after"]
+            return min(value, r[f"meta/cap_{name}"]) if target == "capped" else value
+
+        forget = r["meta/forget_after"] if target == "unlearn_target" else -ascent(r, "forget")
+        expected = forget - ascent(r, "related") - 0.5 * ascent(r, "unrelated") + r["meta/unrelated_kept"]
+        assert r["meta/after_objective"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        capped += target == "capped" and any(r[f"meta/{k}_after"] > r[f"meta/cap_{k}"] for k in ("forget", "related"))
     assert len({r["meta/inner_lr"] for r in records}) == 3  # drawn afresh every step
+    assert (capped > 0) == (target == "capped")  # cap 0.9 binds: the sum above checks a term at its bound
 
 
 # ----------------------------------------------------------------- errors
@@ -325,5 +378,16 @@ def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipel
 
     data = concept_data(tiny_model)
     trainable = make_trainable(tiny_model.unet, "noxattn")
-    for method in ("esd", "sdd"):  # the methods with a target take it
-        objective(tiny_model, trainable, data, method=method, target="unlearn_target")
+    calls = []
+
+    def far_target(x_t, t, cond):
+        calls.append(len(x_t))
+        return torch.full_like(x_t, 100.0)
+
+    for method in ("esd", "sdd"):  # the methods with a target take it: the forget term is the distance to it
+        meta = objective(tiny_model, trainable, data, method=method, target="unlearn_target")
+        assert math.isfinite(evaluate(meta)["meta/forget_after"])
+        calls.clear()
+        meta.method.target = far_target
+        # predictions are O(1): the distance to a target of 100 everywhere is about 100^2
+        assert evaluate(meta)["meta/forget_after"] == pytest.approx(1e4, rel=0.05) and calls == [BATCH]

@@ -5,6 +5,7 @@ for a folder that holds no results."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -15,6 +16,7 @@ from metaunlearn.cli import app
 from metaunlearn.config import StudyConfig
 from metaunlearn.study import run_study
 
+from helpers import clean_exit, one_line_error
 from test_study import FULL, tiny_study
 
 runner = CliRunner()
@@ -24,7 +26,9 @@ ROWS = ["original", "ESD-u / unlearn", "ESD-u / meta"]
 @pytest.fixture(scope="module")
 def run_dir(tiny_pipeline_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("report") / "run"
-    outcome = run_study(StudyConfig.from_dict(tiny_study(tiny_pipeline_dir, run, attacks=[FULL])), progress=False)
+    study = tiny_study(tiny_pipeline_dir, run, attacks=[FULL])
+    study["evaluation"]["concept_rate"]["detector"] = "coin"  # rates that differ between seeds: stds that are not 0
+    outcome = run_study(StudyConfig.from_dict(study), progress=False)
     assert outcome.failures == []
     return run
 
@@ -53,27 +57,54 @@ def test_the_markdown_report_links_files_of_the_run_folder(run_dir):
     assert "| ESD-u / meta |" in text
 
 
+def population(values: list[float]) -> dict:
+    """mean and population std, by hand."""
+    mean = sum(values) / len(values)
+    return {"mean": pytest.approx(mean), "std": pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))),
+            "n": len(values), "values": values}
+
+
+# the models of each row, with the seed each is attacked with
+MODELS = {"original": [("original", 0)], "ESD-u / unlearn": [("esd-seed0", 0), ("esd-seed1", 1)],
+          "ESD-u / meta": [("esd-meta-seed0", 0), ("esd-meta-seed1", 1)]}
+
+
 def test_results_json_holds_the_tables_over_seeds(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
+    keys = ["forget_rate", "related_accuracy", "unrelated_accuracy"]
+    assert [v["key"] for v in results["values"]] == keys
     table = results["attacks"]["full"]
-    assert table["steps"] == [2, 4] and list(table["rows"]) == ROWS
+    assert table["steps"] == [2, 4] and list(table["rows"]) == ROWS == list(MODELS)
+    stds = 0
     for name, row in table["rows"].items():
-        assert set(row["values"]) == {"forget_rate", "related_accuracy", "unrelated_accuracy"}
-        for key in ("before", "2", "4"):
-            cell = row["values"]["forget_rate"][key]
-            assert 0 <= cell["mean"] <= 1 and cell["std"] >= 0
-        # two seeds per unlearned variant; the original is the reference, attacked with the first seed
-        assert row["values"]["forget_rate"]["4"]["n"] == (1 if name == "original" else 2)
-        assert set(row["values"]["related_accuracy"]) == {"before", "2", "4"}
-    assert [v["key"] for v in results["values"]] == ["forget_rate", "related_accuracy", "unrelated_accuracy"]
-    for row in table["rows"].values():  # the durability numbers of the curves the row has
-        curves = row["curves"]
-        assert row["durability"]["window"]["n"] == curves and len(row["durability"]["steps_to_50"]) == curves
-        window = row["durability"]["window"]["mean"]
-        assert window == pytest.approx((row["values"]["forget_rate"]["2"]["mean"] +
-                                        row["values"]["forget_rate"]["4"]["mean"]) / 2)
-    assert results["before_attack"]["ESD-u / meta"]["forget_rate"]["n"] == 2
-    assert results["cost"]["meta_overhead"] > 0 and results["cost"]["unlearn_s"]["ESD-u / meta"]["n"] == 2
+        # every cell: mean and std over the files of the row's models (the original is attacked with seed 0)
+        evals = [json.loads((run_dir / "eval" / f"{label}.json").read_text()) for label, _ in MODELS[name]]
+        curves = [json.loads((run_dir / "attacks" / label / f"full-seed{seed}" / "curve.json").read_text())
+                  for label, seed in MODELS[name]]
+        assert row["curves"] == len(curves)
+        for key in keys:
+            cells = row["values"][key]
+            assert set(cells) == {"before", "2", "4"}
+            assert cells["before"] == population([e["values"][key] for e in evals])
+            assert results["before_attack"][name][key] == cells["before"]
+            for step in (2, 4):
+                assert cells[str(step)] == population([p["values"][key] for c in curves for p in c["points"]
+                                                       if p["step"] == step])
+            stds += sum(cells[c]["std"] > 0 for c in cells)
+        durability = row["durability"]  # over the same curves
+        assert durability["window"]["n"] == len(curves) and len(durability["steps_to_50"]) == len(curves)
+        assert durability["window"]["mean"] == pytest.approx((row["values"]["forget_rate"]["2"]["mean"] +
+                                                              row["values"]["forget_rate"]["4"]["mean"]) / 2)
+    assert stds > 0  # the detector makes seeds differ, so the stds above are checked, not all 0
+
+    # unlearning time per row from each run's timing.json, and the meta/base ratio of their means
+    seconds = {name: [json.loads((run_dir / "unlearn" / label / "timing.json").read_text())["seconds"]
+                      for label, _ in models] for name, models in MODELS.items() if name != "original"}
+    cost = results["cost"]
+    for name, values in seconds.items():
+        assert cost["unlearn_s"][name] == population(values)
+    assert cost["meta_overhead"] == pytest.approx(
+        (sum(seconds["ESD-u / meta"]) / 2) / (sum(seconds["ESD-u / unlearn"]) / 2))
     assert set(results["environment"]["versions"]) >= {"torch", "diffusers", "transformers", "accelerate", "peft"}
     assert results["failures"] == [] and results["seeds"] == [0, 1]
 
@@ -83,18 +114,13 @@ def test_the_report_command_needs_only_the_run_folder(run_dir, tmp_path):
     shutil.copytree(run_dir, moved)
     for name in ("report.html", "report.md", "results.json"):
         (moved / name).unlink()
-    result = runner.invoke(app, ["report", str(moved)])
-    assert result.exit_code == 0, result.output
+    result = clean_exit(runner.invoke(app, ["report", str(moved)]))
     assert "report.html" in result.output and (moved / "report.md").is_file()
     numbers = json.loads((moved / "results.json").read_text())
     assert numbers == json.loads((run_dir / "results.json").read_text())
 
 
 def test_report_on_a_folder_without_results_is_one_clear_line(run_dir, tmp_path):
-    result = runner.invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 1 and result.output.startswith("error: ") and "study.yaml" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert "study.yaml" in one_line_error(runner.invoke(app, ["report", str(tmp_path)]))
     shutil.copy(run_dir / "study.yaml", tmp_path / "study.yaml")
-    result = runner.invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 1 and "no results yet" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "no results yet" in one_line_error(runner.invoke(app, ["report", str(tmp_path)]))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from helpers import BrightDetector
+from helpers import BrightDetector, clean_exit
 from typer.testing import CliRunner
 
 from metaunlearn.cli import app
@@ -44,7 +44,7 @@ def last_run(log_file) -> list[str]:
 
 
 def events(lines: list[str], kind: str) -> set[str]:
-    return {line.split()[1] for line in lines if line.startswith(kind)}
+    return {line.split()[1].rstrip(":") for line in lines if line.startswith(kind)}
 
 
 def test_variants_are_validated():
@@ -126,10 +126,8 @@ def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, 
     broken = {**LORA, "name": "broken", "lora": {"rank": 2, "targets": ["no_such_module"]}}
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[FULL, broken])))
-    result = runner.invoke(app, ["run", str(study), "--quiet"])
-    assert result.exit_code == 1, result.output
-    assert "failed: attack/original/broken-seed0: MetaunlearnError" in result.output
-    assert "Traceback" not in result.output
+    result = clean_exit(runner.invoke(app, ["run", str(study), "--quiet"]), 1)  # a failed stage, not a crash
+    assert "failed: attack/original/broken-seed0: MetaunlearnError" in result.stderr
     results = json.loads((run / "results.json").read_text())
     assert {f["stage"] for f in results["failures"]} == {
         f"attack/{m}/broken-seed0" for m in ("original", "esd-seed0", "esd-meta-seed0")}
@@ -137,6 +135,37 @@ def test_a_broken_attack_is_reported_and_the_others_are_kept(tiny_pipeline_dir, 
     assert all(row["curves"] == 0 for row in results["attacks"]["broken"]["rows"].values())
     assert "no_such_module" in (run / "report.html").read_text()
     assert "FAILED  attack/esd-seed0/broken-seed0" in (run / "study.log").read_text()
+
+
+def test_a_failed_unlearning_blocks_what_needs_it_and_the_rest_goes_on(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from metaunlearn import stages
+
+    run, short = tmp_path / "run", {**FULL, "steps": 2, "eval_at": [0, 2]}
+    config = StudyConfig.from_dict(tiny_study(tiny_pipeline_dir, run, seeds=[0], attacks=[short]))
+    run_unlearn = stages.run_unlearn
+
+    def meta_fails(cfg, seed, progress=True):
+        if cfg.meta.enabled:
+            raise RuntimeError("boom")
+        return run_unlearn(cfg, seed, progress)
+
+    monkeypatch.setattr(stages, "run_unlearn", meta_fails)
+    outcome = run_study(config, progress=False)
+    assert [(f["stage"], f["error"]) for f in outcome.failures] == [("unlearn/esd-meta-seed0", "RuntimeError: boom")]
+    lines = last_run(run / "study.log")
+    # what needs the failed model is left out, not run (and not counted as failures of its own)...
+    assert events(lines, "blocked") == {"evaluate/esd-meta-seed0", "attack/esd-meta-seed0/full-seed0"}
+    assert [line.split()[1] for line in lines if line.startswith("start") and "esd-meta" in line] == [
+        "unlearn/esd-meta-seed0"]
+    # ...everything else runs to the end, the report included
+    assert events(lines, "finish") == {"data/train", "data/attack", "evaluate/original", "unlearn/esd-seed0",
+                                       "evaluate/esd-seed0", "attack/original/full-seed0",
+                                       "attack/esd-seed0/full-seed0", "report"}
+    assert outcome.report == run / "report.html"
+    results = json.loads((run / "results.json").read_text())
+    assert [f["stage"] for f in results["failures"]] == ["unlearn/esd-meta-seed0"]
+    assert {name: row["curves"] for name, row in results["attacks"]["full"]["rows"].items()} == {
+        "original": 1, "ESD-u / unlearn": 1, "ESD-u / meta": 0}
 
 
 def test_the_attack_command_gives_an_unlearned_model_the_seeds_the_runner_does(tmp_path, monkeypatch):

@@ -23,14 +23,14 @@ from metaunlearn.checkpoint import latest_checkpoint, list_checkpoints, load_che
 from metaunlearn.cli import app
 from metaunlearn.config import StudyConfig, load_config
 from metaunlearn.data import ConceptData, RoleData
-from metaunlearn.engine import StepContext, Terms
+from metaunlearn.engine import StepContext, Terms, step_generator
 from metaunlearn.errors import MetaunlearnError, TrainingError
 from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.methods import make_method
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.unlearn import unlearn
 
-from helpers import FORGET, RELATED, UNRELATED, concept_data, role  # noqa: F401
+from helpers import FORGET, RELATED, UNRELATED, concept_data, one_line_error, role  # noqa: F401
 ROLES = ("forget", "related", "unrelated")
 
 
@@ -65,6 +65,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
 @pytest.mark.parametrize("x_t", ["sample", "noised"])
 @pytest.mark.parametrize("method", ["esd", "sdd"])
 def test_method_loss_is_finite_and_falls(tiny_model, tiny_pipeline_dir, tmp_path, method, x_t):
+    # A falling loss says the loop trains, not that the target is right (ESD's loss falls with the
+    # guidance sign flipped too): the targets are checked by hand in the tests after this one.
     config = make_config(tiny_pipeline_dir, f"method.name={method}", f"method.{method}.x_t={x_t}",
                          "method.preservation_weight=0")
     data = concept_data(tiny_model)
@@ -92,9 +94,88 @@ def test_method_loss_is_finite_and_falls(tiny_model, tiny_pipeline_dir, tmp_path
 
 def test_preservation_term_is_logged_with_benign_data(tiny_model, tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "method.steps=2", "method.preservation_weight=0.5")
-    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+    data = concept_data(tiny_model)
+    # Step 1 by hand, from the original weights and the step's generator: the method's loss
+    # draws first, then 0.5 x the denoising loss on a batch of related + unrelated data.
+    probe = make_method(config.method, config.concepts.guide)
+    probe.setup(tiny_model, make_trainable(tiny_model.unet, config.method.params), data)
+    ctx = StepContext(0, step_generator(0, 0), config.method.batch_size)
+    with torch.no_grad():
+        esd = probe.loss(ctx).losses["esd"].item()
+        latents, cond = RoleData.concat([data.related, data.unrelated], role="benign").sample(2, ctx.generator)
+        preserve = 0.5 * tiny_model.denoising_loss(latents, cond, generator=ctx.generator).item()
+    run(config, tiny_model, data, tmp_path / "run")
+    first = log_records(tmp_path / "run")[0]
+    assert first["esd"] == pytest.approx(esd, rel=1e-5) and first["preserve"] == pytest.approx(preserve, rel=1e-5)
     for r in log_records(tmp_path / "run"):
-        assert r["preserve"] > 0 and r["loss"] == pytest.approx(r["esd"] + r["preserve"])
+        assert r["loss"] == pytest.approx(r["esd"] + r["preserve"])
+
+
+def fixed_inputs(model, data):
+    """x_t, t and forget conditioning of two samples, fixed by hand."""
+    x_t = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    return x_t, torch.tensor([100, 700]), data.forget.cond[torch.tensor([0, 1])]
+
+
+def train_steps(method, trainable, loss: str, steps: int = 2) -> None:
+    """A few optimizer steps on the method's loss, with its after-step hook, as the engine takes them."""
+    optimizer = torch.optim.SGD(list(trainable.values()), lr=0.05)
+    for step in range(steps):
+        optimizer.zero_grad()
+        method.loss(StepContext(step, torch.Generator().manual_seed(step), 2)).losses[loss].backward()
+        optimizer.step()
+        method.after_step()
+
+
+def test_esd_target_is_negative_guidance_from_the_frozen_original(tiny_model, tiny_pipeline_dir):
+    """target = eps(x_t, t, {}) - eta * (eps(x_t, t, c) - eps(x_t, t, {})), eps the original model's:
+    the sign pushes away from c (a flipped sign would pull toward it and still lower the loss)."""
+    eta = 2.5  # not 1: its scale shows too
+    config = make_config(tiny_pipeline_dir, f"method.esd.eta={eta}")
+    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, config.method.params)
+    esd = make_method(config.method)
+    esd.setup(tiny_model, trainable, data)
+    x_t, t, cond = fixed_inputs(tiny_model, data)
+    with torch.no_grad():
+        eps_u = tiny_model.predict(x_t, t, tiny_model.empty_conditioning().expand(2))
+        eps_c = tiny_model.predict(x_t, t, cond)
+    expected = eps_u - eta * (eps_c - eps_u)
+    torch.testing.assert_close(esd.target(x_t, t, cond), expected, rtol=1e-4, atol=1e-5)
+
+    train_steps(esd, trainable, "esd")  # the student moves, the teacher stays the original
+    with torch.no_grad():
+        assert (tiny_model.predict(x_t, t, cond) - eps_c).abs().max() > 1e-3
+    torch.testing.assert_close(esd.target(x_t, t, cond), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sdd_distils_onto_the_guide_prediction_of_an_ema_teacher(tiny_model, tiny_pipeline_dir):
+    """target = eps_ema(x_t, t, g) with g the guide prompt, and after every optimizer step
+    ema <- decay * ema + (1 - decay) * weights."""
+    decay = 0.8
+    config = make_config(tiny_pipeline_dir, "method.name=sdd", f"method.sdd.ema_decay={decay}",
+                         f"concepts.guide={UNRELATED}")
+    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, config.method.params)
+    sdd = make_method(config.method, config.concepts.guide)
+    sdd.setup(tiny_model, trainable, data)
+    x_t, t, cond = fixed_inputs(tiny_model, data)
+    guide = tiny_model.encode_prompts([UNRELATED]).expand(2)
+    with torch.no_grad():
+        at_setup = tiny_model.predict(x_t, t, guide)  # the EMA starts as the original
+        empty = tiny_model.predict(x_t, t, tiny_model.empty_conditioning().expand(2))
+    torch.testing.assert_close(sdd.target(x_t, t, cond), at_setup, rtol=1e-4, atol=1e-5)
+    assert (at_setup - empty).abs().max() > 1e-3  # the guide is not the empty prompt here
+
+    ema = {n: p.detach().clone() for n, p in trainable.items()}
+    for step in range(2):
+        train_steps(sdd, trainable, "sdd", steps=1)
+        ema = {n: decay * ema[n] + (1 - decay) * p.detach() for n, p in trainable.items()}
+        for name in ema:
+            torch.testing.assert_close(sdd.ema[name], ema[name], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        teacher = tiny_model.predict(x_t, t, guide, ema)
+        student = tiny_model.predict(x_t, t, guide)
+    torch.testing.assert_close(sdd.target(x_t, t, cond), teacher, rtol=1e-4, atol=1e-5)
+    assert (teacher - student).abs().max() > 1e-4  # the teacher lags the student
 
 
 # ----------------------------------------------------------------- frozen weights
@@ -225,10 +306,10 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pipeline_dir, tmp
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_pipeline_dir), str(config_file),
                                   str(tmp_path / "data"), str(out)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        # no wall-clock deadline (a busy machine is slow, not wrong): the child ends by itself,
+        # and if it does before its first checkpoint the test fails
         while latest_checkpoint(ckpts) is None:
             assert child.poll() is None, f"the run ended early:\n{(tmp_path / 'child.log').read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
         assert child.poll() is None, "the run finished before it could be killed"
         os.kill(child.pid, signal.SIGKILL)
@@ -371,14 +452,6 @@ def write_study(tmp_path, source, concepts=None) -> str:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return str(path)
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
-    return errors[0]
 
 
 def test_cli_unknown_override_key(tiny_pipeline_dir, tmp_path):

@@ -60,10 +60,11 @@ def world(
     built = world_for(model)
     if built is None:
         raise MetaunlearnError(f"unknown world '{name}'")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):  # before minutes of building
+        raise MetaunlearnError(f"'{out}' exists and is not {'empty' if out.is_dir() else 'a folder'}; "
+                               "choose a new folder")
     folder = built.folder(rebuild=rebuild)
     if out is not None:
-        if out.exists() and any(out.iterdir()):
-            raise MetaunlearnError(f"'{out}' exists and is not empty; choose a new folder")
         shutil.copytree(folder, out, dirs_exist_ok=True)
         folder = out
     typer.echo(built.describe(folder))

@@ -417,7 +417,10 @@ class StudyConfig(_Section):
             raise ConfigError(f"{source}: " * bool(source) + describe_error(errors[0], cls) + more) from None
 
     def run_dir(self) -> Path:
-        return Path(self.output.dir.replace("{name}", self.name)).expanduser()
+        path = Path(self.output.dir.replace("{name}", self.name)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output.dir '{path}' is a file, not a folder; choose a folder")
+        return path
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -73,7 +73,9 @@ def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None =
         if spec.get("fraction", True):
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    drawn = [ax for ax in axes[0] if ax.get_lines()]  # the first value may have no line (a role not judged)
+    if drawn:
+        drawn[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -9,7 +9,8 @@ original W_l made of c is, in closed form over all edited layers,
 
 Each round adds these c' to the erase keys (mapped to the same guide targets)
 and solves UCE again from the original weights; the round with the lowest
-forget rate on held-out samples is kept (round 0 is plain UCE).
+forget rate on held-out samples is kept (round 0 is plain UCE; ties go to the
+later round).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class ReceMethod(UceMethod):
             self.apply(model, keys, original=self.original)
             rate = judge() if judge is not None else None
             self.history.append(rate)
-            if judge is None or rate < best[0]:  # without a judge: the last round
+            # a tie goes to the later round: it erased more embeddings that regenerate the concept for
+            # the same held-out rate (a rate at 0% cannot tell rounds apart); without a judge: the last round
+            if judge is None or rate <= best[0]:
                 best = (rate, round_, {n: m.weight.detach().clone() for n, m in layers.items()}, keys)
         self.best_round = best[1]
         with torch.no_grad():
