@@ -271,7 +271,7 @@ def run_variant(args) -> dict:
     torch.set_num_threads(args.threads)
     from metaunlearn.engine import Engine, make_accelerator
     from metaunlearn.meta import make_meta
-    from metaunlearn.methods import make_method
+    from metaunlearn.methods import make_method, trained_params
     from metaunlearn.params import make_trainable
     from metaunlearn.unlearn import denoising_objective, preservation_data
 
@@ -281,7 +281,7 @@ def run_variant(args) -> dict:
     model, data = load_world(args, device)
     config = study_config(args, "second_order" if variant == "second" else "first_order")
     cfg = config.method
-    trainable = make_trainable(model.unet, cfg.params)
+    trainable = make_trainable(model.unet, trained_params(cfg))
     method = make_method(cfg, config.concepts.guide)
     method.setup(model, trainable, data)
     benign = preservation_data(data)

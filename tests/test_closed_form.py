@@ -137,7 +137,8 @@ def test_the_meta_stage_after_an_edit(tiny_model, tiny_pipeline_dir, tmp_path, r
 
 
 def test_meta_on_an_edit_that_trains_no_projection_keeps_the_edit_exactly(tiny_model, tiny_pipeline_dir, tmp_path):
-    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.steps=2", "meta.enabled=true")  # noxattn
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=noxattn", "method.steps=2",
+                         "meta.enabled=true")
     reference = DiffusionModel.load(tiny_pipeline_dir)
     make_method(config.method, "").edit(reference, concept_data(reference))
     unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
@@ -167,3 +168,24 @@ def test_a_closed_form_run_with_meta_resumes_like_any_other(tiny_pipeline_dir, t
     unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
     assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
+
+
+@pytest.mark.parametrize("name, params, trained", [("esd", "auto", "noxattn"), ("sdd", "auto", "noxattn"),
+                                                   ("uce", "auto", "full"), ("rece", "auto", "full"),
+                                                   ("uce", "xattn", "xattn")])
+def test_params_auto_is_the_method_s_choice(name, params, trained):
+    config = make_config("unused", f"method.name={name}", f"method.params={params}")
+    assert make_method(config.method, "").trained_params(config.method) == trained
+
+
+def test_a_rece_run_judges_its_rounds_on_held_out_samples_and_records_them(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=rece", "method.rece.rounds=1",
+                         "evaluation.concept_rate.detector=coin", "evaluation.samples_per_prompt=2",
+                         "evaluation.steps=2")
+    out = unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+                  progress=False)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    rates = record["rece"]["forget_rate_by_round"]
+    assert record["status"] == "done" and record["steps"] == 0 and len(rates) == 2
+    assert all(0 <= r <= 1 for r in rates) and rates[record["rece"]["kept_round"]] == min(rates)
+    assert (out / "model_index.json").is_file()

@@ -36,7 +36,7 @@ def test_example_config_loads():
     assert len(config.concepts.forget.prompts) == 3
     assert config.concepts.related.classes == ["three", "nine"]
     assert config.concepts.unrelated.classes == ["one", "four", "seven"]
-    assert config.method.name == "esd" and config.method.params == "noxattn"
+    assert config.method.name == "esd" and config.method.params == "auto"
     assert config.method.lr == pytest.approx(1e-4)
     assert config.meta.enabled is False
     assert [(a.name, a.kind, a.lr) for a in config.attacks] == [
@@ -89,7 +89,7 @@ def test_unknown_key_inside_a_list(tmp_path):
 def test_bad_literal_lists_allowed_values(tmp_path):
     message = error_of(tmp_path, {**MINIMAL, "method": {"params": "attn"}})
     assert "method.params" in message and "'attn'" in message
-    assert "noxattn, xattn, full, selfattn" in message
+    assert "auto, noxattn, xattn, full, selfattn" in message
 
 
 def test_several_errors_report_the_first_and_a_count(tmp_path):

@@ -18,7 +18,7 @@ from metaunlearn.errors import MetaunlearnError
 from metaunlearn.engine import StepContext
 from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.meta import MetaObjective, inner_direction, linear_surrogate, make_meta
-from metaunlearn.methods import make_method
+from metaunlearn.methods import make_method, trained_params
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.unlearn import unlearn
 
@@ -303,7 +303,7 @@ def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, t
     # method none without preservation: the meta terms alone must train (a meta-only stage)
     config = make_config(tiny_pipeline_dir, f"method.name={method}", f"meta.mode={mode}", "method.steps=2",
                          f"method.preservation_weight={1.0 if method == 'esd' else 0.0}")
-    selected = set(select_names(tiny_model.unet, config.method.params))
+    selected = set(select_names(tiny_model.unet, trained_params(config.method)))
     original = weights(tiny_model.unet)
     others = [weights(m) for m in (tiny_model.vae, *tiny_model.text_encoders)]
     run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")

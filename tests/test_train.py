@@ -26,7 +26,7 @@ from metaunlearn.data import ConceptData, RoleData
 from metaunlearn.engine import StepContext, Terms, step_generator
 from metaunlearn.errors import MetaunlearnError, TrainingError
 from metaunlearn.layout import unlearn_fingerprint
-from metaunlearn.methods import make_method
+from metaunlearn.methods import make_method, trained_params
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.unlearn import unlearn
 
@@ -73,7 +73,7 @@ def test_method_loss_is_finite_and_falls(tiny_model, tiny_pipeline_dir, tmp_path
     # The method's loss at fixed randomness, with the original teacher: per-step
     # randomness (t, the sampling depth) swamps the trend over a few steps.
     probe = make_method(config.method, config.concepts.guide)
-    probe.setup(tiny_model, make_trainable(tiny_model.unet, config.method.params), data)
+    probe.setup(tiny_model, make_trainable(tiny_model.unet, trained_params(config.method)), data)
 
     def fixed_loss() -> float:
         with torch.no_grad():
@@ -98,7 +98,7 @@ def test_preservation_term_is_logged_with_benign_data(tiny_model, tiny_pipeline_
     # Step 1 by hand, from the original weights and the step's generator: the method's loss
     # draws first, then 0.5 x the denoising loss on a batch of related + unrelated data.
     probe = make_method(config.method, config.concepts.guide)
-    probe.setup(tiny_model, make_trainable(tiny_model.unet, config.method.params), data)
+    probe.setup(tiny_model, make_trainable(tiny_model.unet, trained_params(config.method)), data)
     ctx = StepContext(0, step_generator(0, 0), config.method.batch_size)
     with torch.no_grad():
         esd = probe.loss(ctx).losses["esd"].item()
@@ -132,7 +132,7 @@ def test_esd_target_is_negative_guidance_from_the_frozen_original(tiny_model, ti
     the sign pushes away from c (a flipped sign would pull toward it and still lower the loss)."""
     eta = 2.5  # not 1: its scale shows too
     config = make_config(tiny_pipeline_dir, f"method.esd.eta={eta}")
-    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, config.method.params)
+    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, trained_params(config.method))
     esd = make_method(config.method)
     esd.setup(tiny_model, trainable, data)
     x_t, t, cond = fixed_inputs(tiny_model, data)
@@ -154,7 +154,7 @@ def test_sdd_distils_onto_the_guide_prediction_of_an_ema_teacher(tiny_model, tin
     decay = 0.8
     config = make_config(tiny_pipeline_dir, "method.name=sdd", f"method.sdd.ema_decay={decay}",
                          f"concepts.guide={UNRELATED}")
-    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, config.method.params)
+    data, trainable = concept_data(tiny_model), make_trainable(tiny_model.unet, trained_params(config.method))
     sdd = make_method(config.method, config.concepts.guide)
     sdd.setup(tiny_model, trainable, data)
     x_t, t, cond = fixed_inputs(tiny_model, data)
@@ -319,7 +319,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_pipeline_dir, tmp
     assert child.returncode == -signal.SIGKILL
 
     # Whatever the kill interrupted, only temporaries and complete checkpoints are there.
-    names = set(select_names(DiffusionModel.load(tiny_pipeline_dir).unet, config.method.params))
+    names = set(select_names(DiffusionModel.load(tiny_pipeline_dir).unet, trained_params(config.method)))
     found = list_checkpoints(ckpts)
     assert found and all(p.name.startswith((".step-", "step-")) for p in ckpts.iterdir())
     assert {p for p in ckpts.iterdir() if not p.name.startswith(".")} == set(found)

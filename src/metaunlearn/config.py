@@ -184,8 +184,9 @@ class _MethodChoice(PluginSection):
     selector: ClassVar[str] = "name"
 
     name: str = Field("esd", description="Base method (registered: esd, sdd, none, ...); 'none': meta only.")
-    params: Literal["noxattn", "xattn", "full", "selfattn"] = Field("noxattn", description=(
-        "Trained UNet weights: all but cross-attention (ESD-u), cross-attention (ESD-x), all, self-attention."))
+    params: Literal["auto", "noxattn", "xattn", "full", "selfattn"] = Field("auto", description=(
+        "Trained UNet weights: all but cross-attention (ESD-u), cross-attention (ESD-x), all, self-attention; "
+        "'auto': the method's choice (ESD, SDD, none: noxattn; UCE, RECE: full, for their meta stage)."))
 
 
 class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name and params first

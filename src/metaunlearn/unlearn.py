@@ -85,7 +85,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     method.edit(model, data, forget_judge(config, model))
     steps = 0
     if not method.closed_form or config.meta.enabled or extra:
-        trainable = make_trainable(model.unet, cfg.params)
+        trainable = make_trainable(model.unet, method.trained_params(cfg))
         method.setup(model, trainable, data)
         objectives: dict[str, Objective] = {"method": method.loss}
         benign = preservation_data(data) if cfg.preservation_weight > 0 else None
@@ -110,5 +110,6 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     if accelerator.is_main_process:
         with atomic_dir(out_dir / MODEL) as tmp:
             model.save(tmp)
-        write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps})
+        write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,
+                                          **method.record()})
     return out_dir / MODEL

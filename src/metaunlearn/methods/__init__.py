@@ -19,4 +19,9 @@ def make_method(config: MethodConfig, guide: str = "") -> Method:
     return METHODS.get(config.name, "method.name").impl(config, guide)
 
 
-__all__ = ["METHODS", "Method", "make_method"]
+def trained_params(config: MethodConfig) -> str:
+    """The UNet weights the method trains: `config.params`, with 'auto' resolved by the method."""
+    return METHODS.get(config.name, "method.name").impl.trained_params(config)
+
+
+__all__ = ["METHODS", "Method", "make_method", "trained_params"]

@@ -33,6 +33,7 @@ class Method:
     closed_form: ClassVar[bool] = False  # True: `edit` does the unlearning, no training steps of its own
     needs_meta: ClassVar[bool] = False  # True: nothing to do without the meta objective ('none')
     has_target: ClassVar[bool] = False  # True: `target` is implemented
+    default_params: ClassVar[str] = "noxattn"  # the trained weights `params: auto` stands for
 
     def __init__(self, config: MethodConfig, guide: str = ""):
         self.config = config
@@ -42,6 +43,15 @@ class Method:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @classmethod
+    def trained_params(cls, config: MethodConfig) -> str:
+        """The UNet weights training changes: `config.params`, or the method's choice for 'auto'."""
+        return cls.default_params if config.params == "auto" else config.params
+
+    def record(self) -> dict:
+        """What the run's run.json keeps of the method's own choices (RECE: its rounds)."""
+        return {}
 
     @classmethod
     def title(cls, config: MethodConfig) -> str:

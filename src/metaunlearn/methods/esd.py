@@ -33,7 +33,8 @@ class EsdMethod(Method):
     @classmethod
     def title(cls, config) -> str:
         """ESD-u / ESD-x by trained weights, with η when not 1 (the paper's ESD-u-3)."""
-        kind = {"noxattn": "u", "xattn": "x"}.get(config.params, config.params)
+        params = cls.trained_params(config)
+        kind = {"noxattn": "u", "xattn": "x"}.get(params, params)
         eta = config.options().eta
         return f"ESD-{kind}" + (f" (η={eta:g})" if eta != 1 else "")
 

@@ -84,6 +84,10 @@ def aligned_keys(hidden: torch.Tensor, counts: list[int], guide: torch.Tensor, g
 @METHODS.register("uce", UceOptions, help="Unified Concept Editing: closed-form edit of cross-attention K and V")
 class UceMethod(Method):
     closed_form = True
+    # a meta stage on the edited model trains every weight, the projections held by `meta_route`:
+    # with them frozen (noxattn) the stage slowed relearning less, and at lr 3e-5 not at all
+    # (bench/RESULTS.md, issue 11)
+    default_params = "full"
 
     def keys(self, model, data) -> dict[str, torch.Tensor]:
         """The erase keys, the guide keys they map to, and the preserve keys (float32, on the model's device)."""
