@@ -57,7 +57,8 @@ def main() -> None:
               f", meta {100 * m['forget_rate']:.1f} / {100 * m['related_accuracy']:.1f} / "
               f"{100 * m['unrelated_accuracy']:.1f}\n\n{table(summary)}", flush=True)
     out = Path(args.out) / f"summary-{grid.name}.json"
-    out.write_text(json.dumps(results, indent=2))
+    earlier = json.loads(out.read_text()) if out.is_file() else {}  # variants of earlier runs stay
+    out.write_text(json.dumps({**earlier, **results}, indent=2))
     print(f"-> {out}")
 
 
