@@ -189,3 +189,15 @@ def test_a_rece_run_judges_its_rounds_on_held_out_samples_and_records_them(tiny_
     assert record["status"] == "done" and record["steps"] == 0 and len(rates) == 2
     assert all(0 <= r <= 1 for r in rates) and rates[record["rece"]["kept_round"]] == min(rates)
     assert (out / "model_index.json").is_file()
+
+
+def test_the_output_anchor_and_unlearn_target_use_the_edited_model(tiny_model, tiny_pipeline_dir, tmp_path):
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "method.lr=1e-3",
+                         "method.uce.output_anchor_weight=1", "method.steps=2", "meta.enabled=true",
+                         "meta.target=unlearn_target")
+    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+            progress=False)
+    records = log_records(tmp_path / "run")
+    # step 1 starts at the edit itself: nothing to pull back yet; after one step the model has moved
+    assert records[0]["uce_output_anchor"] == pytest.approx(0.0, abs=1e-12) and records[1]["uce_output_anchor"] > 0
+    assert all("uce_anchor" in r and "meta/forget_after" in r for r in records)

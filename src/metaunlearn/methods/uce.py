@@ -21,9 +21,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..engine import StepContext, Terms
+from ..params import snapshot
 from ..registry import METHODS, Options
 from .base import Method, guide_conditioning
 
@@ -44,6 +46,9 @@ class UceOptions(Options):
         "the edited projections' outputs for the erase keys at their targets; 'reapply' solves the edit again "
         "on the weights the meta stage leaves."))
     anchor_weight: float = Field(1.0, ge=0, description="Weight of the anchor term (meta_route 'anchor').")
+    output_anchor_weight: float = Field(0.0, ge=0, description=(
+        "With meta_route 'anchor': weight of keeping the whole UNet's predictions for the forget prompts (on "
+        "forget images noised to a random t) at the edited model's, as ESD's loss keeps its target."))
 
 
 def projections(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -84,6 +89,7 @@ def aligned_keys(hidden: torch.Tensor, counts: list[int], guide: torch.Tensor, g
 @METHODS.register("uce", UceOptions, help="Unified Concept Editing: closed-form edit of cross-attention K and V")
 class UceMethod(Method):
     closed_form = True
+    has_target = True  # the edited model's prediction (meta.target 'unlearn_target', the output anchor)
     # a meta stage on the edited model trains every weight, the projections held by `meta_route`:
     # with them frozen (noxattn) the stage slowed relearning less, and at lr 3e-5 not at all
     # (bench/RESULTS.md, issue 11)
@@ -120,17 +126,33 @@ class UceMethod(Method):
             module.weight.copy_(solve(original[name], keys["erase"], self.targets[name], keys["preserve"], opts.lam,
                                       opts.erase_scale, opts.preserve_scale))
 
+    def setup(self, model, trainable, data) -> None:
+        super().setup(model, trainable, data)
+        self.edited = snapshot(trainable)  # the weights the meta stage starts from: the edit
+
+    @torch.no_grad()
+    def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return self.model.predict(x_t, t, cond, self.edited)
+
     def loss(self, ctx: StepContext) -> Terms:
         """During a meta stage with route 'anchor': the edited projections' outputs for the erase keys
-        stay at the edit's targets (a no-op when the projections are not trained)."""
-        if self.options.meta_route != "anchor" or not self.options.anchor_weight:
+        stay at the edit's targets (a no-op when the projections are not trained), and, weighted by
+        `output_anchor_weight`, the forget prompts' predictions stay at the edited model's."""
+        opts, terms = self.options, {}
+        if opts.meta_route != "anchor":
             return Terms()
         trained = [n for n in self.targets if n in self.trainable]
-        if not trained:
-            return Terms()
-        erase = self.solved_keys["erase"]
-        drift = sum(((erase @ self.trainable[n].T - self.targets[n]) ** 2).mean() for n in trained)
-        return Terms({"uce_anchor": self.options.anchor_weight * drift / len(trained)})
+        if opts.anchor_weight and trained:
+            erase = self.solved_keys["erase"]
+            drift = sum(((erase @ self.trainable[n].T - self.targets[n]) ** 2).mean() for n in trained)
+            terms["uce_anchor"] = opts.anchor_weight * drift / len(trained)
+        if opts.output_anchor_weight:
+            cond = self.forget_batch(ctx)
+            x_t, t = self.noised_x_t(ctx, len(cond))
+            pred = self.model.predict(x_t, t, cond)
+            terms["uce_output_anchor"] = opts.output_anchor_weight * F.mse_loss(
+                pred.float(), self.target(x_t, t, cond).float())
+        return Terms(terms)
 
     def finish(self, model, data) -> None:
         """Route 'reapply': solve again on the weights the meta stage left, toward the first edit's targets."""
