@@ -175,9 +175,9 @@ def test_resolve_model_source(monkeypatch, tmp_path):
 
 
 def test_evaluation_prompts_of_a_class_role_come_from_the_world():
-    config = study({"forget": {"classes": ["eight"], "prompts": [EIGHT]}, "related": {"classes": ["8", "one"]}})
+    config = study({"forget": {"classes": ["eight"], "prompts": [EIGHT]}, "related": {"classes": ["3", "one"]}})
     roles = evaluation_roles(config, world_for(config.model))
-    assert roles == {"forget": [EIGHT], "related": prompts_for(8) + prompts_for(1)}
+    assert roles == {"forget": [EIGHT], "related": prompts_for(3) + prompts_for(1)}
 
 
 # ----------------------------------------------------------------- RoleData

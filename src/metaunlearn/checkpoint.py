@@ -49,9 +49,27 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_newest_intact(folder: Path, names: set[str]) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint that loads whole and holds every tensor in `names`, and a
+    line per newer one that did not (truncated files, a corrupt step.json): a damaged
+    latest checkpoint costs the steps since the one before it, not the run."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            state = load_checkpoint(path)
+            missing = names - set(state["params"])
+            if missing:
+                raise KeyError(f"no tensor {sorted(missing)[0]}")
+            return state, skipped
+        except Exception as error:  # noqa: BLE001 - any damage means: try the one before
+            reason = (str(error).strip().splitlines() or [""])[0][:120]
+            skipped.append(f"{path} is damaged ({type(error).__name__}{': ' + reason if reason else ''})")
+    return None, skipped
+
+
 def load_checkpoint(path: Path) -> dict:
     extra = path / "extra.safetensors"
-    return {"step": json.loads((path / "step.json").read_text())["step"],
+    return {"path": path, "step": int(json.loads((path / "step.json").read_text())["step"]),
             "params": load_file(path / "params.safetensors"),
             "extra": load_file(extra) if extra.is_file() else {},
             "training_state": torch.load(path / "training_state.pt", weights_only=True)}

@@ -118,6 +118,18 @@ class ModelConfig(PluginSection):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU) or a torch device ('cuda:1').")
 
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, value: str) -> str:
+        import torch  # what torch accepts as a name; whether this machine has it is checked at load time
+
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"'{value}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        return value
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
@@ -399,6 +411,21 @@ class StudyConfig(_Section):
                 spec.classes = world.normalise_classes(spec.classes)
             except ValueError as err:
                 raise ValueError(f"{where}.classes {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _roles_apart(self) -> StudyConfig:
+        """A class or prompt in two roles asks for it to be forgotten and kept at once (after
+        _world_classes, so 'eight' and '8' are the same class)."""
+        seen: dict[tuple[str, str], str] = {}
+        for role in ROLES:
+            spec = getattr(self.concepts, role)
+            for kind, items in (("classes", spec.classes), ("prompts", spec.prompts)):
+                for item in dict.fromkeys(" ".join(i.lower().split()) for i in items):
+                    other = seen.setdefault((kind, item), role)
+                    if other != role:
+                        raise ValueError(f"concepts.{role}.{kind} has '{item}', which concepts.{other} has too; "
+                                         f"a concept is either {other} or {role}")
         return self
 
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_newest_intact, save_checkpoint
 from .config import ModelConfig, OptimizerSettings
 from .errors import TrainingError
 from .layout import write_text
@@ -55,14 +56,38 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+def check_finite(module: torch.nn.Module, what: str, hint: str) -> None:
+    """Refuse to save weights that are not finite (an lr that overflowed without the loss noticing yet)."""
+    bad = [name for name, param in module.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise TrainingError(f"{what} has non-finite weights in {len(bad)} tensors (first: {bad[0]}); "
+                            f"nothing was saved; {hint}")
+
+
 def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + process)
+
+
+def available_device(device: str) -> str:
+    """`device` ('auto': CUDA if torch sees one, else CPU), or a one-line error when torch here
+    cannot use it (a CUDA device on a machine or torch build without one, an index past the count)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (kind.index or 0) >= count:
+            raise TrainingError(f"model.device '{device}' is not available here (torch sees {count} CUDA "
+                                f"device{'s' * (count != 1)}); use model.device=auto or cpu")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"model.device '{device}' is not available here; use model.device=auto or cpu")
+    return device
 
 
 def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, project_dir: Path | None = None):
     from accelerate import Accelerator
 
-    device = model.device
+    device = available_device(model.device)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device.startswith("cuda:") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
@@ -183,11 +208,14 @@ class Engine:
         self.last_good = save_checkpoint(folder, done, self.params, state, extra).name
 
     def resume(self, folder: Path) -> int:
-        """Load the newest checkpoint in `folder`, if any; returns the steps it had done."""
-        checkpoint = latest_checkpoint(folder)
-        if checkpoint is None:
+        """Load the newest intact checkpoint in `folder`, if any (warning about damaged newer
+        ones, which stay for a post-mortem); returns the steps it had done."""
+        state, skipped = load_newest_intact(folder, set(self.params))
+        for line in skipped:
+            warnings.warn(f"{line}; resuming from {state['path'].name if state else 'the start'}", stacklevel=2)
+        if state is None:
             return 0
-        state = load_checkpoint(checkpoint)
+        checkpoint = state["path"]
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(state["params"][name])

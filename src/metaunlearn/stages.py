@@ -18,10 +18,9 @@ from .worlds import resolve_model_source, world_for
 
 
 def resolve_device(config: StudyConfig) -> str:
-    import torch
+    from .engine import available_device
 
-    device = config.model.device
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return available_device(config.model.device)
 
 
 def original_source(config: StudyConfig) -> Path | str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .data import ConceptData, RoleData
-from .engine import Engine, Objective, StepContext, Terms, make_accelerator
+from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import TrainingError
 from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, write_json, write_text
 from .methods import make_method
@@ -105,6 +105,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
             param.requires_grad_(False)
         steps = cfg.steps
     method.finish(model, data)
+    check_finite(model.unet, "the unlearned UNet", "lower method.lr or keep method.grad_clip on")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -1,0 +1,113 @@
+"""Faults and bad input that used to pass silently or end in a traceback: a
+device torch cannot use, a concept in two roles, weights that overflowed, a
+damaged latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metaunlearn.checkpoint import list_checkpoints, load_newest_intact, save_checkpoint
+from metaunlearn.cli import app
+from metaunlearn.config import ConfigError, StudyConfig
+from metaunlearn.errors import TrainingError
+from metaunlearn.unlearn import unlearn
+
+from helpers import concept_data, one_line_error
+from test_engine import flat, toy
+from test_train import make_config
+
+runner = CliRunner()
+
+
+def study(**concepts) -> dict:
+    roles = {"forget": {"classes": ["eight"], "prompts": ["a photo of the digit eight"]},
+             "related": {"classes": ["three"], "prompts": ["the number three"]}}
+    return {"model": {"source": "digits"}, "concepts": {**roles, **concepts}}
+
+
+@pytest.mark.parametrize("related, message", [
+    ({"classes": ["8"]}, "concepts.related.classes has 'eight', which concepts.forget has too"),
+    ({"prompts": ["A photo of  the digit EIGHT"]},
+     "concepts.related.prompts has 'a photo of the digit eight', which concepts.forget has too"),
+])
+def test_a_concept_in_two_roles_is_refused(related, message):
+    with pytest.raises(ConfigError, match=message):
+        StudyConfig.from_dict(study(related=related))
+    StudyConfig.from_dict(study(unrelated={"classes": ["one"], "prompts": ["the number one"]}))  # apart: fine
+
+
+def test_a_device_name_torch_does_not_know_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.device: 'banana' is not a device; use auto, cpu, cuda"):
+        StudyConfig.from_dict({"model": {"device": "banana"}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line(tiny_pipeline_dir, tmp_path):
+    import yaml
+
+    file = tmp_path / "study.yaml"
+    file.write_text(yaml.safe_dump({"model": {"source": str(tiny_pipeline_dir), "device": "cuda:1"},
+                                    "concepts": {"forget": {"prompts": ["a photo of the digit eight"]}},
+                                    "output": {"dir": str(tmp_path / "run")}}))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(file)]))
+    assert "model.device 'cuda:1' is not available here (torch sees 0 CUDA devices)" in line
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_weights_that_overflowed_are_never_saved_or_marked_done(tiny_model, tiny_pipeline_dir, tmp_path,
+                                                                monkeypatch):
+    # weights that overflowed in the last step: its loss was still finite, so the NaN guard saw nothing
+    from metaunlearn.methods.esd import EsdMethod
+
+    def overflow(self, model, data):
+        with torch.no_grad():
+            next(model.unet.parameters()).view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(EsdMethod, "finish", overflow)
+    config = make_config(tiny_pipeline_dir, "method.steps=1")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="the unlearned UNet has non-finite weights in .* nothing was saved"):
+        unlearn(config, tiny_model, concept_data(tiny_model), out, 0, "fp", progress=False)
+    assert json.loads((out / "run.json").read_text())["status"] == "running" and not (out / "model").exists()
+
+
+def damage(checkpoint, how):
+    if how == "truncated params":
+        data = (checkpoint / "params.safetensors").read_bytes()
+        (checkpoint / "params.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "corrupt step.json":
+        (checkpoint / "step.json").write_text("{step: ")
+    elif how == "truncated training state":
+        (checkpoint / "training_state.pt").write_bytes(b"PK\x03")
+
+
+@pytest.mark.parametrize("how", ["truncated params", "corrupt step.json", "truncated training state"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, how):
+    module, engine = toy({"steps": 6})
+    engine.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)  # keeps the newest two
+    older, newest = list_checkpoints(tmp_path)
+    damage(newest, how)
+    _, fresh = toy({"steps": 6})
+    with pytest.warns(UserWarning, match=f"{newest} is damaged .*; resuming from {older.name}"):
+        done = fresh.resume(tmp_path)
+    assert done == int(older.name.removeprefix("step-")) and fresh.last_good == older.name
+    expected = load_newest_intact(tmp_path, {"weight", "bias"})[0]["params"]
+    assert torch.equal(flat(fresh.module), torch.cat([expected["weight"].flatten(), expected["bias"].flatten()]))
+    assert newest.is_dir()  # kept for a post-mortem; the next checkpoint of that step replaces it
+    with pytest.warns(UserWarning, match="is damaged"):
+        fresh.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)
+    state, skipped = load_newest_intact(tmp_path, {"weight", "bias"})
+    assert skipped == [] and state["path"] == newest  # redone and intact
+
+
+def test_checkpoints_missing_a_trained_tensor_are_passed_over(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    save_checkpoint(tmp_path, 2, {"v": torch.ones(2)}, {})  # another run's tensors
+    state, skipped = load_newest_intact(tmp_path, {"w"})
+    assert state["step"] == 1 and len(skipped) == 1 and "KeyError: 'no tensor w'" in skipped[0]
+    damage(list_checkpoints(tmp_path)[0], "truncated params")
+    assert load_newest_intact(tmp_path, {"w"})[0] is None  # none intact: the run starts over
