@@ -55,7 +55,9 @@ BAD_INPUT = [
     (["durability", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
     (["run", "{tmp}/no-study.yaml"], "cannot read config file"),
     (["run", "{study}", "--set", "output.dir={file}"], "is a file, not a folder"),
-    (["report", "{tmp}/no-run"], "not the run folder of a study"),
+    (["report", "{tmp}/no-run"], "no-run' is not a folder"),
+    (["report", "{tmp}/.."], "not the run folder of a study"),
+    (["evaluate", "{study}", "--set", "model.device=cuda:7"], "model.device 'cuda:7' is not available here"),
     (["demo", "--out", "{file}"], "is a file, not a folder"),
 ]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from metaunlearn import DiffusionModel
 from metaunlearn.checkpoint import list_checkpoints, load_newest_intact, save_checkpoint
 from metaunlearn.cli import app
 from metaunlearn.config import ConfigError, StudyConfig
@@ -111,3 +112,22 @@ def test_checkpoints_missing_a_trained_tensor_are_passed_over(tmp_path):
     assert state["step"] == 1 and len(skipped) == 1 and "KeyError: 'no tensor w'" in skipped[0]
     damage(list_checkpoints(tmp_path)[0], "truncated params")
     assert load_newest_intact(tmp_path, {"w"})[0] is None  # none intact: the run starts over
+
+
+def test_a_done_run_whose_weights_are_gone_is_redone_not_reported(tiny_model, tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from metaunlearn.layout import unlearn_done, unlearn_fingerprint
+
+    config = make_config(tiny_pipeline_dir, "method.name=uce", f"output.dir={tmp_path / 'run'}")
+    out, fingerprint = tmp_path / "run" / "unlearn" / "uce-seed0", unlearn_fingerprint(config, 0)
+    model = unlearn(config, tiny_model, concept_data(tiny_model), out, 0, fingerprint, progress=False)
+    assert unlearn_done(config, 0)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    saved = load_file(weights)
+    weights.unlink()  # the folder and its model_index.json stay
+    assert json.loads((out / "run.json").read_text())["status"] == "done" and not unlearn_done(config, 0)
+    again = unlearn(config, DiffusionModel.load(tiny_pipeline_dir), concept_data(tiny_model), out, 0, fingerprint,
+                    progress=False)
+    assert unlearn_done(config, 0)
+    assert all(torch.equal(saved[k], v) for k, v in load_file(again / "unet" / weights.name).items())

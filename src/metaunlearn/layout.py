@@ -183,8 +183,15 @@ class RunLayout:
         """The original, or an unlearned model whose run finished and whose folder is there."""
         if label == ORIGINAL:
             return True
-        return read_json(self.unlearn(label) / RUN_STATUS).get("status") == "done" and \
-            (self.model(label) / "model_index.json").is_file()
+        return read_json(self.unlearn(label) / RUN_STATUS).get("status") == "done" and model_complete(self.model(label))
+
+
+def model_complete(folder: Path) -> bool:
+    """A saved pipeline folder with its index and its UNet's weights (what unlearning changes):
+    a folder whose weights were deleted or never finished writing is not a model."""
+    unet = Path(folder) / "unet"
+    return (Path(folder) / "model_index.json").is_file() and unet.is_dir() and \
+        any(p.suffix == ".safetensors" and p.stat().st_size > 0 for p in unet.iterdir())
 
 
 def model_label(model_dir: str | os.PathLike | None) -> str:

@@ -258,6 +258,8 @@ def write_report(run_dir: str | Path) -> Path:
     from .report_html import to_html, to_markdown
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MetaunlearnError(f"'{run_dir}' is not a folder; give the run folder of a study (output.dir)")
     if not (run_dir / STUDY_FILE).is_file():
         raise MetaunlearnError(f"'{run_dir}' has no {STUDY_FILE}: not the run folder of a study; "
                                "make one with `metaunlearn run STUDY.yaml`")

@@ -13,7 +13,7 @@ from .config import StudyConfig
 from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import TrainingError
-from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, write_json, write_text
+from .layout import MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, write_json, write_text
 from .methods import make_method
 from .model import DiffusionModel
 from .params import make_trainable
@@ -67,8 +67,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     out_dir = Path(out_dir)
     cfg = config.method
     status = read_json(out_dir / RUN_STATUS)
-    if status.get("fingerprint") == fingerprint and status.get("status") == "done" and \
-            (out_dir / MODEL / "model_index.json").is_file():
+    if status.get("fingerprint") == fingerprint and status.get("status") == "done" and model_complete(out_dir / MODEL):
         return out_dir / MODEL
     method = make_method(cfg, config.concepts.guide)
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
