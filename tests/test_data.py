@@ -112,6 +112,9 @@ def test_imagefolder_role_loads_captions_and_splits(tiny_model, tmp_path, monkey
     ("no_metadata", "has no metadata.jsonl"),
     ("missing_file", "line 2 names 'gone.png', which is not in"),
     ("no_text", "line 1 has no text"),
+    ("absolute", "line 1 names '/etc/hostname', outside"),
+    ("escapes", "line 1 names '../outside.png', outside"),
+    ("not_utf8", "metadata.jsonl is not UTF-8 text"),
 ])
 def test_imagefolder_mistakes_are_one_clear_line(tiny_model, tmp_path, case, message):
     folder = tmp_path / "images"
@@ -119,11 +122,17 @@ def test_imagefolder_mistakes_are_one_clear_line(tiny_model, tmp_path, case, mes
         folder.mkdir()
     elif case != "missing":
         write_folder(folder, {"a.png": EIGHT})
-        lines = {"no_metadata": None,
+        write_folder(tmp_path, {"outside.png": EIGHT})  # an image beside the folder, not in it
+        lines = {"no_metadata": None, "not_utf8": None,
                  "missing_file": [{"file_name": "a.png", "text": EIGHT}, {"file_name": "gone.png", "text": DOG}],
-                 "no_text": [{"file_name": "a.png"}]}[case]
+                 "no_text": [{"file_name": "a.png"}],
+                 "absolute": [{"file_name": "/etc/hostname", "text": EIGHT}],
+                 "escapes": [{"file_name": "../outside.png", "text": EIGHT}]}[case]
         meta = folder / "metadata.jsonl"
-        meta.unlink() if lines is None else meta.write_text("\n".join(map(json.dumps, lines)))
+        if case == "not_utf8":
+            meta.write_bytes(b'{"file_name": "a.png", "text": "\xff\xfe"}')
+        else:
+            meta.unlink() if lines is None else meta.write_text("\n".join(map(json.dumps, lines)))
     config = study({"forget": {"prompts": [EIGHT]}, "related": {"images": str(folder)}})
     with pytest.raises(MetaunlearnError, match="concepts.related.images") as info:
         prepare(config, tiny_model, "train", tmp_path / "cache")

@@ -131,3 +131,53 @@ def test_a_done_run_whose_weights_are_gone_is_redone_not_reported(tiny_model, ti
                     progress=False)
     assert unlearn_done(config, 0)
     assert all(torch.equal(saved[k], v) for k, v in load_file(again / "unet" / weights.name).items())
+
+
+def test_model_folders_load_only_safetensors_and_utf8_indexes(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from metaunlearn.errors import ModelError
+
+    pickled = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None).save_pretrained(
+        pickled, safe_serialization=False)  # .bin weights: unpickling can run code
+    assert not list((pickled / "unet").glob("*.safetensors")) and list((pickled / "unet").glob("*.bin"))
+    with pytest.raises(ModelError, match=f"cannot load the pipeline at '{pickled}'"):
+        DiffusionModel.load(pickled)
+    garbled = tmp_path / "garbled"
+    shutil.copytree(tiny_pipeline_dir, garbled)
+    (garbled / "model_index.json").write_bytes(b'{"_class_name": "\xff"}')
+    with pytest.raises(ModelError, match="model_index.json' is not UTF-8 text"):
+        DiffusionModel.load(garbled)
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from metaunlearn import checkpoint
+    from metaunlearn.errors import filesystem_error
+
+    first = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+
+    def full(*args, **kwargs):  # what torch.save says when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "step-000002")
+    line = filesystem_error(info.value)
+    assert line.startswith("No space left on device: '") and "free some space" in line and "\n" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary folder, the old one kept
+
+
+def test_a_filesystem_error_in_a_command_is_one_line(tmp_path):
+    import yaml
+
+    file = tmp_path / "study.yaml"
+    file.write_text(yaml.safe_dump({"model": {"source": "digits"}, "output": {"dir": "/proc/metaunlearn/run"},
+                                    "concepts": {"forget": {"classes": ["eight"], "prompts": ["an eight"]}}}))
+    line = one_line_error(runner.invoke(app, ["run", str(file)]))
+    assert "'/proc/metaunlearn" in line and "finished work is kept" in line

@@ -9,6 +9,7 @@ that looks whole.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -19,19 +20,25 @@ from safetensors.torch import load_file, save_file
 from .layout import atomic_dir
 
 PREFIX = "step-"
+DISK_FULL = ("unexpected pos", "No space left", "StorageFull", "os error 28")  # torch.save, safetensors
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], training_state: dict,
                     extra_tensors: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
     """Write a checkpoint of `step`; keep the newest `keep`."""
     final = Path(folder) / f"{PREFIX}{step:06d}"
-    with atomic_dir(final) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "params.safetensors")
-        if extra_tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
-                      tmp / "extra.safetensors")
-        torch.save(training_state, tmp / "training_state.pt")
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
+    try:
+        with atomic_dir(final) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "params.safetensors")
+            if extra_tensors:
+                save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
+                          tmp / "extra.safetensors")
+            torch.save(training_state, tmp / "training_state.pt")
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
+    except Exception as err:  # torch and safetensors word a full disk their own ways
+        if isinstance(err, OSError) or not any(s in str(err) for s in DISK_FULL):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import MetaunlearnError
+from .errors import MetaunlearnError, filesystem_error
 
 app = typer.Typer(help="Make unlearned text-to-image diffusion models resist relearning (meta-unlearning).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -31,6 +31,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except MetaunlearnError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as err:  # the filesystem said no: name the path and what to do
+            typer.echo(f"error: {filesystem_error(err)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)

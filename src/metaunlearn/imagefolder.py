@@ -54,8 +54,12 @@ def _read_folder(folder: Path, root: Path, where: str) -> list[FolderItem]:
     if not metadata.is_file():
         raise MetaunlearnError(f"{where}: '{folder}' has no {METADATA}; add one line per image: "
                                '{"file_name": "img.png", "text": "its caption"}')
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MetaunlearnError(f"{where}: {metadata} is not UTF-8 text; save it as UTF-8") from None
     items = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         at = f"{where}: {metadata} line {number}"
@@ -69,6 +73,9 @@ def _read_folder(folder: Path, root: Path, where: str) -> list[FolderItem]:
         if not isinstance(text, str) or not text.strip():
             raise MetaunlearnError(f"{at} has no text (the image's caption)")
         path = folder / entry["file_name"]
+        if Path(entry["file_name"]).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+            raise MetaunlearnError(f"{at} names '{entry['file_name']}', outside '{folder}'; use a path relative "
+                                   "to the folder, inside it")
         if not path.is_file():
             raise MetaunlearnError(f"{at} names '{entry['file_name']}', which is not in '{folder}'")
         items.append(FolderItem(path, text.strip(), path.relative_to(root).as_posix()))

@@ -43,8 +43,10 @@ def _pipeline_class_name(source: str) -> str:
         if not path.is_dir() or not index.is_file():
             raise ModelError(f"'{source}' is not a diffusers pipeline folder: it has no model_index.json")
         try:
-            return json.loads(index.read_text())["_class_name"]
-        except (json.JSONDecodeError, KeyError) as err:
+            return json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+        except UnicodeDecodeError:
+            raise ModelError(f"'{index}' is not UTF-8 text; a diffusers model_index.json is UTF-8 JSON") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ModelError(f"'{index}' is malformed: {_first_line(err)}") from None
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise ModelError(f"no model at '{source}': it is neither a local folder nor a hub id like 'org/name'")
@@ -109,8 +111,9 @@ class DiffusionModel:
         extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_cls is StableDiffusionPipeline else {}
         try:
             with _quiet_io():
+                # safetensors only: a pickled .bin checkpoint can run code when loaded
                 pipe = pipeline_cls.from_pretrained(source, torch_dtype=dtype, local_files_only=Path(source).exists(),
-                                                    **extra)
+                                                    use_safetensors=True, **extra)
         except Exception as err:  # a broken component surfaces as OSError, ValueError, KeyError...
             raise ModelError(f"cannot load the pipeline at '{source}': {_first_line(err)}") from None
         pipe.set_progress_bar_config(disable=True)
