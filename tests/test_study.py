@@ -166,6 +166,9 @@ def test_a_failed_unlearning_blocks_what_needs_it_and_the_rest_goes_on(tiny_pipe
     assert [f["stage"] for f in results["failures"]] == ["unlearn/esd-meta-seed0"]
     assert {name: row["curves"] for name, row in results["attacks"]["full"]["rows"].items()} == {
         "original": 1, "ESD-u / unlearn": 1, "ESD-u / meta": 0}
+    # the report says the study is unfinished, and what is missing
+    assert results["incomplete"] == ["evaluation of esd-meta-seed0", "attack full on ESD-u / meta: 0 of 1 runs"]
+    assert "Incomplete: the study is not finished" in (run / "report.md").read_text()
 
 
 def test_the_attack_command_gives_an_unlearned_model_the_seeds_the_runner_does(tmp_path, monkeypatch):

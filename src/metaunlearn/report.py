@@ -157,7 +157,21 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
                      "unlearn_s": unlearn_s,
                      "meta_overhead": meta["mean"] / base["mean"] if base and meta and base["mean"] else None},
             "failures": [{k: f.get(k) for k in ("stage", "error")} for f in _failures(folder.dir)],
+            "incomplete": incomplete(folder, rows),
             "environment": read_json(folder.dir / ENVIRONMENT)}
+
+
+def incomplete(folder: RunFolder, rows: list[Row]) -> list[str]:
+    """What the study asks for and the folder does not hold yet (interrupted, blocked or failed):
+    a report of a half-finished run says so instead of passing for a whole one."""
+    missing = [f"evaluation of {label}" for row in rows for label, _ in row.models if not folder.evaluation(label)]
+    for attack in folder.config.attacks:
+        for row in rows:
+            expected = sum(len(attack_seeds(folder.config, attack, seed)) for _, seed in row.models)
+            found = len(folder.curves(row, attack))
+            if found < expected:
+                missing.append(f"attack {attack.name} on {row.name}: {found} of {expected} runs")
+    return missing
 
 
 def _failures(run_dir: Path) -> list[dict]:
@@ -246,10 +260,13 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
             ("table", ["item", "value"], [[k, str(v)] for k, v in {**env.get("versions", {}),
                                                          **{k: v for k, v in env.items() if k != "versions"}}.items()]),
             ("pre", (folder.dir / STUDY_FILE).read_text(encoding="utf-8"))]
-    failures = results["failures"]
+    failures, missing = results["failures"], results["incomplete"]
     doc += [("h2", "Failures"),
             ("table", ["stage", "error"], [[f["stage"], f["error"]] for f in failures]) if failures else
-            ("p", "None.")]
+            ("p", "None." if not missing else "None recorded.")]
+    if missing:
+        doc += [("p", "Incomplete: the study is not finished (interrupted, or stages blocked by a failure); "
+                      f"missing: {'; '.join(missing)}. Run `metaunlearn run` on the study again to finish it.")]
     return doc
 
 
