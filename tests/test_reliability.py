@@ -181,3 +181,37 @@ def test_a_filesystem_error_in_a_command_is_one_line(tmp_path):
                                     "concepts": {"forget": {"classes": ["eight"], "prompts": ["an eight"]}}}))
     line = one_line_error(runner.invoke(app, ["run", str(file)]))
     assert "'/proc/metaunlearn" in line and "finished work is kept" in line
+
+
+def test_an_lr_that_would_overflow_float32_is_refused():
+    with pytest.raises(ConfigError, match="method.lr: input should be less than or equal to 10000"):
+        StudyConfig.from_dict(study(), ["method.lr=1e39"])
+
+
+def test_a_run_folder_turning_read_only_midway_ends_in_one_line(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The failure bookkeeping itself cannot write: the study stops with the path named, no traceback."""
+    import errno
+
+    import yaml
+
+    from metaunlearn import stages, study as study_module
+    from test_study import tiny_study
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    write_json = study_module.write_json
+
+    def read_only(path, value):
+        if path.name == "failures.json" and value:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return write_json(path, value)
+
+    monkeypatch.setattr(stages, "run_unlearn", boom)
+    monkeypatch.setattr(study_module, "write_json", read_only)
+    file = tmp_path / "study.yaml"
+    file.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, tmp_path / "run", seeds=[0], attacks=[])))
+    line = one_line_error(runner.invoke(app, ["run", str(file), "--quiet"]))
+    assert line == (f"error: Read-only file system: '{tmp_path / 'run' / 'failures.json'}'; the disk is read-only; "
+                    "set output.dir elsewhere; finished work is kept")
+    assert "FAILED  unlearn/esd-seed0: RuntimeError: boom" in (tmp_path / "run" / "study.log").read_text()

@@ -181,7 +181,7 @@ class OptimizerSettings(_Section):
     unlearning and attacks (which override the defaults)."""
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate.")
+    lr: float = Field(1e-5, gt=0, le=1e4, description="Learning rate (at most 1e4: beyond, float32 updates overflow).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
@@ -288,7 +288,7 @@ class _AttackChoice(PluginSection):
 class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, kind and data first
     model_config = ConfigDict(extra="allow")  # PluginSection's, over OptimizerSettings' "forbid"
 
-    lr: float = Field(1e-4, gt=0, description="Attacker's learning rate.")
+    lr: float = Field(1e-4, gt=0, le=1e4, description="Attacker's learning rate (at most 1e4).")
     weight_decay: float = Field(1e-2, ge=0, description="Attacker's weight decay (AdamW's default).")
     grad_clip: float = Field(0.0, ge=0, description="Attacker's max gradient norm; 0: no clipping.")
     eval_at: list[int] = Field(_DEFAULT_EVAL_AT, description=(

@@ -156,8 +156,8 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
             bad.add(step.name)
             failures.append({"stage": step.name, "error": f"{type(err).__name__}: {err}".splitlines()[0],
                              "traceback": traceback.format_exc()})
+            log(f"FAILED  {step.name}: {failures[-1]['error']}")  # first: the log line survives a failed write
             write_json(run_dir / FAILURES, failures)
-            log(f"FAILED  {step.name}: {failures[-1]['error']}")
             continue
         timings[step.name] = round(time.perf_counter() - start, 2)
         write_json(run_dir / TIMINGS, timings)
