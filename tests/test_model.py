@@ -116,3 +116,26 @@ def test_unsupported_pipeline_fails_clearly(tiny_pipeline_dir, tmp_path):
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match="supported pipelines"):
         DiffusionModel.load(other)
+
+
+@pytest.mark.parametrize("error, message", [
+    (type("RepositoryNotFoundError", (Exception,), {}), "no model 'nobody/no-such-model' on the Hugging Face hub"),
+    (type("GatedRepoError", (Exception,), {}), "is gated on the Hugging Face hub"),
+    (type("ConnectError", (Exception,), {}), "cannot reach the Hugging Face hub for 'nobody/no-such-model' (down)"),
+])
+def test_a_hub_id_is_checked_with_one_request_before_any_retries(monkeypatch, error, message):
+    import huggingface_hub
+
+    calls = []
+
+    def model_info(repo, timeout=None):
+        calls.append((repo, timeout))
+        raise error("down")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    with pytest.raises(ModelError) as info:
+        DiffusionModel.load("nobody/no-such-model")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert calls == [("nobody/no-such-model", 10)]  # one request, with a timeout

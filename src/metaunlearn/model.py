@@ -50,11 +50,36 @@ def _pipeline_class_name(source: str) -> str:
             raise ModelError(f"'{index}' is malformed: {_first_line(err)}") from None
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise ModelError(f"no model at '{source}': it is neither a local folder nor a hub id like 'org/name'")
+    _check_hub(source)
     try:
         return DiffusionPipeline.load_config(source)["_class_name"]
     except Exception as err:  # hub errors come in many types; all mean "cannot get it"
         offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ModelError(f"cannot fetch '{source}' from the Hugging Face hub{offline}: {_first_line(err)}") from None
+
+
+def _check_hub(source: str) -> None:
+    """Before the hub client's own retries (half a minute of warnings on a machine without network):
+    one quick request saying whether the id exists and the hub is reachable, unless the model is
+    already in the local cache or the hub is switched off (HF_HUB_OFFLINE: the cache is all there is)."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "model_index.json"), str) or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        model_info(source, timeout=10)
+    except Exception as err:  # the hub client's error types vary across versions; their names do not
+        kind = type(err).__name__
+        if "RepositoryNotFound" in kind:
+            raise ModelError(f"no model '{source}' on the Hugging Face hub (a private one needs "
+                             "`huggingface-cli login`)") from None
+        if "Gated" in kind:
+            raise ModelError(f"'{source}' is gated on the Hugging Face hub: accept its terms on its page and "
+                             "log in with `huggingface-cli login`") from None
+        if "HTTPError" in kind and "401" not in str(err) and "404" not in str(err):
+            return  # the hub answered; load_config says what it makes of the model
+        raise ModelError(f"cannot reach the Hugging Face hub for '{source}' ({_first_line(err)}); check the "
+                         "network, or download the model elsewhere and give its folder") from None
 
 
 @contextlib.contextmanager
