@@ -157,18 +157,19 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
                      "unlearn_s": unlearn_s,
                      "meta_overhead": meta["mean"] / base["mean"] if base and meta and base["mean"] else None},
             "failures": [{k: f.get(k) for k in ("stage", "error")} for f in _failures(folder.dir)],
-            "incomplete": incomplete(folder, rows),
+            "incomplete": incomplete(folder, rows, attacks),
             "environment": read_json(folder.dir / ENVIRONMENT)}
 
 
-def incomplete(folder: RunFolder, rows: list[Row]) -> list[str]:
+def incomplete(folder: RunFolder, rows: list[Row], attacks: dict) -> list[str]:
     """What the study asks for and the folder does not hold yet (interrupted, blocked or failed):
-    a report of a half-finished run says so instead of passing for a whole one."""
+    a report of a half-finished run says so instead of passing for a whole one. `attacks`: the
+    collected tables, whose curve counts say what was found."""
     missing = [f"evaluation of {label}" for row in rows for label, _ in row.models if not folder.evaluation(label)]
     for attack in folder.config.attacks:
         for row in rows:
             expected = sum(len(attack_seeds(folder.config, attack, seed)) for _, seed in row.models)
-            found = len(folder.curves(row, attack))
+            found = attacks[attack.name]["rows"][row.name]["curves"]
             if found < expected:
                 missing.append(f"attack {attack.name} on {row.name}: {found} of {expected} runs")
     return missing

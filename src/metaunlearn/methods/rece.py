@@ -65,13 +65,10 @@ class ReceMethod(UceMethod):
         with torch.no_grad():
             for name, module in projections(model.unet).items():
                 module.weight.copy_(best[2][name])
-        self.apply_targets(best[3])
+        self.set_targets(best[3], self.original)
 
     def record(self) -> dict:
         """Each round's held-out forget rate (round 0: UCE) and the round kept."""
         return {"rece": {"forget_rate_by_round": self.history, "kept_round": self.best_round}}
 
-    def apply_targets(self, keys: dict[str, torch.Tensor]) -> None:
-        """The kept round's keys and targets, for the anchor and reapply routes of a meta stage."""
-        self.solved_keys = keys
-        self.targets = {n: keys["guide"] @ w.float().T for n, w in self.original.items()}
+

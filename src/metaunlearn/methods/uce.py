@@ -90,9 +90,10 @@ def aligned_keys(hidden: torch.Tensor, counts: list[int], guide: torch.Tensor, g
 class UceMethod(Method):
     closed_form = True
     has_target = True  # the edited model's prediction (meta.target 'unlearn_target', the output anchor)
-    # a meta stage on the edited model trains every weight, the projections held by `meta_route`:
-    # with them frozen (noxattn) the stage slowed relearning less, and at lr 3e-5 not at all
-    # (bench/RESULTS.md, issue 11)
+    # a meta stage on the edited model trains every weight, the projections held by `meta_route`.
+    # Against freezing them (noxattn) the evidence is mixed (bench/RESULTS.md, issue 11): better on
+    # the eight at lr 3e-5, equal on the five at 1e-4, worse on the five at 3e-5 (windows of a few
+    # percent); every weight kept unrelated accuracy after the attack higher on both.
     default_params = "full"
 
     def keys(self, model, data) -> dict[str, torch.Tensor]:
@@ -120,11 +121,16 @@ class UceMethod(Method):
         if original is None:
             self.original = {n: m.weight.detach().clone() for n, m in layers.items()}
             original = self.original
-        self.targets = {n: keys["guide"] @ original[n].float().T for n in layers}
-        self.solved_keys = keys
+        self.set_targets(keys, original)
         for name, module in layers.items():
             module.weight.copy_(solve(original[name], keys["erase"], self.targets[name], keys["preserve"], opts.lam,
                                       opts.erase_scale, opts.preserve_scale))
+
+    def set_targets(self, keys: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
+        """The solved keys and what the original projections make of their guide keys: what the
+        anchor and reapply routes of a meta stage hold the edit to."""
+        self.solved_keys = keys
+        self.targets = {n: keys["guide"] @ w.float().T for n, w in original.items()}
 
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
