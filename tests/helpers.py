@@ -86,3 +86,41 @@ def one_line_error(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert result.stderr.strip() == lines[0]  # on stderr
     return lines[0]
+
+
+def build_tiny_clip(folder, words=None, seed: int = 0):
+    """A randomly initialised CLIP (model, tokenizer, image processor) saved to `folder`: what
+    `metrics.hf_models.load_clip` reads from a hub id, offline and in a fraction of a second."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from metaunlearn.worlds.pipeline import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words or ["a", "photo", "of", "the", "digit", "eight", "nude", "dog", "painting"],
+                                max_length=16)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_classifier(folder, labels: list[str], seed: int = 0):
+    """A randomly initialised ViT image classifier with the given labels, saved to `folder`."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={name: i for i, name in enumerate(labels)})
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

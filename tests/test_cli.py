@@ -93,6 +93,17 @@ def test_demo_runs_the_packaged_study_on_a_reduced_world(tmp_path, capsys):
     assert f"report: {outcome.report}" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert list(results["attacks"]["full"]["rows"]) == ["original", "ESD-u / meta"]
+    # the evaluation suite in the demo: FID per role (the world's features, real held-out digits) before
+    # and after each attack, durability per curve, and the conventions stated
+    full = results["attacks"]["full"]["rows"]["ESD-u / meta"]
+    assert full["values"]["fid_forget"]["before"] is not None and full["values"]["fid_forget"]["2"] is not None
+    assert [(c["seed"], c["steps_to_50"] is None or c["steps_to_50"] in (0, 2)) for c in full["per_curve"]] == \
+        [(0, True)]
+    assert results["conventions"]["metrics"]["fid"]["features"] == "digits"
+    assert results["conventions"]["metrics"]["fid"]["reference"]["forget"] == "world"
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Evaluation conventions" in report and "Utility (lower FID/KID" in report
+    assert "FID forget before" in report
 
 
 def write_study(tmp_path, source, detector: str, attacks=()) -> str:

@@ -172,9 +172,11 @@ def test_plugin_names_and_settings_are_checked_against_the_registries(tmp_path):
     message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a", "kind": "lora", "lora": {"rnak": 2}}]})
     assert "unknown key 'attacks.0.lora.rnak'; valid keys: rank, alpha, targets" in message
     message = error_of(tmp_path, {**MINIMAL, "evaluation": {"metrics": ["concept_rate", "fid9"]}})
-    assert "evaluation.metrics: 'fid9' is not a registered metric; choose one of: concept_rate" in message
+    assert ("evaluation.metrics: 'fid9' is not a registered metric; choose one of: clip_score, concept_rate, fid"
+            in message)
     message = error_of(tmp_path, {**MINIMAL, "evaluation": {"concept_rate": {"detector": "nudenett"}}})
-    assert "'nudenett' is not a registered detector; choose one of: auto, nudenet, digits" in message
+    assert ("'nudenett' is not a registered detector; choose one of: auto, clip, hf_classifier, nudenet, digits"
+            in message)
     message = error_of(tmp_path, {**MINIMAL, "method": {"sdd": {"ema_decay": 2}}})
     assert "method.sdd.ema_decay: input should be less than 1 (got 2)" in message  # unselected: still checked
     config = load_config(write(tmp_path, MINIMAL), ["method.name=sdd", "method.sdd.ema_decay=0.9"])

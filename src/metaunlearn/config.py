@@ -142,6 +142,9 @@ class RoleConfig(_Section):
         "Built-in worlds only: classes of the world's own dataset (digits world: zero..nine or 0..9)."))
     images: Optional[str] = Field(None, description=(
         "Path of a Hugging Face imagefolder (images + metadata.jsonl with a text column) for this role."))
+    prompt_file: Optional[str] = Field(None, description=(
+        "A prompt file (CSV with a 'prompt' column in the ESD/I2P layout, or one prompt per line) whose "
+        "prompts join `prompts`; the file is read when the study runs, and results depend on its content."))
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -149,7 +152,17 @@ class RoleConfig(_Section):
         return [str(v).strip() for v in value] if isinstance(value, list) else value
 
     def given(self) -> bool:
-        return bool(self.prompts or self.classes or self.images)
+        return bool(self.prompts or self.classes or self.images or self.prompt_file)
+
+    def entries(self) -> list:
+        """`prompts`, then the prompt file's entries (with their seeds and columns), as PromptEntry."""
+        from .prompt_files import PromptEntry, read_prompt_file
+
+        return [PromptEntry(p) for p in self.prompts] + (read_prompt_file(self.prompt_file) if self.prompt_file else [])
+
+    def all_prompts(self) -> list[str]:
+        """`prompts` and the prompt file's, without repeats."""
+        return list(dict.fromkeys(e.prompt for e in self.entries()))
 
 
 class ConceptsConfig(_Section):
@@ -330,7 +343,21 @@ class EvaluationConfig(PluginSection):
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance for evaluation images.")
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
     seed_offset: int = Field(3_000_000_000, ge=0, description=(
-        "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split)."))
+        "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split). Prompts "
+        "from a file with an evaluation_seed column use the file's seeds instead."))
+    prompts: dict[Literal["forget", "related", "unrelated"], Union[str, list[str]]] = Field({}, description=(
+        "Evaluation prompts per role, apart from the ones unlearning trains on: a prompt file (CSV in the "
+        "ESD/I2P layout, or one prompt per line) or a list. A role not named here is judged on its own prompts."))
+    half_precision: bool = Field(True, description=(
+        "On a GPU, sample evaluation images under float16 autocast (no effect on a CPU)."))
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value: dict) -> dict:
+        empty = [role for role, given in value.items() if not given]
+        if empty:
+            raise ValueError(f"gives no prompts for '{empty[0]}'; name a prompt file or list prompts")
+        return value
 
 
 class DetectorSection(PluginSection):
@@ -454,10 +481,27 @@ class StudyConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
     def fingerprint(self, *sections: str) -> str:
-        """Short sha256 of the named top-level sections (all if none are named)."""
-        dumped = self.model_dump(mode="json")
+        """Short sha256 of the named top-level sections (all if none are named); a prompt file
+        counts by its content, so an edited file redoes what it feeds."""
+        dumped = _with_file_digests(self.model_dump(mode="json"))
         text = json.dumps({s: dumped[s] for s in sections or dumped}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _with_file_digests(dumped: dict) -> dict:
+    """The dumped config with every prompt file path followed by '#' and its content hash."""
+    from .prompt_files import file_digest
+
+    roles = [dumped["concepts"][r] for r in ROLES]
+    roles += [a["data"] for a in dumped["attacks"] if isinstance(a["data"], dict)]
+    for role in roles:
+        if role.get("prompt_file"):
+            role["prompt_file"] += f"#{file_digest(role['prompt_file'])}"
+    given = dumped["evaluation"]["prompts"]
+    for role, value in given.items():
+        if isinstance(value, str):
+            given[role] = f"{value}#{file_digest(value)}"
+    return dumped
 
 
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyConfig:

@@ -141,8 +141,8 @@ def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: Diffusi
             Path(role.images))  # an attacker's own folder without split subfolders is all its data
         items = imagefolder.read_items(role.images, "train" if whole else split, f"{where}.images")
         feeds.append(_folder_feed(items, model.image_size, batch))
-    if role.prompts and not (role.classes or role.images):  # else the prompts are captions only
-        feeds.append(_generated_feed(list(dict.fromkeys(role.prompts)), split, config, model))
+    if (role.prompts or role.prompt_file) and not (role.classes or role.images):  # else captions only
+        feeds.append(_generated_feed(role.all_prompts(), split, config, model))
 
     latents, captions, origins, shown = [], [], [], []
     with tqdm(total=sum(n for n, _ in feeds), desc=f"{name} ({split})", unit="img", disable=not progress,

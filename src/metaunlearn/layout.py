@@ -9,6 +9,7 @@ stage never leaves anything that looks finished).
                          /checkpoints/    resumable
                          /run.json        fingerprint, seed, status
     <run>/eval/<label>.json, <label>.png  metric values of a model, a grid of its samples
+    <run>/eval/cache/                     reference features, computed once per study
     <run>/attacks/<label>/<attack>-seed<s>/curve.json, samples-step<N>.png
     <run>/report.html, report.md, results.json
 
@@ -172,6 +173,10 @@ class RunLayout:
 
     def eval_grid(self, label: str) -> Path:
         return self.eval(label).with_suffix(".png")
+
+    def eval_cache(self) -> Path:
+        """What metrics compute once per study and reuse (reference features for FID/KID)."""
+        return self.root / "eval" / "cache"
 
     def attacks(self, label: str) -> Path:
         return self.root / "attacks" / label

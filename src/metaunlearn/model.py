@@ -83,7 +83,7 @@ def _check_hub(source: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_io():
+def quiet_io():
     """No per-component progress bars or keyword-rename notices while loading or saving:
     `torch_dtype` is the keyword every supported diffusers version accepts."""
     import diffusers
@@ -133,9 +133,10 @@ class DiffusionModel:
         if class_name not in SUPPORTED_PIPELINES:
             raise ModelError(f"'{source}' is a {class_name}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}")
         pipeline_cls = StableDiffusionPipeline if class_name == SUPPORTED_PIPELINES[0] else StableDiffusionXLPipeline
-        extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_cls is StableDiffusionPipeline else {}
+        extra = {"safety_checker": None, "requires_safety_checker": False} \
+            if pipeline_cls is StableDiffusionPipeline else {}
         try:
-            with _quiet_io():
+            with quiet_io():
                 # safetensors only: a pickled .bin checkpoint can run code when loaded
                 pipe = pipeline_cls.from_pretrained(source, torch_dtype=dtype, local_files_only=Path(source).exists(),
                                                     use_safetensors=True, **extra)
@@ -147,7 +148,7 @@ class DiffusionModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a folder that stock `DiffusionPipeline.from_pretrained` loads."""
         path = Path(path)
-        with _quiet_io():
+        with quiet_io():
             self.pipe.save_pretrained(path, safe_serialization=True)
         return path
 

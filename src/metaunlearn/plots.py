@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 
 
+PANELS_PER_ROW = 3  # concept rates in the first row, utility values (FID per role, ...) below
+
+
 def by_model(curve: dict) -> str:
     return curve["model"]
 
@@ -57,8 +60,12 @@ def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None =
 
     specs = _specs(curves, specs)
     bands = curve_bands(curves, key, specs)
-    fig, axes = plt.subplots(1, max(1, len(specs)), figsize=(4.2 * max(1, len(specs)), 3.4), sharex=True,
-                             squeeze=False)
+    cols = min(PANELS_PER_ROW, max(1, len(specs)))
+    rows = max(1, -(-len(specs) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharex=True, squeeze=False)
+    axes = axes.reshape(1, -1)
+    for ax in axes[0][len(specs):]:
+        ax.set_visible(False)
     for ax, spec in zip(axes[0], specs):
         for label, band in bands.items():
             mean, std = np.array(band[spec["key"]]["mean"]), np.array(band[spec["key"]]["std"])

@@ -117,3 +117,4 @@ ATTACKS: Registry = Registry("attack", "metaunlearn.attacks")
 METRICS: Registry = Registry("metric", "metaunlearn.metrics")
 DETECTORS: Registry = Registry("detector", "metaunlearn.metrics", "metaunlearn.worlds")
 WORLDS: Registry = Registry("world", "metaunlearn.worlds")
+FEATURES: Registry = Registry("feature", "metaunlearn.metrics", "metaunlearn.worlds")  # FID/KID image features

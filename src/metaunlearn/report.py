@@ -142,6 +142,8 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
                 "values": {k: {"before": before[row.name][k], **{str(s): at_step(curves, s, k) for s in steps}}
                            for k in keys},
                 "durability": durability.summary(curves, keys[0], WINDOW_UNTIL) if keys and curves else None,
+                "per_curve": [{"model": c["model"], "seed": c["seed"], "auc": durability.auc(c, keys[0]),
+                               "steps_to_50": durability.steps_to(c, 0.5, keys[0])} for c in curves] if keys else [],
                 "curves": len(curves), "seconds": stat([c.get("seconds") for c in curves])}
         attacks[attack.name] = {"steps": steps, "last_step": steps[-1] if steps else None, "rows": table}
     unlearn_s = {row.name: stat([read_json(folder.layout.unlearn(label) / "timing.json").get("seconds")
@@ -151,7 +153,7 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
     return {"study": config.name, "seeds": config.seeds, "variants": config.variants,
             "units": "metric values as declared in 'values' (fractions in [0, 1] where 'fraction'); "
                      "mean and std (population) over seeds",
-            "values": specs, "before_attack": before, "attacks": attacks,
+            "values": specs, "conventions": conventions(folder, rows), "before_attack": before, "attacks": attacks,
             # the report stage's own time is not known while it writes, so it is left out
             "cost": {"stages_s": {k: v for k, v in read_json(folder.dir / TIMINGS).items() if k != "report"},
                      "unlearn_s": unlearn_s,
@@ -159,6 +161,30 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
             "failures": [{k: f.get(k) for k in ("stage", "error")} for f in _failures(folder.dir)],
             "incomplete": incomplete(folder, rows, attacks),
             "environment": read_json(folder.dir / ENVIRONMENT)}
+
+
+def conventions(folder: RunFolder, rows: list[Row]) -> dict:
+    """How the numbers were made, from the first evaluation found: sampling settings, seeds,
+    prompt sources and every metric's own conventions (detector thresholds and classes, the
+    CLIP model, FID features and references)."""
+    ev = next((e for r in rows for label, _ in r.models if (e := folder.evaluation(label))), {})
+    if not ev:
+        return {}
+    config, roles = folder.config, {}
+    for role, prompts in _by_role(ev.get("prompts", [])).items():
+        given = config.evaluation.prompts.get(role)
+        source = (f"file {given}" if isinstance(given, str) else "evaluation.prompts list") if given else \
+            f"concepts.{role} (the prompts unlearning used)"
+        roles[role] = {"prompts": len(prompts), "source": source}
+    return {"sampling": ev.get("settings", {}), "roles": roles,
+            "metrics": {name: d["conventions"] for name, d in ev.get("details", {}).items() if d.get("conventions")}}
+
+
+def _by_role(prompts: list) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for role, prompt in prompts:
+        out.setdefault(role, []).append(prompt)
+    return out
 
 
 def incomplete(folder: RunFolder, rows: list[Row], attacks: dict) -> list[str]:
@@ -200,6 +226,7 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
     doc += [("h2", "Before any attack"),
             ("table", ["model"] + [s["label"] for s in specs],
              [[r.name] + [fmt(results["before_attack"][r.name][s["key"]], s) for s in specs] for r in rows])]
+    doc += conventions_blocks(results["conventions"])
     for attack in config.attacks:
         res = results["attacks"][attack.name]
         doc += [("h2", f"Attack {attack.name}"),
@@ -218,12 +245,16 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
                      [[name, fmt(d["window"], primary), fmt(d["auc"], primary),
                        ", ".join(str(s) if s is not None else f">{d['last_step']}" for s in d["steps_to_50"])]
                       for name, e in res["rows"].items() if (d := e["durability"])])]
-        if len(specs) > 1 and res["last_step"] is not None:
-            last = str(res["last_step"])
-            doc += [("p", f"The other values before the attack and after it (step {last}):"),
-                    ("table", ["model"] + [f"{s['label']} {w}" for s in specs[1:] for w in ("before", "after")],
-                     [[name] + [fmt(e["values"][s["key"]][w], s) for s in specs[1:] for w in ("before", last)]
-                      for name, e in res["rows"].items()])]
+        others = [s for s in specs[1:] if s.get("group", "concept") != "utility"]
+        utility = [s for s in specs[1:] if s.get("group") == "utility"]
+        for chosen, text in ((others, "The other values"), (utility, "Utility (lower FID/KID: closer to the "
+                                                                      "reference; CLIP score: prompt alignment)")):
+            if chosen and res["last_step"] is not None:
+                last = str(res["last_step"])
+                doc += [("p", f"{text} before the attack and after it (step {last}):"),
+                        ("table", ["model"] + [f"{s['label']} {w}" for s in chosen for w in ("before", "after")],
+                         [[name] + [fmt(e["values"][s["key"]][w], s) for s in chosen for w in ("before", last)]
+                          for name, e in res["rows"].items()])]
         curves = [c for row in rows for c in folder.curves(row, attack)]
         if curves and specs:
             path = plot_curves(curves, folder.dir / "report" / f"curves-{attack.name}.png", specs,
@@ -269,6 +300,21 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
         doc += [("p", "Incomplete: the study is not finished (interrupted, or stages blocked by a failure); "
                       f"missing: {'; '.join(missing)}. Run `metaunlearn run` on the study again to finish it.")]
     return doc
+
+
+def conventions_blocks(conv: dict) -> list[tuple]:
+    """The report's statement of how every number was made (README, 'Evaluation')."""
+    if not conv:
+        return []
+    sampling = conv["sampling"]
+    rows = [["samples per prompt", str(sampling.get("samples_per_prompt"))],
+            ["sampler", f"{sampling.get('sampler', 'DDIM')}, {sampling.get('steps')} steps, guidance "
+                        f"{sampling.get('guidance_scale')}"],
+            ["seeds", f"{sampling.get('seeds', '')}; a prompt's first seed is its file's evaluation_seed, else "
+                      f"{sampling.get('seed_offset')} + 1000 x its position"]]
+    rows += [[f"{role} prompts", f"{r['prompts']} from {r['source']}"] for role, r in conv["roles"].items()]
+    rows += [[f"metric {name}", "; ".join(f"{k}: {v}" for k, v in c.items())] for name, c in conv["metrics"].items()]
+    return [("h2", "Evaluation conventions"), ("table", ["item", "value"], rows)]
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -23,6 +23,16 @@ def _model_of(ann: Any) -> Optional[type[BaseModel]]:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
+def _dict_of(ann: Any) -> Any:
+    """The dict annotation of `ann`, or of the member of a Union that is one (`str | dict[...]`)."""
+    ann = _strip_optional(ann)
+    if get_origin(ann) is dict:
+        return ann
+    if get_origin(ann) is Union:
+        return next((a for a in get_args(ann) if get_origin(a) is dict), None)
+    return None
+
+
 def is_container(ann: Any) -> bool:
     return _model_of(ann) is not None or get_origin(_strip_optional(ann)) is list
 
@@ -53,6 +63,8 @@ def annotation_at(loc: Iterable[Union[str, int]], root: type[BaseModel]) -> Any:
         elif get_origin(ann) in (list, tuple) and str(part).isdigit():
             args = get_args(ann)
             ann = args[0] if get_origin(ann) is list else args[min(int(part), len(args) - 1)]
+        elif _dict_of(ann) is not None:
+            ann = get_args(_dict_of(ann))[1]
         else:
             return None
     return _strip_optional(ann)
@@ -80,10 +92,17 @@ def apply_override(data: dict, item: str, root: type[BaseModel]) -> None:
             slot, size = int(part), len(node) if isinstance(node, list) else 0
             if slot >= size:
                 raise ConfigError(f"override '{key}': index {slot} out of range, '{above}' has {size} entries")
+        elif _dict_of(parent) is not None:
+            allowed = get_args(get_args(_dict_of(parent))[0])  # a Literal key type names the valid keys
+            if allowed and part not in allowed:
+                raise ConfigError(f"override '{key}': unknown key '{here}'; valid keys: {', '.join(allowed)}")
+            slot = part
         else:
             raise ConfigError(f"override '{key}': '{above}' has no key or index '{part}'")
         if i < len(parts) - 1:
             child = node.get(slot) if isinstance(node, dict) else node[slot]
+            if not isinstance(child, (dict, list)) and _dict_of(annotation_at(parts[: i + 1], root)) is not None:
+                child = None  # `reference: auto` given per role from here on: a mapping replaces the text
             if child is None:  # a section the file leaves out: start it empty
                 child = node[slot] = [] if get_origin(annotation_at(parts[: i + 1], root)) is list else {}
             node = child

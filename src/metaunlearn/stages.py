@@ -64,7 +64,9 @@ def evaluator(config: StudyConfig):
     """The study's metrics, with what they need to know about the original model."""
     from .metrics import Context, Evaluator
 
-    return Evaluator(config, Context(config, world_for(config.model), original_source(config)))
+    return Evaluator(config, Context(config, world_for(config.model), original_source(config),
+                                     load_original=lambda: load_model(config),
+                                     cache_dir=RunLayout.of(config).eval_cache()))
 
 
 def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label: str | None = None,
@@ -80,7 +82,8 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
     out = runs.eval(label)
     if layout.evaluation_done(config, source, label):
         return read_json(out), out
-    results, samples = evaluator(config).evaluate(load_model(config, source), progress=progress)
+    results, samples = evaluator(config).evaluate(load_model(config, source), progress=progress,
+                                                  original=model_dir is None)
     save_samples(samples.images, samples.per_prompt, runs.eval_grid(label))
     results.update(model=str(source), fingerprint=layout.evaluation_fingerprint(config, source))
     write_json(out, results)

@@ -3,7 +3,8 @@ detectors, both plugins; the built-in ones are imported here."""
 
 from __future__ import annotations
 
-from . import concept_rate, nudenet  # noqa: F401  (each registers itself)
+# each built-in metric, detector and feature extractor registers itself
+from . import clip_score, concept_rate, features, fid, hf_classifier, nudenet, zero_shot  # noqa: F401
 from .base import Context, Metric, Result, Samples, Value
 from .concept_rate import ConceptRate, Detector
 from .evaluate import Evaluator, evaluation_roles, forget_concepts

@@ -10,9 +10,10 @@ one's options sit under its name in the `evaluation` section.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Value:
     role: str | None = None  # the data role it concerns ('forget', 'related', 'unrelated'), if one
     higher_is_better: bool = True
     fraction: bool = True  # a share in [0, 1], shown in percent
+    group: str = "concept"  # 'concept' (is the concept there?) or 'utility' (image quality, alignment)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +49,17 @@ class Samples:
     images: torch.Tensor  # (len(entries) * per_prompt, 3, H, W) in [0, 1]
     per_prompt: int
     forget_concepts: list[str]  # the forget role's classes, else its prompts
+    seeds: list[int] = field(default_factory=list)  # per entry: its first sample's seed
+    columns: list[dict] = field(default_factory=list)  # per entry: its prompt file's other columns
+    original: bool = False  # the study's original model made them
+    evaluator: Any = None  # the Evaluator that made them (its original_samples, for reference metrics)
+
+    def of_role(self, role: str) -> torch.Tensor:
+        """Every sample of a role's prompts."""
+        keep = [k for k, (r, _) in enumerate(self.entries) if r == role]
+        if not keep:
+            return self.images[:0]
+        return torch.cat([self.of(k) for k in keep])
 
     def of(self, k: int) -> torch.Tensor:
         return self.images[k * self.per_prompt:(k + 1) * self.per_prompt]
@@ -60,6 +73,8 @@ class Context:
     config: StudyConfig
     world: World | None
     original: str | Path
+    load_original: Callable[[], DiffusionModel] | None = None  # for metrics that compare with its samples
+    cache_dir: Path | None = None  # where metrics may keep what they computed once (reference features)
 
 
 @dataclass

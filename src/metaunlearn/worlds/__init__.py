@@ -36,6 +36,7 @@ class World:
 
     name: ClassVar[str] = ""
     default_detector: ClassVar[str] = ""  # a registered detector that judges this world's classes
+    default_features: ClassVar[str] = ""  # registered image features for FID/KID in this world ('': inception)
 
     def __init__(self, options: Options, folder: Path | None = None):
         self.options, self._folder = options, folder
@@ -61,6 +62,11 @@ class World:
 
     def class_prompts(self, name: str) -> list[str]:
         """Prompts that ask for class `name` (evaluation of a role given by classes only)."""
+        raise NotImplementedError
+
+    def reference_images(self, classes: list[str], size: int) -> torch.Tensor:
+        """Real held-out images of `classes` (no stage trains on them), (N, 3, size, size) in [0, 1]:
+        the reference set of FID/KID in this world."""
         raise NotImplementedError
 
     def class_feed(self, role: RoleConfig, split: str, model: DiffusionModel, batch: int) -> tuple[int, Chunks]:

@@ -30,6 +30,7 @@ class DigitsOptions(Options):
 class DigitsWorld(World):
     name = "digits"
     default_detector = "digits"
+    default_features = "digits"
 
     def build_config(self):
         from .build import DigitsWorldConfig
@@ -78,6 +79,12 @@ class DigitsWorld(World):
     def class_prompts(self, name: str) -> list[str]:
         return prompts_for(digit_of_word(name))
 
+    def reference_images(self, classes, size):
+        from .dataset import load_split
+
+        images, _ = load_split("test", size=size, digits=[digit_of_word(c) for c in classes], seed=self.split_seed())
+        return (images + 1) / 2
+
     def class_feed(self, role, split, model, batch):
         from .dataset import load_split, split_indices
 
@@ -88,7 +95,7 @@ class DigitsWorld(World):
         seen = dict.fromkeys(digits, 0)
         captions = []
         for label in labels.tolist():  # cycle the role's prompts naming this digit, else its phrasings
-            options = [p for p in role.prompts if _names_digit(p, label)] or prompts_for(label)
+            options = [p for p in role.all_prompts() if _names_digit(p, label)] or prompts_for(label)
             captions.append(options[seen[label] % len(options)])
             seen[label] += 1
         chunks = ((images[i:i + batch], captions[i:i + batch],

@@ -28,6 +28,12 @@ class DigitClassifier(nn.Module):
         images = F.interpolate(images.float(), size=(16, 16), mode="area")
         return self.head(self.features(images * 2 - 1))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The 128-d penultimate activations: what the classifier knows of an image, the
+        digits world's features for FID/KID (as Inception's pool layer is for photographs)."""
+        images = F.interpolate(images.float(), size=(16, 16), mode="area")
+        return self.head[:-1](self.features(images * 2 - 1))
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         self.eval()

@@ -10,7 +10,8 @@ import torch
 
 from ...errors import MetaunlearnError
 from ...metrics.concept_rate import Detector
-from ...registry import DETECTORS
+from ...metrics.features import Features
+from ...registry import DETECTORS, FEATURES
 from .dataset import DIGIT_WORDS, digit_of_word
 
 # A digit named as a whole token: "eight" or "8", not the 8 in "1984" or "eighteen".
@@ -55,6 +56,19 @@ class DigitDetector(Detector):
         digit = digit_of_word(concept)
         device = next(self.classifier.parameters()).device
         return self.classifier.predict(images.to(device), self.batch_size).cpu() == digit
+
+
+@FEATURES.register("digits", help="the digits world's classifier, penultimate layer (128-d)")
+class DigitFeatures(Features):
+    def __init__(self, options=None, context=None, classifier=None):
+        super().__init__(options, context)
+        self.classifier = classifier or DigitDetector(options, context).classifier
+
+    def extract(self, images):
+        return self.classifier.embed(images.to(next(self.classifier.parameters()).device))
+
+    def conventions(self) -> dict:
+        return {"layer": "classifier penultimate, 128-d"}
 
 
 def load_classifier(world_dir: str | Path):
