@@ -72,6 +72,12 @@ def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
                             [f"{m}-seed{s}/full-seed{s}" for m in ("esd", "esd-meta") for s in (0, 1)])
     assert {p.name for p in (run / "attacks/esd-meta-seed1/full-seed1").glob("samples-*")} == {
         "samples-step0.png", "samples-step4.png"}
+    # step 0 of an attack is the released model: its evaluation is reused, not sampled again
+    for label, attack in (("original", "full-seed0"), ("esd-meta-seed1", "full-seed1")):
+        curve = json.loads((run / "attacks" / label / attack / "curve.json").read_text())
+        assert curve["points"][0]["values"] == json.loads((run / "eval" / f"{label}.json").read_text())["values"]
+        assert (run / "attacks" / label / attack / "samples-step0.png").read_bytes() == \
+            (run / "eval" / f"{label}.png").read_bytes()
     assert yaml.safe_load((run / "study.yaml").read_text())["variants"] == ["base", "meta"]
     timings = json.loads((run / "timings.json").read_text())
     assert {"data/train", "unlearn/esd-meta-seed1", "attack/original/full-seed0", "report"} <= set(timings)

@@ -120,8 +120,11 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
         return read_json(out / layout.CURVE)
     images = attack_images(config, attack, data, progress)
     model = load_model(config, source)  # a fresh copy of the released weights for every attack
+    runs = RunLayout.of(config)  # step 0 is the released model: its evaluation, when made, is reused
+    before = (read_json(runs.eval(label)), runs.eval_grid(label)) if layout.evaluation_done(config, source, label) \
+        else None
     curve = run_attack(config, attack, model, images, metrics or evaluator(config), seed, label, progress,
-                       sample_dir=out)
+                       sample_dir=out, before=before)
     curve["fingerprint"] = fingerprint
     if attack.save_final:
         make_attack(attack).save(model, out)

@@ -20,6 +20,7 @@ import torch
 from ..config import AttackConfig, StudyConfig
 from ..data import ConceptData, RoleData
 from ..engine import Engine, Objective, make_accelerator
+from ..layout import write_bytes
 from ..errors import MetaunlearnError
 from ..metrics import Evaluator
 from ..model import DiffusionModel
@@ -71,11 +72,13 @@ def attacker_data(data: ConceptData, attack: AttackConfig) -> RoleData:
 
 def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel, images: RoleData,
                evaluator: Evaluator, seed: int, label: str, progress: bool = True,
-               sample_dir: Path | None = None) -> dict:
+               sample_dir: Path | None = None, before: tuple[dict, Path] | None = None) -> dict:
     """Finetune `model` in place on the attacker's `images` and return its curve: the
     metric values at every step of `attack.eval_at` (0 = before the attack). With
     `sample_dir`, the samples of the first and last evaluation go there as
-    samples-step<N>.png (the report's before/after grids, at no extra sampling)."""
+    samples-step<N>.png (the report's before/after grids, at no extra sampling).
+    `before`: the released model's evaluation (results, sample grid) made with the same
+    settings, taken as step 0 instead of sampling the same model with the same seeds again."""
     kind = make_attack(attack)
     accelerator = make_accelerator(config.model)
     model.to(accelerator.device)
@@ -91,9 +94,15 @@ def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel,
     def evaluate(done: int) -> None:
         if done not in attack.eval_at:
             return
-        results, samples = evaluator.evaluate(model, progress=False)
-        if sample_dir is not None and done in (attack.eval_at[0], attack.eval_at[-1]):
-            save_samples(samples.images, samples.per_prompt, Path(sample_dir) / f"samples-step{done}.png")
+        grid = Path(sample_dir) / f"samples-step{done}.png" if sample_dir is not None else None
+        if done == 0 and before is not None:
+            results = before[0]
+            if grid is not None:
+                write_bytes(grid, before[1].read_bytes())
+        else:
+            results, samples = evaluator.evaluate(model, progress=False)
+            if grid is not None and done in (attack.eval_at[0], attack.eval_at[-1]):
+                save_samples(samples.images, samples.per_prompt, grid)
         recent = engine.losses[-10:]
         points.append({"step": done, "values": results["values"],
                        "loss": sum(recent) / len(recent) if recent else None,

@@ -34,19 +34,22 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def _load(kind: str, source: str, device: str, model_cls, processor_cls):
+    path = _path(source)
+    try:
+        with quiet_io():
+            model, processor = model_cls.from_pretrained(path), processor_cls.from_pretrained(path)
+    except Exception as err:  # hub and file errors come in many types; all mean "cannot load it"
+        raise MetaunlearnError(f"cannot load {kind} from {_where(source)}: {_first_line(err)}") from None
+    return model.to(device).eval().requires_grad_(False), processor
+
+
 @functools.lru_cache(maxsize=4)
 def load_clip(source: str, device: str = "cpu"):
     """(CLIPModel in eval mode on `device`, CLIPProcessor) from a hub id or a local folder."""
     from transformers import CLIPModel, CLIPProcessor
 
-    path = _path(source)
-    try:
-        with quiet_io():
-            model = CLIPModel.from_pretrained(path)
-            processor = CLIPProcessor.from_pretrained(path)
-    except Exception as err:  # hub and file errors come in many types; all mean "cannot load it"
-        raise MetaunlearnError(f"cannot load a CLIP model from {_where(source)}: {_first_line(err)}") from None
-    return model.to(device).eval().requires_grad_(False), processor
+    return _load("a CLIP model", source, device, CLIPModel, CLIPProcessor)
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,15 +57,7 @@ def load_image_classifier(source: str, device: str = "cpu"):
     """(AutoModelForImageClassification in eval mode on `device`, its image processor)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    path = _path(source)
-    try:
-        with quiet_io():
-            model = AutoModelForImageClassification.from_pretrained(path)
-            processor = AutoImageProcessor.from_pretrained(path)
-    except Exception as err:  # as above
-        raise MetaunlearnError(f"cannot load an image classifier from {_where(source)}: "
-                               f"{_first_line(err)}") from None
-    return model.to(device).eval().requires_grad_(False), processor
+    return _load("an image classifier", source, device, AutoModelForImageClassification, AutoImageProcessor)
 
 
 def to_uint8(images):
