@@ -1,4 +1,4 @@
-"""Build a small but real StableDiffusionPipeline from scratch, offline.
+"""Build a small but real StableDiffusionPipeline (or SDXL pipeline) from scratch, offline.
 
 Nothing is downloaded: the CLIP tokenizer's vocabulary and BPE merges are made
 from a word list, and every component is randomly initialised from a config.
@@ -72,19 +72,20 @@ class TinyPipelineConfig:
         return asdict(self)
 
 
-def build_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0):
-    """A randomly initialised StableDiffusionPipeline of the given sizes."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(tokenizer, config: TinyPipelineConfig, width: int, projection: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(words, config.max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=config.text_width * 4,
+    settings = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 4,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
         max_position_embeddings=config.max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=projection or width)
+    return CLIPTextModelWithProjection(settings) if projection else CLIPTextModel(settings)
+
+
+def _vae_unet_scheduler(config: TinyPipelineConfig, **unet_extra):
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
     levels = len(config.vae_channels)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=config.latent_channels,
@@ -98,11 +99,46 @@ def build_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0):
         out_channels=config.latent_channels, block_out_channels=config.unet_channels,
         down_block_types=down, up_block_types=up, layers_per_block=config.layers_per_block,
         cross_attention_dim=config.text_width, attention_head_dim=config.attention_head_dim,
-        norm_num_groups=config.norm_groups)
+        norm_num_groups=config.norm_groups, **unet_extra)
     schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     scheduler = DDIMScheduler(**schedule)
     DDPMScheduler.from_config(scheduler.config)  # fail early if the two disagree
+    return vae, unet, scheduler
+
+
+def build_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0):
+    """A randomly initialised StableDiffusionPipeline of the given sizes."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words, config.max_length)
+    text_encoder = _text_encoder(tokenizer, config, config.text_width)
+    vae, unet, scheduler = _vae_unet_scheduler(config)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def build_sdxl_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0, time_embed_dim: int = 8):
+    """A randomly initialised StableDiffusionXLPipeline: SDXL's structure at tiny sizes (two text
+    encoders whose penultimate hidden states are concatenated, the second one's projected pooled
+    output and six size/crop time ids as added conditioning)."""
+    import dataclasses
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(words, config.max_length), build_tokenizer(words, config.max_length)
+    width_2 = 2 * config.text_width
+    text_encoder = _text_encoder(tokenizer, config, config.text_width)
+    text_encoder_2 = _text_encoder(tokenizer_2, config, width_2, projection=width_2)
+    unet_config = dataclasses.replace(config, text_width=config.text_width + width_2)  # the UNet sees both
+    vae, unet, scheduler = _vae_unet_scheduler(
+        unet_config, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + width_2)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True)
