@@ -43,7 +43,8 @@ def test_the_html_report_has_every_section_and_is_self_contained(run_dir):
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "<script" not in page
     images = re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
-    assert len(images) == 1 + 3 + 3 * 2  # curves, a grid per model, before/after grids per model
+    # the at-a-glance figure, curves, a grid per model, before/after grids per model
+    assert len(images) == 1 + 1 + 3 + 3 * 2
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert "(missing)" not in page
 
@@ -124,3 +125,65 @@ def test_report_on_a_folder_without_results_is_one_clear_line(run_dir, tmp_path)
     assert "study.yaml" in one_line_error(runner.invoke(app, ["report", str(tmp_path)]))
     shutil.copy(run_dir / "study.yaml", tmp_path / "study.yaml")
     assert "no results yet" in one_line_error(runner.invoke(app, ["report", str(tmp_path)]))
+
+
+def png_width(data: bytes) -> int:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_the_report_reads_at_a_glance(run_dir):
+    import base64
+
+    page = (run_dir / "report.html").read_text()
+    # the summary (a sentence and one table) comes before any folded section
+    first_table, first_fold = page.index("<table>"), page.index("<details")
+    assert first_table < first_fold
+    summary = page[first_table:page.index("</table>")]
+    for column in ("forget rate before", "window, full", "related before", "related after full",
+                   "unrelated before", "unlearning (s)", *ROWS):
+        assert column in summary, column
+    results = json.loads((run_dir / "results.json").read_text())
+    window = results["attacks"]["full"]["rows"]["ESD-u / meta"]["durability"]["window"]
+    assert f"{100 * window['mean']:.1f} ± {100 * window['std']:.1f}" in summary
+    assert "<details open><summary><h2>Before any attack</h2></summary>" in page
+    assert "<details><summary><h2>Attack full</h2></summary>" in page
+    assert page.count("<details") == page.count("</details>")
+    # nothing wider than the page: every embedded image fits a 1280-pixel window
+    widths = [png_width(base64.b64decode(src.split(",", 1)[1]))
+              for src in re.findall(r'<img [^>]*src="([^"]*)"', page)]
+    assert max(widths) <= 1200, widths
+
+
+def test_the_sample_figure_puts_models_side_by_side_before_and_after(run_dir):
+    from PIL import Image
+
+    from metaunlearn.report_figures import grid_cells
+
+    figure = Image.open(run_dir / "report" / "samples-at-a-glance.png").convert("RGB")
+    prompts = json.loads((run_dir / "eval" / "original.json").read_text())["prompts"]
+    assert figure.width <= 1200 and figure.height > 40 + 20 * len(prompts)
+    # the first sample of the first prompt of the original, before the attack, is where the layout puts it
+    cell = grid_cells(run_dir / "eval" / "original.png", len(prompts), 2)[0][0]
+    from metaunlearn.report_figures import HEADER, LABEL_WIDTH, thumb_size
+
+    thumb = thumb_size(3, 2)  # three models, two samples each
+    shown = figure.crop((LABEL_WIDTH, HEADER, LABEL_WIDTH + thumb, HEADER + thumb))
+    expected = cell.resize((thumb, thumb), Image.NEAREST if thumb >= cell.width else Image.LANCZOS)
+    assert list(shown.getdata()) == list(expected.getdata())
+
+
+def test_the_report_fits_a_browser_window(run_dir):
+    """In a real headless browser when one is installed: no horizontal scrolling at 1280 px, and the
+    summary table on the first screen (1280 x 800)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch()
+        except Exception as err:  # playwright without its browser download
+            pytest.skip(f"no headless browser: {err}")
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto((run_dir / "report.html").as_uri())
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        assert page.evaluate("document.querySelector('table').getBoundingClientRect().bottom") <= 800
+        browser.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 
+MAX_WIDTH_PX = 1180  # the report is read in a 1280-pixel window
 PANELS_PER_ROW = 3  # concept rates in the first row, utility values (FID per role, ...) below
 
 
@@ -88,16 +89,24 @@ def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None =
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=min(110, MAX_WIDTH_PX / fig.get_figwidth()))  # fits the report's column
     plt.close(fig)
     return path
 
 
-def save_samples(images, samples_per_prompt: int, path: str | Path, per_prompt: int = 4, scale: int = 3) -> Path:
-    """A grid of evaluation samples (prompt-major order, as evaluate_concepts
-    returns them): one row per prompt, its first `per_prompt` samples, upscaled."""
+GRID_PER_PROMPT, GRID_PAD, GRID_MIN_SIDE = 4, 2, 96  # the sample grids' layout (report_figures cuts them)
+
+
+def grid_scale(side: int) -> int:
+    """Tiny images (the digits world's 32 px) are upscaled to about GRID_MIN_SIDE; SD's are not."""
+    return max(1, GRID_MIN_SIDE // side)
+
+
+def save_samples(images, samples_per_prompt: int, path: str | Path) -> Path:
+    """A grid of evaluation samples (prompt-major order, as the evaluator returns
+    them): one row per prompt, its first GRID_PER_PROMPT samples, upscaled."""
     from .images import grid, save_png
 
-    k = min(per_prompt, samples_per_prompt)
+    k = min(GRID_PER_PROMPT, samples_per_prompt)
     rows = images.reshape(-1, samples_per_prompt, *images.shape[1:])[:, :k].reshape(-1, *images.shape[1:])
-    return save_png(grid(rows.float().cpu(), nrow=k, scale=scale), path)
+    return save_png(grid(rows.float().cpu(), nrow=k, pad=GRID_PAD, scale=grid_scale(images.shape[-1])), path)

@@ -219,11 +219,14 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
     primary = specs[0] if specs else None
     label_of = {label: row.name for row in rows for label, _ in row.models}
     readings = "; ".join(f"{s['label']}: {'higher' if s['higher_is_better'] else 'lower'} is better" for s in specs)
-    doc += [("h1", f"metaunlearn study '{config.name}'"),
+    from .report_layout import samples_figure, summary_blocks
+
+    doc += [("h1", f"metaunlearn study '{config.name}'")]
+    doc += summary_blocks(folder, rows, results) + samples_figure(folder, rows, results)
+    doc += [("h2", "Before any attack"),
             ("p", (f"Method {method_title(config)}; variants {', '.join(config.variants)}; seeds {config.seeds}. "
                    f"Mean ± std over seeds; shares in percent ({readings}). After a relearning attack a "
-                   "meta-unlearned model's related quality is meant to fall (its self-destruct)."))]
-    doc += [("h2", "Before any attack"),
+                   "meta-unlearned model's related quality is meant to fall (its self-destruct).")),
             ("table", ["model"] + [s["label"] for s in specs],
              [[r.name] + [fmt(results["before_attack"][r.name][s["key"]], s) for s in specs] for r in rows])]
     doc += conventions_blocks(results["conventions"])
@@ -334,7 +337,9 @@ def write_report(run_dir: str | Path) -> Path:
     if not has_eval and not any(e["curves"] for a in results["attacks"].values() for e in a["rows"].values()):
         raise MetaunlearnError(f"'{run_dir}' has no results yet (no evaluations, no attack curves); "
                                "run or resume the study with `metaunlearn run` first")
-    doc = build(folder, rows, results)
+    from .report_layout import collapsible
+
+    doc = collapsible(build(folder, rows, results))
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "report.md", to_markdown(doc))
     return write_text(run_dir / "report.html", to_html(doc, run_dir, f"metaunlearn: {config.name}"))

@@ -16,6 +16,8 @@ th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; vertical
 th:first-child, td:first-child { text-align: left; } th { background: #f3f3f3; }
 img { max-width: 100%; image-rendering: pixelated; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .85em; }
+details > summary { cursor: pointer; } details > summary h2 { display: inline-block; border: 0; margin: 1em 0 .3em; }
+details { border-bottom: 1px solid #ddd; }
 """
 
 
@@ -43,6 +45,8 @@ def to_markdown(doc: list[tuple]) -> str:
             out.append(_md_cell(args[0]))
         elif kind == "pre":
             out.append("```yaml\n" + args[0].rstrip() + "\n```")
+        elif kind == "details":
+            out.append("## " + args[0])
     return "\n\n".join(out) + "\n"
 
 
@@ -71,5 +75,9 @@ def to_html(doc: list[tuple], run_dir: Path, title: str) -> str:
             body.append(f"<p>{_img(args[0], run_dir)}</p>")
         elif kind == "pre":
             body.append(f"<pre>{html.escape(args[0])}</pre>")
+        elif kind == "details":
+            body.append(f"<details{' open' if args[1] else ''}><summary><h2>{html.escape(args[0])}</h2></summary>")
+        elif kind == "end":
+            body.append("</details>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
