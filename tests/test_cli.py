@@ -59,6 +59,8 @@ BAD_INPUT = [
     (["report", "{tmp}/.."], "not the run folder of a study"),
     (["evaluate", "{study}", "--set", "model.device=cuda:7"], "model.device 'cuda:7' is not available here"),
     (["demo", "--out", "{file}"], "is a file, not a folder"),
+    (["export", "{tmp}/m", "--base", "{tmp}/m", "--as", "ckpt"], "cannot export as 'ckpt'"),
+    (["run", "{study}", "--executor", "dask"], "--executor 'dask' is not known"),
 ]
 
 

@@ -184,11 +184,26 @@ def durability(config: ConfigArg,
 @app.command()
 @user_errors
 def run(config: ConfigArg, set_: SetOpt = None,
-        progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True):
+        progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True,
+        executor: Annotated[str, typer.Option(help="'sequential' (one process), or 'ray': the stage graph as Ray "
+                                                   "tasks (pip install 'metaunlearn[ray]').")] = "sequential",
+        address: Annotated[Optional[str], typer.Option(
+            help="With --executor ray: a running Ray cluster ('auto', 'ray://host:10001'); default: a local one.")
+        ] = None,
+        workers: Annotated[Optional[int], typer.Option(min=1, help="With --executor ray and no address: CPUs of "
+                                                                   "the local Ray (default: every core).")] = None):
     """Run (or resume) every stage of a study and write its report; exits non-zero if a stage failed."""
-    from .study import run_study
+    cfg = _config(config, set_)
+    if executor == "ray":
+        from .ray_executor import run_study_on_ray
 
-    _finish(run_study(_config(config, set_), progress=progress))
+        _finish(run_study_on_ray(cfg, address=address, workers=workers, progress=progress))
+    elif executor == "sequential":
+        from .study import run_study
+
+        _finish(run_study(cfg, progress=progress))
+    else:
+        raise MetaunlearnError(f"--executor '{executor}' is not known; use sequential or ray")
 
 
 @app.command()
@@ -210,6 +225,30 @@ def demo(
     from .demo import run_demo
 
     _finish(run_demo(out), printed=True)
+
+
+@app.command()
+@user_errors
+def export(
+    model_dir: Annotated[str, typer.Argument(help="The unlearned model: a diffusers pipeline folder or hub id.",
+                                             show_default=False)],
+    base: Annotated[str, typer.Option(help="The original it was unlearned from: a folder, a hub id, or a "
+                                           "built-in world ('digits').", show_default=False)],
+    as_: Annotated[str, typer.Option("--as", help="Export format (only 'lora').")] = "lora",
+    rank: Annotated[Optional[int], typer.Option(help="Fixed LoRA rank (overrides --energy).")] = None,
+    energy: Annotated[float, typer.Option(help="Without --rank: the smallest rank capturing this share of the "
+                                               "UNet weight difference (squared norm).")] = 0.9,
+    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Also carry the changed layers' bias "
+                                       "differences (peft lora_bias): diffusers loads them, but cannot fuse "
+                                       "them into a layer that has no bias.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: 'lora' next to the model "
+                                                     "folder; NAME-lora here for a hub id).")] = None,
+):
+    """Export the UNet difference (model - base) as a LoRA that pipe.load_lora_weights(OUT) loads;
+    writes OUT/export.json with what it captures."""
+    from .export import export_lora, summary
+
+    typer.echo(summary(export_lora(model_dir, base, out, rank=rank, energy=energy, bias=bias, fmt=as_)))
 
 
 def _finish(outcome, printed: bool = False) -> None:

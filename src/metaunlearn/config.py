@@ -388,6 +388,28 @@ class OutputConfig(_Section):
         return value
 
 
+class ExecutorConfig(_Section):
+    """What each stage asks of a Ray cluster (`metaunlearn run --executor ray`); the sequential
+    runner ignores it. Keys: a stage kind (model, data, unlearn, evaluate, attack) or 'default'."""
+
+    cpus: dict[str, float] = Field({"default": 1}, description=(
+        "CPUs per stage kind; a task's torch threads are its whole CPUs (two tasks that each use every core "
+        "slow each other far more than 2x)."))
+    gpus: dict[str, float] = Field({"default": 1}, description=(
+        "GPUs per stage kind when the cluster has GPUs (fractions share one); ignored on a CPU-only cluster."))
+
+    @field_validator("cpus", "gpus")
+    @classmethod
+    def _kinds(cls, value: dict[str, float]) -> dict[str, float]:
+        kinds = ("default", "model", "data", "unlearn", "evaluate", "attack")
+        bad = [k for k in value if k not in kinds]
+        if bad:
+            raise ValueError(f"has '{bad[0]}', not a stage kind; use {', '.join(kinds)}")
+        if any(v < 0 for v in value.values()):
+            raise ValueError("has a negative amount")
+        return value
+
+
 class StudyConfig(_Section):
     name: str = Field("study", pattern=NAME_PATTERN, description="Study name, used in the run folder.")
     seeds: list[int] = Field([0], min_length=1, description="One unlearning + attacks + evaluation per seed.")
@@ -402,6 +424,8 @@ class StudyConfig(_Section):
     attacks: list[AttackConfig] = Field([], description="Relearning and benign finetunes of the released model.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="How checkpoints are scored.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run's artifacts go.")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description=(
+        "Resources per stage under `--executor ray`."))
 
     @field_validator("seeds", "variants")
     @classmethod

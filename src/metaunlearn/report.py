@@ -341,5 +341,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     doc = collapsible(build(folder, rows, results))
     write_json(run_dir / "results.json", results)
+    from .model_card import write_model_cards
+
+    write_model_cards(run_dir, config, results)  # every released model's README.md, with these numbers
     write_text(run_dir / "report.md", to_markdown(doc))
     return write_text(run_dir / "report.html", to_html(doc, run_dir, f"metaunlearn: {config.name}"))

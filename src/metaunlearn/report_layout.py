@@ -32,7 +32,8 @@ def summary_blocks(folder, rows, results: dict) -> list[tuple]:
     for row in rows:
         before = results["before_attack"][row.name]
         line = [row.name, _pct(before.get("forget_rate"))]
-        line += [_pct((results["attacks"][a.name]["rows"][row.name]["durability"] or {}).get("window")) for a in relearn]
+        line += [_pct((results["attacks"][a.name]["rows"][row.name]["durability"] or {}).get("window"))
+                 for a in relearn]
         for key in ("related_accuracy", "unrelated_accuracy"):
             if key in keys:
                 after = results["attacks"][first.name]["rows"][row.name]["values"][key].get(last) if first else None

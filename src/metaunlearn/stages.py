@@ -55,6 +55,9 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     data = concept_data(config, model, "train", progress=progress)
     start = time.perf_counter()
     out = unlearn(config, model, data, folder, seed, layout.unlearn_fingerprint(config, seed), progress=progress)
+    from .model_card import write_model_card
+
+    write_model_card(out, config, seed, "meta" if config.meta.enabled else "base")  # numbers come with the report
     # the time of the run that finished it (a resumed run counts only its own part)
     write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start, 2)})
     return out

@@ -113,56 +113,85 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
     return out
 
 
+class Book:
+    """A study run's bookkeeping, the same under every executor: study.yaml and environment.json
+    at the start, study.log lines, timings.json after each finished stage, failures.json after each
+    failure (its log line first: it survives a failed write), and the stages left out because
+    something they need failed."""
+
+    def __init__(self, config: StudyConfig, stages: int):
+        self.config, self.run_dir = config, config.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.run_dir / STUDY_FILE, config.to_yaml())
+        write_json(self.run_dir / ENVIRONMENT, environment(config))
+        self.timings = read_json(self.run_dir / TIMINGS)
+        self.failures: list[dict] = []
+        self.bad: set[str] = set()  # failed, or left out because something they need failed
+        write_json(self.run_dir / FAILURES, self.failures)
+        self.log(f"study {config.name}: {stages} stages")
+
+    def log(self, text: str) -> None:
+        with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}\n")
+
+    def blocked(self, step: Stage) -> bool:
+        missing = [n for n in step.needs if n in self.bad]
+        if missing:
+            self.bad.add(step.name)
+            self.log(f"blocked {step.name}: needs {', '.join(missing)}")
+        return bool(missing)
+
+    def finished(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(seconds, 2)
+        write_json(self.run_dir / TIMINGS, self.timings)
+        self.log(f"finish  {name} ({self.timings[name]:.1f} s)")
+
+    def failed(self, name: str, error: str, trace: str) -> None:
+        self.bad.add(name)
+        self.failures.append({"stage": name, "error": error, "traceback": trace})
+        self.log(f"FAILED  {name}: {error}")
+        write_json(self.run_dir / FAILURES, self.failures)
+
+    def close(self) -> Outcome:
+        self.log(f"study {self.config.name}: {'done' if not self.failures else f'{len(self.failures)} failure(s)'}")
+        report = self.run_dir / "report.html"
+        return Outcome(self.run_dir, report if report.is_file() and "report" not in self.bad else None, self.failures)
+
+
+def error_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def report_stage(config: StudyConfig) -> Stage:
+    from .report import write_report
+
+    return Stage("report", lambda: False, lambda: write_report(config.run_dir()))
+
+
 def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
     """Run (or resume) the study; a failing stage is recorded, never fatal to the others."""
     from tqdm.auto import tqdm
 
-    from .report import write_report
-
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / STUDY_FILE, config.to_yaml())
-    write_json(run_dir / ENVIRONMENT, environment(config))
-    timings = read_json(run_dir / TIMINGS)
-    failures: list[dict] = []
-    write_json(run_dir / FAILURES, failures)
-
-    def log(text: str) -> None:
-        with open(run_dir / LOG, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}\n")
-
-    steps = plan(config, log) + [Stage("report", lambda: False, lambda: write_report(run_dir))]
-    bad: set[str] = set()  # failed, or left out because something they need failed
-    log(f"study {config.name}: {len(steps)} stages")
+    steps = [*plan(config, lambda text: book.log(text)), report_stage(config)]
+    book = Book(config, len(steps))
     bar = tqdm(steps, desc="study", unit="stage", disable=not progress, dynamic_ncols=True)
     for i, step in enumerate(bar):
         bar.set_description(f"{step.name} ({i + 1}/{len(steps)})")
-        missing = [n for n in step.needs if n in bad]
-        if missing:
-            bad.add(step.name)
-            log(f"blocked {step.name}: needs {', '.join(missing)}")
+        if book.blocked(step):
             continue
         try:
             if step.done():
-                log(f"skip    {step.name} (done)")
+                book.log(f"skip    {step.name} (done)")
                 continue
-            log(f"start   {step.name}")
+            book.log(f"start   {step.name}")
             start = time.perf_counter()
             step.run()
         except KeyboardInterrupt:
-            log(f"stopped {step.name}: interrupted")
+            book.log(f"stopped {step.name}: interrupted")
             raise
         except Exception as err:  # noqa: BLE001 - any failure is reported, the other stages go on
-            bad.add(step.name)
-            failures.append({"stage": step.name, "error": f"{type(err).__name__}: {err}".splitlines()[0],
-                             "traceback": traceback.format_exc()})
-            log(f"FAILED  {step.name}: {failures[-1]['error']}")  # first: the log line survives a failed write
-            write_json(run_dir / FAILURES, failures)
+            book.failed(step.name, error_line(err), traceback.format_exc())
             continue
-        timings[step.name] = round(time.perf_counter() - start, 2)
-        write_json(run_dir / TIMINGS, timings)
-        log(f"finish  {step.name} ({timings[step.name]:.1f} s)")
+        book.finished(step.name, time.perf_counter() - start)
     bar.close()
-    log(f"study {config.name}: {'done' if not failures else f'{len(failures)} failure(s)'}")
-    report = run_dir / "report.html"
-    return Outcome(run_dir, report if report.is_file() and "report" not in bad else None, failures)
+    return book.close()

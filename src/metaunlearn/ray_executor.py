@@ -1,0 +1,117 @@
+"""`metaunlearn run STUDY --executor ray`: the study's stage graph as Ray
+tasks, each depending on the tasks of the stages it needs, so Ray runs
+every unlearning run, evaluation and attack as soon as what it needs is done,
+on as many workers (GPUs, nodes) as the cluster has.
+
+Each task rebuilds the study's plan from the config in its worker and runs
+its one stage there with the same done-checks and fingerprints as the
+sequential runner (study.py), so a study started by one resumes under the
+other. A task never raises: it returns its outcome, and a task whose needs
+failed returns 'blocked' without running; the driver keeps the books
+(study.log, timings.json, failures.json) and writes the report.
+
+Ray is an optional extra (`pip install metaunlearn[ray]`), imported only here.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+from .config import StudyConfig
+from .errors import MetaunlearnError
+from .study import Book, Outcome, error_line, plan, report_stage
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MetaunlearnError("the ray executor needs Ray: pip install 'metaunlearn[ray]'") from None
+    return ray
+
+
+def kind_of(stage_name: str) -> str:
+    return stage_name.split("/", 1)[0]  # model, data, evaluate, unlearn, attack
+
+
+def run_stage(config_data: dict, name: str, threads: int, *needed: dict) -> dict:
+    """In a worker: run one stage of the study unless it is done or something it needs failed."""
+    import torch
+
+    torch.set_num_threads(threads)  # its CPU share: workers that each take every core slow each other badly
+    if any(n["status"] in ("failed", "blocked") for n in needed):
+        return {"name": name, "status": "blocked", "needs": [n["name"] for n in needed if n["status"] != "done"
+                                                              and n["status"] != "skip"]}
+    config = StudyConfig.from_dict(config_data)
+    step = next(s for s in plan(config) if s.name == name)
+    try:
+        if step.done():
+            return {"name": name, "status": "skip"}
+        start = time.perf_counter()
+        step.run()
+        return {"name": name, "status": "done", "seconds": time.perf_counter() - start}
+    except Exception as err:  # noqa: BLE001 - reported by the driver, the other stages go on
+        return {"name": name, "status": "failed", "error": error_line(err), "traceback": traceback.format_exc()}
+
+
+def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: int | None = None,
+                     progress: bool = True) -> Outcome:
+    """Run (or resume) the study as Ray tasks: on the cluster at `address`, else on a local Ray
+    started for the run with `workers` CPUs (default: every core)."""
+    from tqdm.auto import tqdm
+
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        steps = plan(config)
+        book = Book(config, len(steps) + 1)
+        data = config.model_dump(mode="json")
+        refs: dict[str, object] = {}
+        for step in steps:  # in plan order, so a stage's needs are submitted before it
+            kind = kind_of(step.name)
+            cpus = config.executor.cpus.get(kind, config.executor.cpus.get("default", 1))
+            gpus = config.executor.gpus.get(kind, config.executor.gpus.get("default", 0)) if has_gpus else 0
+            task = ray.remote(run_stage).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                                 name=f"metaunlearn:{step.name}")
+            refs[step.name] = task.remote(data, step.name, max(1, int(cpus)), *[refs[n] for n in step.needs])
+        pending = list(refs.values())
+        with tqdm(total=len(pending) + 1, desc="study (ray)", unit="stage", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1)
+                _record(book, ray.get(finished[0]))
+                bar.update(1)
+            _run_report(book, config)
+            bar.update(1)
+        return book.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _record(book: Book, result: dict) -> None:
+    name, status = result["name"], result["status"]
+    if status == "done":
+        book.finished(name, result["seconds"])
+    elif status == "skip":
+        book.log(f"skip    {name} (done)")
+    elif status == "blocked":
+        book.bad.add(name)
+        book.log(f"blocked {name}: needs {', '.join(result['needs'])}")
+    else:
+        book.failed(name, result["error"], result["traceback"])
+
+
+def _run_report(book: Book, config: StudyConfig) -> None:
+    step = report_stage(config)
+    try:
+        start = time.perf_counter()
+        step.run()
+        book.finished(step.name, time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - as any stage
+        book.failed(step.name, error_line(err), traceback.format_exc())

@@ -1,0 +1,45 @@
+"""Run by tests/test_multiprocess.py, under `accelerate launch` (2 CPU processes) or alone:
+a few engine steps on a small regression. argv: mode (ddp | emulate), out folder, steps,
+stop-after (0: none)."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from metaunlearn.config import OptimizerSettings
+from metaunlearn.engine import Engine, Terms, step_generator
+
+mode, out, steps, stop = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+data = torch.Generator().manual_seed(1)
+X, Y = torch.randn(256, 8, generator=data), torch.randn(256, 4, generator=data)
+SEED, BATCH, PROCESSES = 3, 4, 2
+
+
+def loss_on(generator):
+    idx = torch.randint(0, len(X), (BATCH,), generator=generator)
+    return torch.nn.functional.mse_loss(model(X[idx]), Y[idx])
+
+
+def objective(ctx):
+    if mode == "emulate":  # one process, both processes' batches: the same global batch
+        return Terms({"mse": sum(loss_on(step_generator(SEED, ctx.step, p)) for p in range(PROCESSES)) / PROCESSES})
+    return Terms({"mse": loss_on(ctx.generator)})
+
+
+def stop_at(done):
+    if stop and done == stop:
+        raise SystemExit(3)  # interrupted after the checkpoint at step 2
+
+
+accelerator = Accelerator(cpu=True)
+settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0)
+engine = Engine(model, dict(model.named_parameters()), {"fit": objective}, settings, SEED, accelerator)
+engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at, progress=False)
+if accelerator.is_main_process:
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
+    (out / "processes.txt").write_text(str(accelerator.num_processes))

@@ -1,0 +1,79 @@
+"""One run across processes with accelerate (2 CPU processes, gloo): gradients
+averaged, the result equal to one process with the same global batch,
+checkpoints and logs written once, resume after an interruption; and an
+unlearning run of the CLI launched the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+SCRIPT = Path(__file__).parent / "scripts" / "engine_run.py"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+PORT = iter(range(29650, 29700))
+
+
+def launch(*args, processes: int = 2, module: bool = False, timeout: int = 300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = ["-m", *args] if module else [str(SCRIPT), *args]
+    # --multi_gpu: torch.distributed's launcher; on a machine without CUDA the processes join over gloo
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(next(PORT)), *target]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_average_gradients_checkpoint_once_and_resume(tmp_path):
+    ddp, resumed, single = tmp_path / "ddp", tmp_path / "resumed", tmp_path / "single"
+    done = launch("ddp", str(ddp), "4", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ddp / "processes.txt").read_text() == "2"
+    alone = subprocess.run([sys.executable, str(SCRIPT), "emulate", str(single), "4", "0"], capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    a, b = torch.load(ddp / "final.pt"), torch.load(single / "final.pt")
+    for name in a:  # the mean of the two processes' gradients is the gradient of their union
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    alone = subprocess.run([sys.executable, str(SCRIPT), "ddp", str(tmp_path / "alone"), "4", "0"],
+                           capture_output=True, text=True, timeout=300)  # process 0's batches only
+    assert alone.returncode == 0 and not torch.allclose(a["0.weight"], torch.load(tmp_path / "alone" / "final.pt")[
+        "0.weight"], atol=1e-6)  # so the two processes' gradients were both used
+    # written once: one log line per step, one checkpoint per checkpoint step
+    assert [json.loads(line)["step"] for line in (ddp / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-000002"]
+
+    stopped = launch("ddp", str(resumed), "4", "3")  # interrupted after step 3 (checkpoint at 2)
+    assert stopped.returncode != 0 and not (resumed / "final.pt").exists()
+    again = launch("ddp", str(resumed), "4", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    c = torch.load(resumed / "final.pt")
+    for name in a:
+        assert torch.equal(a[name], c[name]), name
+    assert [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_an_unlearning_run_of_the_cli_across_two_processes(tiny_pipeline_dir, tmp_path):
+    from test_study import tiny_study
+
+    run = tmp_path / "run"
+    study = tiny_study(tiny_pipeline_dir, run, seeds=(0,), variants=("meta",), attacks=())
+    study["method"].update(steps=4, checkpoint_every=2)
+    study["evaluation"]["concept_rate"]["detector"] = "nudenet"  # the CLI processes import nothing of the tests
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    prepared = subprocess.run([str(Path(sys.executable).with_name("metaunlearn")), "data", str(path)],
+                              capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    done = launch("metaunlearn", "unlearn", str(path), "--seed", "0", "--set", "meta.enabled=true", module=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = run / "unlearn" / "esd-meta-seed0"
+    assert json.loads((folder / "run.json").read_text())["status"] == "done"
+    assert (folder / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the main process logs, once
+    assert [p.name for p in (folder / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-000002"]

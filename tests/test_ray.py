@@ -1,0 +1,76 @@
+"""`--executor ray`: a tiny study's stage graph as Ray tasks on a local Ray with
+two workers gives the results of the sequential runner, and a Ray study killed
+midway resumes (under either executor) and skips what finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from helpers import console_script
+from test_study import FULL, tiny_study
+
+from metaunlearn.config import StudyConfig
+from metaunlearn.study import run_study
+
+pytest.importorskip("ray")
+pytest.importorskip("nudenet")  # a built-in detector: Ray's workers import nothing of the tests
+
+
+def study(source, out, **kw) -> dict:
+    data = tiny_study(source, out, seeds=(0,), attacks=(FULL,), **kw)
+    data["evaluation"]["concept_rate"]["detector"] = "nudenet"
+    return data
+
+
+def comparable(run) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    for key in ("cost", "environment"):
+        results.pop(key)
+    for attack in results["attacks"].values():
+        for row in attack["rows"].values():
+            row.pop("seconds")
+    return results
+
+
+def test_a_ray_study_gives_the_sequential_results(tiny_pipeline_dir, tmp_path):
+    from metaunlearn.ray_executor import run_study_on_ray
+
+    sequential = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, tmp_path / "seq")), progress=False)
+    on_ray = run_study_on_ray(StudyConfig.from_dict(study(tiny_pipeline_dir, tmp_path / "ray")), workers=2,
+                              progress=False)
+    assert sequential.failures == [] and on_ray.failures == [] and on_ray.report is not None
+    assert comparable(tmp_path / "ray") == comparable(tmp_path / "seq")
+    log = (tmp_path / "ray" / "study.log").read_text()
+    assert log.count("finish  attack/") == 3 and "finish  report" in log
+
+
+def test_a_killed_ray_study_resumes_and_skips_what_finished(tiny_pipeline_dir, tmp_path):
+    run = tmp_path / "run"
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study(tiny_pipeline_dir, run)))
+    command = [*console_script(), "run", str(path), "--executor", "ray", "--workers", "2", "--quiet"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and "finish  unlearn/" not in _log(run):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.wait()
+    finished = {line.split()[3] for line in _log(run).splitlines() if line[21:].startswith("finish")}
+    assert finished and "report" not in finished
+    outcome = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, run)), progress=False)  # the other runner
+    assert outcome.failures == []
+    last = _log(run).split("stages\n")[-1]
+    assert {f"skip    {name} (done)" for name in finished} <= {line[21:] for line in last.splitlines()}
+
+
+def _log(run) -> str:
+    try:
+        return (run / "study.log").read_text()
+    except OSError:
+        return ""
