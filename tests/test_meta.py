@@ -41,8 +41,10 @@ def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]
 
 # The paper's objective: one fixed SGD inner step and the denoising loss as the keeping term,
 # none of our additions; a test names what it adds.
+# First order runs functionally here (in_place off): its gradients come as surrogate terms these tests
+# differentiate; test_the_in_place_first_order_step_equals_the_functional_one shows in place is the same.
 PAPER = dict(inner_lr=1e-4, inner_steps=1, inner_step="sgd", low_rank=0.0, retain="denoise", unrelated_kept=0.0,
-             forget_sharpness=0.0)
+             forget_sharpness=0.0, in_place=False)
 
 
 def objective(model, trainable, data, method="none", **meta) -> MetaObjective:
@@ -318,11 +320,11 @@ def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, t
         assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
     records = log_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]
-    assert all("meta_after" in r and ("esd" in r) == (method == "esd") for r in records)
+    assert all("meta/after_objective" in r and ("esd" in r) == (method == "esd") for r in records)
     assert all(("preserve" in r) == (method == "esd") for r in records)
 
 
-META_KEYS = ("meta_after", "meta_related_before", "meta_unrelated_before", "meta/forget_after",
+META_KEYS = ("meta/after_objective", "meta_related_before", "meta_unrelated_before", "meta/forget_after",
              "meta/related_after", "meta/inner_lr")
 
 
@@ -342,16 +344,19 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         for key in (*META_KEYS, "meta/unrelated_after", "meta/unrelated_kept", "meta/forget_grad_ratio", "esd",
-                    "preserve", "meta_sharpness", "loss", "grad_norm"):  # the defaults' terms too
+                    "preserve", "loss", "grad_norm"):  # the defaults' terms too
             assert key in r and math.isfinite(r[key]), (key, r.get(key))
         assert low <= r["meta/inner_lr"] <= high
         # distillation to the original: zero at the first step (the original itself), then positive
         assert (r["meta_related_before"] > 0) == (r["step"] > 1) == (r["meta_unrelated_before"] > 0)
-        assert r["meta_sharpness"] == 0.0  # zero-valued: a gradient only
-        total = r["esd"] + r["preserve"] + r["meta_after"] + r["meta_related_before"] + r["meta_unrelated_before"]
+        # first order (in place) hands the post-attack and sharpness gradients over as gradients, not terms;
+        # second order's sharpness is a zero-valued surrogate
+        assert ("meta_sharpness" in r) == (mode == "second_order") and r.get("meta_sharpness", 0.0) == 0.0
+        total = r["esd"] + r["preserve"] + r.get("meta_after", 0.0) + r["meta_related_before"] + \
+            r["meta_unrelated_before"]
         assert r["loss"] == pytest.approx(total, rel=1e-5)
         if mode == "first_order":
-            assert r["meta_after"] == 0.0  # the surrogate; its value is logged as meta/after_objective
+            assert "meta_after" not in r  # its value is logged as meta/after_objective
         else:
             assert r["meta_after"] == pytest.approx(r["meta/after_objective"], rel=1e-5)
         # the post-attack objective from its logged parts (trajectory 'last': the last point's), with
@@ -391,3 +396,58 @@ def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipel
         meta.method.target = far_target
         # predictions are O(1): the distance to a target of 100 everywhere is about 100^2
         assert evaluate(meta)["meta/forget_after"] == pytest.approx(1e4, rel=0.05) and calls == [BATCH]
+
+
+def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_the_weights(tiny_model):
+    """meta.in_place moves the UNet's own weights and puts them back: the same loss terms and logged
+    values as running the UNet functionally on copies, bit for bit, the same total gradient (its
+    post-attack part handed over as gradients instead of a surrogate term), and theta unchanged."""
+    data = concept_data(tiny_model)
+    results = []
+    for in_place in (False, True):
+        for p in tiny_model.unet.parameters():
+            p.grad = None
+        trainable = make_trainable(tiny_model.unet, "noxattn")
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
+        method.setup(tiny_model, trainable, data)
+        config = MetaConfig(enabled=True, in_place=in_place, inner_steps=(2, 2), trajectory="linear",
+                            inner_step="adam", low_rank=0.0)
+        meta = MetaObjective(config, tiny_model, trainable, data, method, BATCH)
+        assert meta.original is method.teacher  # the distillation target shares ESD's frozen copy
+        terms = meta(StepContext(0, torch.Generator().manual_seed(7), BATCH))
+        assert all(torch.equal(before[n], p) for n, p in trainable.items())  # theta is back, bit for bit
+        assert bool(terms.grads) == in_place
+        grads = torch.autograd.grad(sum(terms.losses.values()), list(trainable.values()))
+        grads = [g + terms.grads[n] if n in terms.grads else g for n, g in zip(trainable, grads)]
+        surrogates = {"meta_after", "meta_sharpness"}  # zero-valued: their gradient is what in place hands over
+        results.append(({k: v.item() for k, v in terms.losses.items() if k not in surrogates}, terms.logs, grads))
+    (functional, logs_f, grads_f), (in_place, logs_i, grads_i) = results
+    assert functional == in_place and logs_f == logs_i and logs_f["meta/forget_grad_ratio"] > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_f, grads_i))
+    assert any(g.abs().sum() > 0 for g in grads_f)
+
+
+def test_gradient_checkpointing_leaves_the_in_place_meta_step_unchanged(tiny_model):
+    """method.gradient_checkpointing recomputes activations in the backward pass from the UNet's own
+    weights: with the in-place simulated attack its gradients are those of a step without it."""
+    data = concept_data(tiny_model)
+    out = []
+    for checkpointing in (False, True):
+        trainable = make_trainable(tiny_model.unet, "noxattn")
+        if checkpointing:
+            tiny_model.unet.enable_gradient_checkpointing()
+        tiny_model.unet.train()
+        method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
+        method.setup(tiny_model, trainable, data)
+        meta = MetaObjective(MetaConfig(enabled=True, inner_steps=(2, 2), low_rank=0.0), tiny_model, trainable,
+                             data, method, BATCH)
+        terms = meta(StepContext(0, torch.Generator().manual_seed(3), BATCH))
+        grads = torch.autograd.grad(sum(terms.losses.values()), list(trainable.values()))
+        out.append([g + terms.grads[n] for n, g in zip(trainable, grads)])
+    tiny_model.unet.disable_gradient_checkpointing()
+    tiny_model.unet.eval()
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*out))
+    with pytest.raises(Exception, match="gradient_checkpointing works with first-order meta in place only"):
+        StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "method": {"gradient_checkpointing": True},
+                               "meta": {"enabled": True, "mode": "second_order"}})

@@ -193,7 +193,9 @@ class OptimizerSettings(_Section):
     """What the training engine needs to make an optimizer step; shared by
     unlearning and attacks (which override the defaults)."""
 
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum.")
+    optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description=(
+        "AdamW, SGD with momentum, or Adafactor (factored second moments, no first moment: almost no "
+        "optimizer state, for large models in little memory)."))
     lr: float = Field(1e-5, gt=0, le=1e4, description="Learning rate (at most 1e4: beyond, float32 updates overflow).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")
@@ -218,6 +220,10 @@ class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name a
     model_config = ConfigDict(extra="allow")  # PluginSection's, over OptimizerSettings' "forbid"
 
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every this many steps.")
+    gradient_checkpointing: bool = Field(False, description=(
+        "diffusers' gradient checkpointing of the UNet: activations recomputed in the backward pass instead "
+        "of kept (less memory, about a third more time). Needs meta.in_place with first-order meta, and no "
+        "second-order meta."))
     log_every: int = Field(1, gt=0, description="Log losses every this many steps.")
     preservation_weight: float = Field(1.0, ge=0, description=(
         "Weight of the denoising loss on related + unrelated data that keeps them intact; 0 disables it."))
@@ -254,6 +260,10 @@ class MetaConfig(_Section):
     retain: Literal["denoise", "distill"] = Field("distill", description=(
         "How the terms that keep related and unrelated concepts intact measure them: their denoising loss, or "
         "the distance to the original model's predictions on the same noised images (distillation)."))
+    in_place: bool = Field(True, description=(
+        "First order: the simulated attack steps the UNet's own trained weights in place and puts them back "
+        "exactly from one buffer afterwards, instead of running the UNet functionally on new copies (one "
+        "full copy of the trained weights less, and gradient checkpointing works). Same results."))
     forget_after: float = Field(1.0, description="a (reference flag gamma2_1): weight of −L(θ'; forget).")
     related_after: float = Field(1.0, description="b (gamma2_2): weight of −L(θ'; related), the self-destruct term.")
     related_before: float = Field(1.0, description="c (gamma1_2): weight of +L(θ; related) before the attack.")
@@ -462,6 +472,16 @@ class StudyConfig(_Section):
                 spec.classes = world.normalise_classes(spec.classes)
             except ValueError as err:
                 raise ValueError(f"{where}.classes {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_needs_own_weights(self) -> StudyConfig:
+        """Recomputing activations in the backward pass reads the UNet's own weights: a functional call on
+        other tensors (second-order meta, or first order not in place) would be recomputed with the wrong ones."""
+        meta = self.meta
+        if self.method.gradient_checkpointing and meta.enabled and (meta.mode == "second_order" or not meta.in_place):
+            raise ValueError("method.gradient_checkpointing works with first-order meta in place only "
+                             "(meta.mode first_order, meta.in_place true)")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,9 @@ class Terms:
 
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added up into the loss
     logs: dict[str, float] = field(default_factory=dict)  # logged only
+    # gradients the objective computed itself (first-order meta), by trained tensor name: they become
+    # (or join) the tensors' .grad before the backward pass adds the losses' gradients to them
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Objective = Callable[[StepContext], Terms]
@@ -101,6 +104,8 @@ def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
     if settings.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
+    elif settings.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
@@ -172,11 +177,13 @@ class Engine:
         self.module.train()
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
+        grads: list[dict[str, torch.Tensor]] = []
         with acc.autocast():
             for objective in self.objectives.values():
                 terms = objective(ctx)
                 losses.update(terms.losses)
                 logs.update(terms.logs)
+                grads.append(terms.grads)
         if not losses:
             raise TrainingError("nothing to train: no objective returned a loss term")
         total = sum(losses.values())
@@ -185,6 +192,7 @@ class Engine:
             shown = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); last good checkpoint: "
                                 f"{self.last_good}; {self.hint}")
+        self._add_given(grads)
         acc.backward(total)
         if acc.num_processes > 1:  # the UNet is not DDP-wrapped (functional calls): average by hand
             for param in self.params.values():
@@ -200,6 +208,19 @@ class Engine:
         self.module.eval()
         return StepRecord(step + 1, value, {k: v.item() for k, v in losses.items()}, logs, float(grad_norm),
                           self.scheduler.get_last_lr()[0], time.perf_counter() - begin)
+
+    def _add_given(self, given: list[dict[str, torch.Tensor]]) -> None:
+        """Objectives' own gradients into .grad (their buffers become it: no copy), scaled as the
+        backward pass scales the loss under fp16 mixed precision."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        for grads in given:
+            for name, grad in grads.items():
+                param = self.params[name]
+                if param.grad is None:
+                    param.grad = grad.mul_(scale) if scale != 1.0 else grad
+                else:
+                    param.grad.add_(grad, alpha=scale)
 
     # --------------------------------------------------------------- checkpoints
     def save(self, folder: Path, done: int) -> None:

@@ -68,7 +68,12 @@ class MetaObjective:
             raise MetaunlearnError(f"meta.target 'unlearn_target' needs a base method with a target, "
                                    f"not '{method.name}'")
         # the weights training starts from: what "distill" keeps related and unrelated data close to
-        self.original = snapshot(trainable) if config.retain == "distill" else None
+        # (the base method's own frozen copy when it keeps one: one full copy of the weights less)
+        frozen = method.frozen_original()
+        shared = frozen is not None and set(frozen) == set(trainable)
+        self.original = (frozen if shared else snapshot(trainable)) if config.retain == "distill" else None
+        self.in_place = config.in_place and config.mode == "first_order"
+        self._backup: list[torch.Tensor] | None = None  # in place: theta during the simulated attack
         self.low_rank = LowRank(self.names, list(trainable.values()), config.low_rank_rank) \
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
@@ -115,24 +120,33 @@ class MetaObjective:
             norms.append(_norm(torch.autograd.grad(loss, theta)))
         return sum(norms) / len(norms)
 
-    def _sharpness(self, theta, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
+    def _sharpness(self, theta, grads, forget, ctx, state, into=None) -> tuple[torch.Tensor | None, float]:
         """A zero-valued term whose gradient is that of w * max(0, r^2 - cap^2), r = ||g|| / g_ref
         with g the forget gradient at theta: 2 w H g / g_ref^2 above the cap, H g by finite
         differences along g (the same batch, t and noise: the generator is replayed), so no
         double backward is needed."""
         norm = _norm(grads)
         if norm / self.grad_reference <= self.config.sharpness_cap:
-            return linear_surrogate(theta, [torch.zeros_like(g) for g in grads]), norm / self.grad_reference
+            surrogate = None if into is not None else linear_surrogate(theta, [torch.zeros_like(g) for g in grads])
+            return surrogate, norm / self.grad_reference
         eps = FD_STEP * _norm(theta) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
-        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
-        for p in shifted.values():
-            p.requires_grad_(True)
-        loss = self._loss(forget, shifted, ctx)
-        moved = torch.autograd.grad(loss, list(shifted.values()))
+        if self.in_place:  # shifted in place, put back from the backup
+            self._move(theta, grads, eps)
+            moved = torch.autograd.grad(self._loss(forget, None, ctx), theta)
+            self._restore(theta)
+        else:
+            shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
+            for p in shifted.values():
+                p.requires_grad_(True)
+            moved = torch.autograd.grad(self._loss(forget, shifted, ctx), list(shifted.values()))
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
         scale = 2 * self.config.forget_sharpness / self.grad_reference ** 2 / eps
+        if into is not None:  # straight into the collected gradients: no term, no second buffer
+            for total, m, g in zip(into, moved, grads):
+                total.add_(m.sub_(g), alpha=scale)
+            return None, norm / self.grad_reference
         return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
 
     def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
@@ -174,7 +188,40 @@ class MetaObjective:
             logs["meta/unrelated_kept"] = kept.item()
         return outer, logs
 
+    # In place (first order): the simulated attacker moves the UNet's own weights through .data, which
+    # autograd does not version, and _restore copies theta back bit for bit before the engine's backward
+    # pass, so the base loss's graph sees the weights it was built with. Autocast caches casts of
+    # weights: cleared after every move, or a forward pass could run on the cast of the old values.
+    def _save(self, theta: list[torch.Tensor]) -> None:
+        if self._backup is None:  # one buffer for the whole run
+            self._backup = [p.detach().clone() for p in theta]
+        else:
+            for b, p in zip(self._backup, theta):
+                b.copy_(p.detach())
+
+    @torch.no_grad()
+    def _move(self, theta: list[torch.Tensor], directions: list[torch.Tensor], scale: float) -> None:
+        for p, d in zip(theta, directions):  # d * scale first, as the functional path computes it: same bits
+            p.data.add_(d * scale)
+        torch.clear_autocast_cache()
+
+    @torch.no_grad()
+    def _restore(self, theta: list[torch.Tensor]) -> None:
+        for p, b in zip(theta, self._backup):
+            p.data.copy_(b)
+        torch.clear_autocast_cache()
+
     def __call__(self, ctx: StepContext) -> Terms:
+        if not self.in_place:
+            return self._step(ctx)
+        theta = [self.trainable[n] for n in self.names]
+        self._save(theta)
+        try:
+            return self._step(ctx)
+        finally:
+            self._restore(theta)
+
+    def _step(self, ctx: StepContext) -> Terms:
         cfg = self.config
         second = cfg.mode == "second_order"
         theta = [self.trainable[n] for n in self.names]
@@ -185,28 +232,34 @@ class MetaObjective:
         # The simulated attack. Second order keeps the graph of every inner step;
         # first order starts from (and re-detaches to) a copy and collects the
         # post-attack gradients, weighted along the trajectory, for the surrogate.
-        current = theta if second else [p.detach().requires_grad_(True) for p in theta]
+        current = theta if second or self.in_place else [p.detach().requires_grad_(True) for p in theta]
         outer_total = torch.zeros((), device=self.model.device)
         collected = [torch.zeros_like(p) for p in theta] if not second else None
         logs: dict[str, float] = {}
         terms: dict[str, torch.Tensor] = {}
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness else None
-            loss_in = self._loss(forget, dict(zip(self.names, current)), ctx)
+            at = None if self.in_place else dict(zip(self.names, current))  # None: the UNet's own weights
+            loss_in = self._loss(forget, at, ctx)
             grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
             if k == 0:
                 logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
             if state is not None:
-                terms["meta_sharpness"], logs["meta/forget_grad_ratio"] = self._sharpness(
-                    theta, [g.detach() for g in grads], forget, ctx, state)
+                term, logs["meta/forget_grad_ratio"] = self._sharpness(
+                    theta, [g.detach() for g in grads], forget, ctx, state, collected if self.in_place else None)
+                if term is not None:
+                    terms["meta_sharpness"] = term
             step = self.low_rank.direction(grads, attacker.form, a) if a is not None else \
-                inner_direction(grads, attacker.form)
-            current = [p - attacker.lr * d for p, d in zip(current, step)]
-            if not second:
-                current = [p.detach().requires_grad_(True) for p in current]
+                inner_direction(grads, attacker.form, in_place=self.in_place)
+            if self.in_place:
+                self._move(theta, step, -attacker.lr)
+            else:
+                current = [p - attacker.lr * d for p, d in zip(current, step)]
+                if not second:
+                    current = [p.detach().requires_grad_(True) for p in current]
             if not weight:
                 continue
-            outer, point_logs = self._after(dict(zip(self.names, current)), ctx)
+            outer, point_logs = self._after(None if self.in_place else dict(zip(self.names, current)), ctx)
             logs.update(point_logs)  # the last point's
             if second:
                 outer_total = outer_total + weight * outer
@@ -215,23 +268,29 @@ class MetaObjective:
                 if outer.requires_grad:
                     for total, g in zip(collected, torch.autograd.grad(outer, current)):
                         total.add_(g, alpha=weight)
+        if self.in_place:
+            self._restore(theta)  # back to theta: the terms below are taken before the attack
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
                      "meta/low_rank": float(attacker.low_rank),
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
 
+        given: dict[str, torch.Tensor] = {}
+        after = logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
+                               "meta/unrelated_kept"}
         if second and outer_total.requires_grad:
             terms["meta_after"] = outer_total
-        elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
-                                           "meta/unrelated_kept"}:
+        elif self.in_place:  # handed to the engine as gradients: they become .grad, no surrogate graph
+            given = dict(zip(self.names, collected))
+        elif after:
             terms["meta_after"] = linear_surrogate(theta, collected)
-        if "meta_after" in terms:
+        if "meta_after" in terms or (given and after):
             logs["meta/after_objective"] = outer_total.item()
         for weight, role, name in ((cfg.related_before, self.data.related, "related"),
                                    (cfg.unrelated_before, self.data.unrelated, "unrelated")):
             batch = self._batch(role, ctx)
             if weight and batch is not None:
                 terms[f"meta_{name}_before"] = weight * self._retain(batch, None, ctx)
-        return Terms(terms, logs)
+        return Terms(terms, logs, given)
 
 
 FD_STEP = 1e-4  # finite-difference step along the forget gradient, relative to the trained weights' norm

@@ -50,14 +50,17 @@ def draw(config: MetaConfig, generator: torch.Generator) -> Attacker:
     return Attacker(lr, steps, form, low_rank)
 
 
-def inner_direction(grads: list[torch.Tensor], form: str) -> list[torch.Tensor]:
-    """The update direction of one simulated attacker step."""
+def inner_direction(grads: list[torch.Tensor], form: str, in_place: bool = False) -> list[torch.Tensor]:
+    """The update direction of one simulated attacker step (`in_place`: computed in the gradients'
+    own memory, when nothing needs them afterwards)."""
     if form == "sgd":
         return grads
     if form == "normalized":
         norm = torch.sqrt(sum((g * g).sum() for g in grads) + 1e-20)
-        return [g / norm for g in grads]
+        return [g.div_(norm) for g in grads] if in_place else [g / norm for g in grads]
     if form == "adam":
+        if in_place:
+            return [g.div_(g.abs().add_(ADAM_EPS)) for g in grads]
         return [g / (g.abs() + ADAM_EPS) for g in grads]
     raise ValueError(f"unknown inner step form '{form}'")
 

@@ -85,6 +85,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     steps = 0
     if not method.closed_form or config.meta.enabled or extra:
         trainable = make_trainable(model.unet, method.trained_params(cfg))
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
         method.setup(model, trainable, data)
         objectives: dict[str, Objective] = {"method": method.loss}
         benign = preservation_data(data) if cfg.preservation_weight > 0 else None

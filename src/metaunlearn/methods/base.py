@@ -79,6 +79,11 @@ class Method:
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         raise NotImplementedError(f"method '{self.name}' has no target prediction")
 
+    def frozen_original(self) -> dict[str, torch.Tensor] | None:
+        """The trained tensors' values before training, if the method keeps them (ESD's teacher):
+        the meta objective shares them instead of keeping a second copy."""
+        return None
+
     def after_step(self) -> None:
         """Called after each optimizer step (e.g. to update an EMA teacher)."""
 

@@ -42,6 +42,9 @@ class EsdMethod(Method):
         super().setup(model, trainable, data)
         self.teacher = snapshot(trainable)
 
+    def frozen_original(self):
+        return self.teacher
+
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         model, eta = self.model, self.options.eta
