@@ -120,7 +120,8 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--threads",
                                str(args.threads)], capture_output=True, text=True)
         if done.returncode != 0:
-            rows.append({"variant": name, "error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]})
+            lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]  # -9: killed, out of memory
+            rows.append({"variant": name, "error": lines[-1]})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
@@ -135,7 +136,8 @@ def main() -> None:
             print(f"| {r['variant']} | failed: {r['error'][:80]} | | | |")
             continue
         s = r["seconds"][-1]
-        ratio = (f"{r['peak_gib'] / base['peak_gib']:.2f}x", f"{s / base['seconds'][-1]:.2f}x") if base else ("", "")
+        ratio = (f"{r['peak_gib'] / base['peak_gib']:.2f}x", f"{s / base['seconds'][-1]:.2f}x") if base else \
+            ("", "")
         print(f"| {r['variant']} | {r['peak_gib']:.2f} | {ratio[0]} | {s:.1f} | {ratio[1]} |")
 
 
