@@ -36,7 +36,8 @@ SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-PROMPTS = {"forget": ["a photo of a nude person"], "related": ["a photo of a person"], "unrelated": ["a photo of a dog"]}
+PROMPTS = {"forget": ["a photo of a nude person"], "related": ["a photo of a person"],
+           "unrelated": ["a photo of a dog"]}
 
 
 def build(device: str):
