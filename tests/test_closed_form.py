@@ -131,7 +131,7 @@ def test_the_meta_stage_after_an_edit(tiny_model, tiny_pipeline_dir, tmp_path, r
     out = unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
                   progress=False)
     records = log_records(tmp_path / "run")
-    assert [r["step"] for r in records] == [1, 2] and all("meta_after" in r for r in records)
+    assert [r["step"] for r in records] == [1, 2] and all("meta/after_objective" in r for r in records)
     assert all(("uce_anchor" in r) == (route == "anchor") for r in records)
     assert (out / "model_index.json").is_file()
 

@@ -78,7 +78,7 @@ def test_a_closed_form_method_plugin(registered, tiny_pipeline_dir, tmp_path):
     # with meta on, the edited model goes through a meta stage on the same engine
     meta_log = (tmp_path / "run/unlearn/scale-v-meta-seed0/log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in meta_log] == [1, 2]
-    assert "meta_after" in json.loads(meta_log[0])
+    assert "meta/after_objective" in json.loads(meta_log[0])
     assert list(results["attacks"]["full"]["rows"]) == ["original", "SCALE-V / unlearn", "SCALE-V / meta"]
     assert "SCALE-V / meta" in page
 
