@@ -13,10 +13,10 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from ..config import ROLES
+from ..engine import available_device
 from ..registry import METRICS, Options
 from .base import Context, Metric, Result, Samples, Value
 from .hf_models import DEFAULT_CLIP, ClipEmbedder, to_uint8
@@ -34,7 +34,7 @@ class ClipScore(Metric):
         super().__init__(options, context)
         self.values = [Value(f"clip_score_{role}", f"CLIP score {role}", role, higher_is_better=role != "forget",
                              fraction=False, group="utility") for role in options.roles]
-        self.embedder = ClipEmbedder(options.model, "cuda" if torch.cuda.is_available() else "cpu")
+        self.embedder = ClipEmbedder(options.model, available_device("auto"))
 
     def compute(self, samples: Samples, model=None) -> Result:
         from torchmetrics.multimodal.clip_score import CLIPScore

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from pydantic import Field
 
+from ..engine import available_device
 from ..errors import MetaunlearnError
 from ..registry import FEATURES, Options
 from .hf_models import DEFAULT_CLIP, ClipEmbedder, to_uint8
@@ -43,10 +44,6 @@ class Features:
         return self.options.model_dump(mode="json")
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class InceptionOptions(Options):
     weights: Optional[str] = Field(None, description=(
         "Path of torch-fidelity's pt_inception-2015-12-05 weights; None: downloaded on first use."))
@@ -60,7 +57,7 @@ class InceptionFeatures(Features):
             from torchmetrics.image.fid import NoTrainInceptionV3
 
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=options.weights).to(_device())
+                                          feature_extractor_weights_path=options.weights).to(available_device("auto"))
         except (ImportError, ModuleNotFoundError):
             raise MetaunlearnError("FID's Inception features need torch-fidelity: pip install 'torchmetrics[image]'; "
                                    "or set the fid metric's features to 'clip' or a world's own") from None
@@ -69,7 +66,7 @@ class InceptionFeatures(Features):
                                    "evaluation.fid.inception.weights") from None
 
     def extract(self, images):
-        return self.net(to_uint8(images).to(_device()))  # it resizes to 299 itself, as FID does
+        return self.net(to_uint8(images).to(available_device("auto")))  # it resizes to 299 itself, as FID does
 
 
 class ClipFeatureOptions(Options):
@@ -80,7 +77,7 @@ class ClipFeatureOptions(Options):
 class ClipFeatures(Features):
     def __init__(self, options: ClipFeatureOptions, context=None):
         super().__init__(options, context)
-        self.embedder = ClipEmbedder(options.model, _device())
+        self.embedder = ClipEmbedder(options.model, available_device("auto"))
 
     def extract(self, images):
         return self.embedder.image_embeddings(images)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from pydantic import Field, field_validator
 
+from ..engine import available_device
 from ..registry import DETECTORS, Options
 from .concept_rate import Detector
 from .hf_models import DEFAULT_CLIP, ClipEmbedder
@@ -24,10 +25,6 @@ def mentions(text: str, phrase: str) -> bool:
     """Whether `phrase` occurs in `text` as whole words, ignoring case ("cat" is not in "catalog").
     Lookarounds instead of \\b, so phrases that begin or end with punctuation still match."""
     return bool(phrase) and re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.IGNORECASE) is not None
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class ClipOptions(Options):
@@ -56,7 +53,7 @@ class ClipOptions(Options):
 class ClipDetector(Detector):
     def __init__(self, options: ClipOptions | None = None, context=None):
         super().__init__(options or ClipOptions(), context)
-        self.clip = ClipEmbedder(self.options.model, device())
+        self.clip = ClipEmbedder(self.options.model, available_device("auto"))
         # The model's own temperature: 100 for released CLIPs (what zero-shot papers use).
         self.logit_scale = float(self.clip.model.logit_scale.exp())
         # With a threshold the probability decides (and can be swept); without, top-1 does.
