@@ -98,6 +98,8 @@ def test_the_sdxl_nudity_config_unlearns_and_evaluates_a_tiny_sdxl(sdxl_dir, tmp
         f"evaluation.fid.reference.unrelated={coco}",
         f"output.dir={tmp_path / 'run'}"])
     assert config.method.params == "xattn" and config.model.source == str(sdxl_dir)
+    # its memory switches (checkpointing, the bf16 teacher) run here with the meta objective in place
+    assert config.method.gradient_checkpointing and config.method.frozen_dtype == "bfloat16"
     meta = config.model_copy(update={"meta": config.meta.model_copy(update={"enabled": True})})
     out = stages.run_unlearn(meta, 0, progress=False)
     results, _ = stages.run_evaluate(meta, out, "esd-meta-seed0", progress=False)

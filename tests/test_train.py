@@ -203,7 +203,8 @@ def test_frozen_parameters_do_not_move(tiny_model, tiny_pipeline_dir, tmp_path, 
     monkeypatch.setattr(unlearn_module, "make_accelerator", spying_accelerator)
     run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
 
-    assert len(with_grad) == 3 and all(names and names <= selected for names in with_grad)
+    # one backward pass per objective per step (3 steps)
+    assert len(with_grad) >= 3 and len(with_grad) % 3 == 0 and all(names and names <= selected for names in with_grad)
     changed = [n for n, p in tiny_model.unet.named_parameters() if n in selected and not torch.equal(p, original[n])]
     assert changed
     for name, param in tiny_model.unet.named_parameters():

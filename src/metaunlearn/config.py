@@ -195,7 +195,8 @@ class OptimizerSettings(_Section):
 
     optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description=(
         "AdamW, SGD with momentum, or Adafactor (factored second moments, no first moment: almost no "
-        "optimizer state, for large models in little memory)."))
+        "optimizer state, for large models in little memory; torch's Adafactor steps lr x each tensor's RMS, "
+        "so its lr is relative and is not AdamW's: tune it anew)."))
     lr: float = Field(1e-5, gt=0, le=1e4, description="Learning rate (at most 1e4: beyond, float32 updates overflow).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")
@@ -224,6 +225,10 @@ class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name a
         "diffusers' gradient checkpointing of the UNet: activations recomputed in the backward pass instead "
         "of kept (less memory, about a third more time). Needs meta.in_place with first-order meta, and no "
         "second-order meta."))
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "Precision of the frozen copy of the original weights (ESD's teacher, the meta objective's distillation "
+        "target): bfloat16 or float16 halve it; each layer's weights are cast up only while it runs, so the "
+        "teacher is the original model with its weights rounded to that precision."))
     log_every: int = Field(1, gt=0, description="Log losses every this many steps.")
     preservation_weight: float = Field(1.0, ge=0, description=(
         "Weight of the denoising loss on related + unrelated data that keeps them intact; 0 disables it."))

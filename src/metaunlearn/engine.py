@@ -1,8 +1,10 @@
 """The one training loop: unlearning, the meta stage, every attack and the
 benchmarks run their optimizer steps here.
 
-Per step: every objective returns `Terms` (loss terms, summed into the loss,
-and log-only values), the loss is checked finite, backpropagated, gradients
+Per step: every objective returns `Terms` (loss terms and log-only values);
+each objective's terms are checked finite and backpropagated as soon as it
+returns, so no objective's graph is alive while the next one runs (the first-
+order meta objective adds its gradients to .grad itself); gradients are
 averaged across accelerate processes and clipped, the optimizer and the lr
 schedule step, and stateful hooks (an EMA teacher) update. Each step draws its
 randomness from a generator seeded by (seed, step), so a run resumed from a
@@ -35,6 +37,9 @@ class StepContext:
     step: int
     generator: torch.Generator  # the only source of randomness of a step: resumes replay it exactly
     batch_size: int
+    # what the engine multiplies a loss by before its backward pass (fp16 mixed precision's loss scale):
+    # an objective that adds gradients to .grad itself scales them by it too
+    loss_scale: float = 1.0
 
 
 @dataclass
@@ -43,9 +48,6 @@ class Terms:
 
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added up into the loss
     logs: dict[str, float] = field(default_factory=dict)  # logged only
-    # gradients the objective computed itself (first-order meta), by trained tensor name: they become
-    # (or join) the tensors' .grad before the backward pass adds the losses' gradients to them
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 Objective = Callable[[StepContext], Terms]
@@ -167,33 +169,32 @@ class Engine:
         self.losses: list[float] = []  # every step's loss, in this process's run
 
     def context(self, step: int) -> StepContext:
+        scaler = getattr(self.accelerator, "scaler", None)
         return StepContext(step, step_generator(self.seed, step, self.accelerator.process_index),
-                           self.settings.batch_size)
+                           self.settings.batch_size, float(scaler.get_scale()) if scaler is not None else 1.0)
 
     def step(self, step: int) -> StepRecord:
         """One optimizer step (0-based index `step`)."""
         begin, acc = time.perf_counter(), self.accelerator
         ctx = self.context(step)
         self.module.train()
-        losses: dict[str, torch.Tensor] = {}
+        losses: dict[str, float] = {}
         logs: dict[str, float] = {}
-        grads: list[dict[str, torch.Tensor]] = []
-        with acc.autocast():
-            for objective in self.objectives.values():
+        for objective in self.objectives.values():
+            with acc.autocast():
                 terms = objective(ctx)
-                losses.update(terms.losses)
-                logs.update(terms.logs)
-                grads.append(terms.grads)
+            logs.update(terms.logs)
+            if terms.losses:
+                # backpropagated now: this objective's graph is freed before the next one builds its own
+                self._check_finite(terms.losses, losses, step)
+                total = sum(terms.losses.values())
+                # no graph: every part capped, or the objective backpropagated its terms itself (meta in place)
+                if total.requires_grad:
+                    acc.backward(total)
+                losses.update({k: v.item() for k, v in terms.losses.items()})
         if not losses:
             raise TrainingError("nothing to train: no objective returned a loss term")
-        total = sum(losses.values())
-        value = total.item()
-        if not math.isfinite(value):
-            shown = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); last good checkpoint: "
-                                f"{self.last_good}; {self.hint}")
-        self._add_given(grads)
-        acc.backward(total)
+        value = sum(losses.values())
         if acc.num_processes > 1:  # the UNet is not DDP-wrapped (functional calls): average by hand
             for param in self.params.values():
                 if param.grad is not None:
@@ -206,21 +207,15 @@ class Engine:
         for hook in self.stateful:
             hook.after_step()
         self.module.eval()
-        return StepRecord(step + 1, value, {k: v.item() for k, v in losses.items()}, logs, float(grad_norm),
+        return StepRecord(step + 1, value, losses, logs, float(grad_norm),
                           self.scheduler.get_last_lr()[0], time.perf_counter() - begin)
 
-    def _add_given(self, given: list[dict[str, torch.Tensor]]) -> None:
-        """Objectives' own gradients into .grad (their buffers become it: no copy), scaled as the
-        backward pass scales the loss under fp16 mixed precision."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        for grads in given:
-            for name, grad in grads.items():
-                param = self.params[name]
-                if param.grad is None:
-                    param.grad = grad.mul_(scale) if scale != 1.0 else grad
-                else:
-                    param.grad.add_(grad, alpha=scale)
+    def _check_finite(self, terms: dict[str, torch.Tensor], earlier: dict[str, float], step: int) -> None:
+        values = {k: v.item() for k, v in terms.items()}
+        if not all(map(math.isfinite, values.values())):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in {**earlier, **values}.items())
+            raise TrainingError(f"the loss became {sum(values.values()) + sum(earlier.values())} at step {step + 1} "
+                                f"({shown}); last good checkpoint: {self.last_good}; {self.hint}")
 
     # --------------------------------------------------------------- checkpoints
     def save(self, folder: Path, done: int) -> None:

@@ -30,9 +30,16 @@ Modes: `second_order` differentiates through the inner steps
 `create_graph=True`); `first_order` evaluates the post-attack gradients on a
 detached copy and adds them to theta's gradient through a zero-valued linear
 surrogate, sum((theta - sg(theta)) * sg(g')), whose gradient is exactly g'.
+First order in place (the default) runs the simulated attack on the UNet's own
+weights instead: each inner gradient is applied tensor by tensor as the
+backward pass completes it (never whole), the post-attack terms' backward
+passes add to .grad directly, and theta comes back bit for bit from one
+buffer: one copy of the trained weights beyond plain unlearning.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +78,8 @@ class MetaObjective:
         # (the base method's own frozen copy when it keeps one: one full copy of the weights less)
         frozen = method.frozen_original()
         shared = frozen is not None and set(frozen) == set(trainable)
-        self.original = (frozen if shared else snapshot(trainable)) if config.retain == "distill" else None
+        self.original = (frozen if shared else snapshot(trainable, method.config.frozen_dtype)) \
+            if config.retain == "distill" else None
         self.in_place = config.in_place and config.mode == "first_order"
         self._backup: list[torch.Tensor] | None = None  # in place: theta during the simulated attack
         self.low_rank = LowRank(self.names, list(trainable.values()), config.low_rank_rank) \
@@ -117,37 +125,31 @@ class MetaObjective:
         gen, theta, norms = torch.Generator().manual_seed(0), list(self.trainable.values()), []
         for _ in range(REFERENCE_BATCHES):
             loss = self.model.denoising_loss(*self.data.forget.sample(self.batch_size, gen), generator=gen)
-            norms.append(_norm(torch.autograd.grad(loss, theta)))
+            norms.append(self._stream(loss, theta, lambda *_: None))  # the norm only: never the whole gradient
         return sum(norms) / len(norms)
 
-    def _sharpness(self, theta, grads, forget, ctx, state, into=None) -> tuple[torch.Tensor | None, float]:
+    def _sharpness(self, theta, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
         """A zero-valued term whose gradient is that of w * max(0, r^2 - cap^2), r = ||g|| / g_ref
         with g the forget gradient at theta: 2 w H g / g_ref^2 above the cap, H g by finite
         differences along g (the same batch, t and noise: the generator is replayed), so no
         double backward is needed."""
         norm = _norm(grads)
         if norm / self.grad_reference <= self.config.sharpness_cap:
-            surrogate = None if into is not None else linear_surrogate(theta, [torch.zeros_like(g) for g in grads])
-            return surrogate, norm / self.grad_reference
+            return linear_surrogate(theta, [torch.zeros_like(g) for g in grads]), norm / self.grad_reference
         eps = FD_STEP * _norm(theta) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
-        if self.in_place:  # shifted in place, put back from the backup
-            self._move(theta, grads, eps)
-            moved = torch.autograd.grad(self._loss(forget, None, ctx), theta)
-            self._restore(theta)
-        else:
-            shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
-            for p in shifted.values():
-                p.requires_grad_(True)
-            moved = torch.autograd.grad(self._loss(forget, shifted, ctx), list(shifted.values()))
+        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
+        for p in shifted.values():
+            p.requires_grad_(True)
+        moved = torch.autograd.grad(self._loss(forget, shifted, ctx), list(shifted.values()))
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
-        scale = 2 * self.config.forget_sharpness / self.grad_reference ** 2 / eps
-        if into is not None:  # straight into the collected gradients: no term, no second buffer
-            for total, m, g in zip(into, moved, grads):
-                total.add_(m.sub_(g), alpha=scale)
-            return None, norm / self.grad_reference
+        scale = self._sharpness_scale(eps)
         return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
+
+    def _sharpness_scale(self, eps: float) -> float:
+        """d/dtheta of w * ||g||^2 / g_ref^2 is 2 w H g / g_ref^2, and H g = (g(theta + eps g) - g) / eps."""
+        return 2 * self.config.forget_sharpness / self.grad_reference ** 2 / eps
 
     def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
         """What an 'after the attack' ascent term maximises: raw, or capped."""
@@ -166,32 +168,42 @@ class MetaObjective:
         loss = F.mse_loss(self.model.predict(x_t, t, cond, params).float(), target.float())
         return loss, loss.item()
 
-    def _after(self, params, ctx) -> tuple[torch.Tensor, dict[str, float]]:
-        """The post-attack terms at `params` (to minimise), and their raw losses (logged)."""
+    def _after(self, params, ctx, backward: Callable[[torch.Tensor], None] | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The post-attack terms at `params` (to minimise), and their raw losses (logged). With `backward`,
+        each term goes to it as soon as it is computed, so one term's graph exists at a time (and no
+        gradient waits in autograd's buffers for another graph's part of it), and the sum comes back
+        detached."""
         cfg, logs = self.config, {}
         outer = torch.zeros((), device=self.model.device)
+
+        def add(term: torch.Tensor) -> torch.Tensor:
+            if backward is not None and term.requires_grad:
+                backward(term)
+            return outer + (term.detach() if backward is not None else term)
+
         if cfg.forget_after:
             term, raw = self._forget_after(params, ctx)
-            outer = outer + cfg.forget_after * term
+            outer = add(cfg.forget_after * term)
             logs["meta/forget_after"] = raw
         for weight, role, name in ((cfg.related_after, self.data.related, "related"),
                                    (cfg.unrelated_after, self.data.unrelated, "unrelated")):
             batch = self._batch(role, ctx)
             if weight and batch is not None:
                 loss = self._loss(batch, params, ctx)
-                outer = outer - weight * self._ascent(loss, name)
+                outer = add(-(weight * self._ascent(loss, name)))
                 logs[f"meta/{name}_after"] = loss.item()
         batch = self._batch(self.data.unrelated, ctx) if cfg.unrelated_kept else None
         if batch is not None:
             kept = self._retain(batch, params, ctx)
-            outer = outer + cfg.unrelated_kept * kept
+            outer = add(cfg.unrelated_kept * kept)
             logs["meta/unrelated_kept"] = kept.item()
         return outer, logs
 
     # In place (first order): the simulated attacker moves the UNet's own weights through .data, which
-    # autograd does not version, and _restore copies theta back bit for bit before the engine's backward
-    # pass, so the base loss's graph sees the weights it was built with. Autocast caches casts of
-    # weights: cleared after every move, or a forward pass could run on the cast of the old values.
+    # autograd does not version, and _restore copies theta back bit for bit before the terms taken at theta
+    # (the engine has already backpropagated the base method's loss: no graph of it is alive). Autocast
+    # caches casts of weights: cleared after every move, or a forward pass could run on the old values.
     def _save(self, theta: list[torch.Tensor]) -> None:
         if self._backup is None:  # one buffer for the whole run
             self._backup = [p.detach().clone() for p in theta]
@@ -211,10 +223,104 @@ class MetaObjective:
             p.data.copy_(b)
         torch.clear_autocast_cache()
 
+    def _stream(self, loss: torch.Tensor, theta: list[torch.Tensor], consume: Consumer) -> float:
+        """loss.backward(), each trained tensor's gradient handed to consume(i, p, g, aside) as soon as
+        the backward pass completes it, then dropped: the gradient never exists whole. Meanwhile the
+        gradients collected so far stand aside (`aside`, which consume may add to). Moving p in consume
+        is safe: a tensor's gradient is complete only once every node that used it has run (and
+        non-reentrant checkpointing recomputes a block before any of its tensors' gradients are done).
+        Returns the gradient's norm, summed in theta's order as _norm sums."""
+        aside, squares = [p.grad for p in theta], [torch.zeros(())] * len(theta)
+
+        def hook(i: int):
+            def fire(p: torch.Tensor) -> None:
+                g, p.grad = p.grad, None
+                squares[i] = (g.detach().float() ** 2).sum()
+                with torch.no_grad():
+                    consume(i, p, g, aside)
+            return fire
+
+        for p in theta:
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(theta)]
+        try:
+            loss.backward(inputs=theta)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, g in zip(theta, aside):
+                p.grad = g
+            torch.clear_autocast_cache()
+        return torch.sqrt(sum(squares)).item()
+
+    def _inner_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
+        """One simulated attacker step on theta itself; returns the forget loss before it and its gradient's
+        norm. The update forms that act tensor by tensor stream; 'normalized' needs the whole gradient's norm."""
+        loss = self._loss(forget, None, ctx)
+        if attacker.form == "normalized":
+            grads = list(torch.autograd.grad(loss, theta))
+            norm = _norm(grads)
+            self._move(theta, self.low_rank.direction(grads, attacker.form, a) if a is not None else
+                       inner_direction(grads, attacker.form, in_place=True), -attacker.lr)
+            return loss.item(), norm
+
+        def step(i, p, g, aside):
+            d = LowRank.direction_of(g, attacker.form, a[i]) if a is not None else \
+                inner_direction([g], attacker.form, in_place=True)[0]
+            if d is not None:
+                p.data.add_(d * -attacker.lr)  # d * scale first, as the functional path computes it: same bits
+
+        return loss.item(), self._stream(loss, theta, step)
+
+    def _sharpness_in_place(self, theta, forget, ctx, state, norm: float) -> None:
+        """The sharpness term's gradient (see _sharpness) added to .grad with g never whole: a streamed pass
+        at theta adds -s g to .grad and moves theta to theta + eps g, tensor by tensor; a second pass there
+        adds s g(theta + eps g); theta is then put back. Both replay the generator from `state`."""
+        eps = FD_STEP * _norm(theta) / max(norm, 1e-12)
+        scale = self._sharpness_scale(eps) * self._loss_scale
+
+        def shift(i, p, g, aside):
+            p.data.add_(eps * g)
+            aside[i] = g.mul_(-scale) if aside[i] is None else aside[i].add_(g, alpha=-scale)
+
+        ctx.generator.set_state(state)
+        self._stream(self._loss(forget, None, ctx), theta, shift)
+        ctx.generator.set_state(state)
+        (self._loss(forget, None, ctx) * scale).backward(inputs=theta)
+        self._restore(theta)
+
+    def _attack_in_place(self, theta, forget, attacker, a, ctx, logs) -> float:
+        """First order in place: the simulated attack on theta itself; the post-attack terms' gradients
+        (and the sharpness term's) are added to .grad. Returns the post-attack objective (logged)."""
+        cfg, total = self.config, torch.zeros((), device=self.model.device)  # summed as the functional path sums
+        for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
+            state = ctx.generator.get_state()
+            loss, norm = self._inner_in_place(theta, forget, attacker, a, ctx)
+            if k == 0:
+                logs.update({"meta/forget_before": loss, "meta/inner_grad_norm": norm})
+                if cfg.forget_sharpness:
+                    logs["meta/forget_grad_ratio"] = norm / self.grad_reference
+                    if norm / self.grad_reference > cfg.sharpness_cap:  # theta back, the penalty, the step again
+                        self._restore(theta)
+                        self._sharpness_in_place(theta, forget, ctx, state, norm)
+                        ctx.generator.set_state(state)
+                        self._inner_in_place(theta, forget, attacker, a, ctx)
+            if not weight:
+                continue
+            outer, point_logs = self._after(None, ctx, self._backward_scaled(theta, weight))
+            logs.update(point_logs)  # the last point's
+            total = total + weight * outer
+        return total.item()
+
+    def _backward_scaled(self, theta, weight: float = 1.0) -> Callable[[torch.Tensor], None]:
+        """A backward pass of weight x a term into theta's .grad, scaled as the engine scales losses."""
+        return lambda term: (term * (weight * self._loss_scale)).backward(inputs=theta)
+
     def __call__(self, ctx: StepContext) -> Terms:
         if not self.in_place:
             return self._step(ctx)
         theta = [self.trainable[n] for n in self.names]
+        self._loss_scale = ctx.loss_scale  # what the engine's backward passes multiply losses by (fp16)
         self._save(theta)
         try:
             return self._step(ctx)
@@ -223,43 +329,59 @@ class MetaObjective:
 
     def _step(self, ctx: StepContext) -> Terms:
         cfg = self.config
-        second = cfg.mode == "second_order"
         theta = [self.trainable[n] for n in self.names]
         attacker = draw(cfg, ctx.generator)
         forget = self._batch(self.data.forget, ctx)
         a = self.low_rank.draw(ctx.generator, self.model.device) if attacker.low_rank else None
-
-        # The simulated attack. Second order keeps the graph of every inner step;
-        # first order starts from (and re-detaches to) a copy and collects the
-        # post-attack gradients, weighted along the trajectory, for the surrogate.
-        current = theta if second or self.in_place else [p.detach().requires_grad_(True) for p in theta]
-        outer_total = torch.zeros((), device=self.model.device)
-        collected = [torch.zeros_like(p) for p in theta] if not second else None
         logs: dict[str, float] = {}
         terms: dict[str, torch.Tensor] = {}
+        if self.in_place:
+            after_objective = self._attack_in_place(theta, forget, attacker, a, ctx, logs)
+            self._restore(theta)  # back to theta: the terms below are taken before the attack
+        else:
+            after_objective = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms)
+        logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
+                     "meta/low_rank": float(attacker.low_rank),
+                     **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
+        if logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}:
+            logs["meta/after_objective"] = after_objective
+        for weight, role, name in ((cfg.related_before, self.data.related, "related"),
+                                   (cfg.unrelated_before, self.data.unrelated, "unrelated")):
+            batch = self._batch(role, ctx)
+            if weight and batch is not None:
+                term = weight * self._retain(batch, None, ctx)
+                if self.in_place:  # backpropagated here, one graph at a time; the engine logs the value
+                    self._backward_scaled(theta)(term)
+                    term = term.detach()
+                terms[f"meta_{name}_before"] = term
+        return Terms(terms, logs)
+
+    def _attack_functional(self, theta, forget, attacker, a, ctx, logs, terms) -> float:
+        """The simulated attack on copies of theta. Second order keeps the graph of every inner step; first
+        order starts from (and re-detaches to) a copy and collects the post-attack gradients, weighted along
+        the trajectory, for the surrogate. Adds the terms to `terms`; returns the post-attack objective."""
+        cfg = self.config
+        second = cfg.mode == "second_order"
+        current = theta if second else [p.detach().requires_grad_(True) for p in theta]
+        outer_total = torch.zeros((), device=self.model.device)
+        collected = [torch.zeros_like(p) for p in theta] if not second else None
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness else None
-            at = None if self.in_place else dict(zip(self.names, current))  # None: the UNet's own weights
-            loss_in = self._loss(forget, at, ctx)
+            loss_in = self._loss(forget, dict(zip(self.names, current)), ctx)
             grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
             if k == 0:
                 logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
             if state is not None:
-                term, logs["meta/forget_grad_ratio"] = self._sharpness(
-                    theta, [g.detach() for g in grads], forget, ctx, state, collected if self.in_place else None)
-                if term is not None:
-                    terms["meta_sharpness"] = term
+                terms["meta_sharpness"], logs["meta/forget_grad_ratio"] = self._sharpness(
+                    theta, [g.detach() for g in grads], forget, ctx, state)
             step = self.low_rank.direction(grads, attacker.form, a) if a is not None else \
-                inner_direction(grads, attacker.form, in_place=self.in_place)
-            if self.in_place:
-                self._move(theta, step, -attacker.lr)
-            else:
-                current = [p - attacker.lr * d for p, d in zip(current, step)]
-                if not second:
-                    current = [p.detach().requires_grad_(True) for p in current]
+                inner_direction(grads, attacker.form)
+            current = [p - attacker.lr * d for p, d in zip(current, step)]
+            if not second:
+                current = [p.detach().requires_grad_(True) for p in current]
             if not weight:
                 continue
-            outer, point_logs = self._after(None if self.in_place else dict(zip(self.names, current)), ctx)
+            outer, point_logs = self._after(dict(zip(self.names, current)), ctx)
             logs.update(point_logs)  # the last point's
             if second:
                 outer_total = outer_total + weight * outer
@@ -268,31 +390,15 @@ class MetaObjective:
                 if outer.requires_grad:
                     for total, g in zip(collected, torch.autograd.grad(outer, current)):
                         total.add_(g, alpha=weight)
-        if self.in_place:
-            self._restore(theta)  # back to theta: the terms below are taken before the attack
-        logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
-                     "meta/low_rank": float(attacker.low_rank),
-                     **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
-
-        given: dict[str, torch.Tensor] = {}
-        after = logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
-                               "meta/unrelated_kept"}
         if second and outer_total.requires_grad:
             terms["meta_after"] = outer_total
-        elif self.in_place:  # handed to the engine as gradients: they become .grad, no surrogate graph
-            given = dict(zip(self.names, collected))
-        elif after:
+        elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
+                                           "meta/unrelated_kept"}:
             terms["meta_after"] = linear_surrogate(theta, collected)
-        if "meta_after" in terms or (given and after):
-            logs["meta/after_objective"] = outer_total.item()
-        for weight, role, name in ((cfg.related_before, self.data.related, "related"),
-                                   (cfg.unrelated_before, self.data.unrelated, "unrelated")):
-            batch = self._batch(role, ctx)
-            if weight and batch is not None:
-                terms[f"meta_{name}_before"] = weight * self._retain(batch, None, ctx)
-        return Terms(terms, logs, given)
+        return outer_total.item()
 
 
+Consumer = Callable[[int, torch.Tensor, torch.Tensor, list], None]  # (index, tensor, its gradient, aside)
 FD_STEP = 1e-4  # finite-difference step along the forget gradient, relative to the trained weights' norm
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import Conditioning
 from .errors import ModelError
+from .params import LowPrecisionCopy, swapped_in_per_layer
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -262,6 +263,9 @@ class DiffusionModel:
         kwargs = cond.to(self.device, self.dtype).unet_kwargs()
         if params is None:
             return self.unet(x_t, timesteps, **kwargs).sample
+        if isinstance(params, LowPrecisionCopy):
+            with swapped_in_per_layer(self.unet, params):
+                return self.unet(x_t, timesteps, **kwargs).sample
         return torch.func.functional_call(self.unet, dict(params), (x_t, timesteps), kwargs).sample
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ mapping for `torch.func.functional_call`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,59 @@ def make_trainable(unet: torch.nn.Module, selection: str) -> dict[str, torch.nn.
     return trainable
 
 
-def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+class LowPrecisionCopy(dict):
+    """A frozen copy of some UNet tensors kept in a lower precision (bfloat16 or float16: half the
+    memory of float32). DiffusionModel.predict runs it layer by layer, each layer's tensors cast up to
+    the UNet's dtype only while that layer runs: the original model with its weights rounded."""
+
+
+def snapshot(params: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, torch.Tensor]:
     """A detached copy: the frozen teacher of ESD needs only the trainable
-    tensors, the rest of the UNet is shared and never changes."""
-    return {name: p.detach().clone() for name, p in params.items()}
+    tensors, the rest of the UNet is shared and never changes. `dtype` other than
+    the tensors' own: a LowPrecisionCopy."""
+    low = getattr(torch, dtype)
+    if all(p.dtype == low for p in params.values()):
+        return {name: p.detach().clone() for name, p in params.items()}
+    return LowPrecisionCopy({name: p.detach().to(low) for name, p in params.items()})
+
+
+@contextlib.contextmanager
+def swapped_in_per_layer(unet: torch.nn.Module, copy: LowPrecisionCopy):
+    """Run `unet` with `copy` in place of its tensors, without gradients: a hook before each layer that
+    owns some swaps its tensors' data for the copy's, cast up, and one after it swaps them back, so only
+    one layer's full-precision copy exists at a time and the UNet's own tensors (and any graph that saved
+    them) are as they were afterwards. Autocast's cache of cast weights is cleared on both sides."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("a low-precision frozen copy runs without gradients only")
+    modules = dict(unet.named_modules())
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for name in copy:
+        path, _, leaf = name.rpartition(".")
+        owners.setdefault(path, []).append((leaf, name))
+    saved: dict[str, torch.Tensor] = {}
+
+    def swap_in(path: str):
+        def hook(module, args):
+            for leaf, name in owners[path]:
+                param = getattr(module, leaf)
+                saved[name], param.data = param.data, copy[name].to(param.dtype)
+        return hook
+
+    def swap_back(path: str):
+        def hook(module, args, output):
+            for leaf, name in owners[path]:
+                getattr(module, leaf).data = saved.pop(name)
+        return hook
+
+    handles = [h for path in owners for h in (modules[path].register_forward_pre_hook(swap_in(path)),
+                                              modules[path].register_forward_hook(swap_back(path)))]
+    torch.clear_autocast_cache()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, data in saved.items():  # a layer that raised: its tensors back too
+            path, _, leaf = name.rpartition(".")
+            getattr(modules[path], leaf).data = data
+        torch.clear_autocast_cache()

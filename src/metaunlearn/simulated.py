@@ -87,7 +87,21 @@ class LowRank:
                 if target else None for target, shape in zip(self.targets, self.shapes)]
 
     def direction(self, grads: list[torch.Tensor], form: str, a: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        b_grads = [g.reshape(g.shape[0], -1) @ m.T.to(g.dtype) if m is not None else None for g, m in zip(grads, a)]
-        steps = iter(inner_direction([g for g in b_grads if g is not None], form))
-        return [(next(steps) @ m.to(g.dtype)).reshape(g.shape) if m is not None else torch.zeros_like(g)
-                for g, m in zip(grads, a)]
+        b_grads = [_b_grad(g, m) for g, m in zip(grads, a)]
+        steps = iter(inner_direction([b for b in b_grads if b is not None], form))
+        return [_expand(next(steps), g, m) if m is not None else torch.zeros_like(g) for g, m in zip(grads, a)]
+
+    @staticmethod
+    def direction_of(grad: torch.Tensor, form: str, m: torch.Tensor | None) -> torch.Tensor | None:
+        """One tensor's direction (None: not adapted, it does not move); `form` acting per tensor."""
+        return None if m is None else _expand(inner_direction([_b_grad(grad, m)], form)[0], grad, m)
+
+
+def _b_grad(grad: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient of the adapter's B (at B = 0) for a weight gradient G: G A^T."""
+    return None if m is None else grad.reshape(grad.shape[0], -1) @ m.T.to(grad.dtype)
+
+
+def _expand(b_step: torch.Tensor, grad: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """What a step of B moves the weight by: (step of B) A, in the weight's shape."""
+    return (b_step @ m.to(grad.dtype)).reshape(grad.shape)

@@ -40,7 +40,7 @@ class EsdMethod(Method):
 
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
-        self.teacher = snapshot(trainable)
+        self.teacher = snapshot(trainable, self.config.frozen_dtype)
 
     def frozen_original(self):
         return self.teacher

@@ -121,10 +121,12 @@ def build_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0):
                                    requires_safety_checker=False)
 
 
-def build_sdxl_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0, time_embed_dim: int = 8):
+def build_sdxl_pipeline(config: TinyPipelineConfig, words: list[str], seed: int = 0, time_embed_dim: int = 8,
+                        width_2: int | None = None):
     """A randomly initialised StableDiffusionXLPipeline: SDXL's structure at tiny sizes (two text
     encoders whose penultimate hidden states are concatenated, the second one's projected pooled
-    output and six size/crop time ids as added conditioning)."""
+    output and six size/crop time ids as added conditioning). The second encoder's width: `width_2`,
+    else twice the first's (SDXL: 768 and 1280)."""
     import dataclasses
 
     import torch
@@ -132,7 +134,7 @@ def build_sdxl_pipeline(config: TinyPipelineConfig, words: list[str], seed: int 
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizer(words, config.max_length), build_tokenizer(words, config.max_length)
-    width_2 = 2 * config.text_width
+    width_2 = width_2 or 2 * config.text_width
     text_encoder = _text_encoder(tokenizer, config, config.text_width)
     text_encoder_2 = _text_encoder(tokenizer_2, config, width_2, projection=width_2)
     unet_config = dataclasses.replace(config, text_width=config.text_width + width_2)  # the UNet sees both
