@@ -50,10 +50,10 @@ VARIANTS = {
                                                     "method.gradient_checkpointing=true",
                                                     "method.frozen_dtype=bfloat16"]),
     # + bf16 autocast (float32 master weights)
-    "esd adafactor+ckpt+autocast": (False, ["method.optimizer=adafactor", "method.gradient_checkpointing=true",
-                                           "model.mixed_precision=bf16"]),
-    "esd+meta adafactor+ckpt+autocast": (True, ["method.optimizer=adafactor", "method.gradient_checkpointing=true",
-                                                "model.mixed_precision=bf16"]),
+    "esd ckpt+bf16 teacher+autocast": (False, ["method.gradient_checkpointing=true", "method.frozen_dtype=bfloat16",
+                                              "model.mixed_precision=bf16"]),
+    "esd+meta ckpt+bf16 teacher+autocast": (True, ["method.gradient_checkpointing=true",
+                                                   "method.frozen_dtype=bfloat16", "model.mixed_precision=bf16"]),
 }
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
