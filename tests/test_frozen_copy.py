@@ -30,13 +30,18 @@ def test_a_low_precision_copy_predicts_as_the_rounded_weights(tiny_pipeline_dir,
     if family == "sdxl":
         from metaunlearn.worlds.pipeline import TinyPipelineConfig, build_sdxl_pipeline
 
-        build_sdxl_pipeline(TinyPipelineConfig(), ["a", "photo", "of", "dog"], seed=0).save_pretrained(tmp_path / "x")
+        build_sdxl_pipeline(TinyPipelineConfig(), ["a", "photo", "of", "dog"], seed=0,
+                            width_2=48).save_pretrained(tmp_path / "x")  # a second encoder's own width (SDXL: 1280)
         model = DiffusionModel.load(tmp_path / "x")
+        assert model.encode_prompts(["a dog"]).hidden.shape[-1] == 32 + 48
     else:
         model = DiffusionModel.load(tiny_pipeline_dir)
     trainable = make_trainable(model.unet, "full")
     copy = snapshot(trainable, dtype)
     assert isinstance(copy, LowPrecisionCopy) and all(t.dtype == getattr(torch, dtype) for t in copy.values())
+    # the default keeps tensors as they are: a float16 UNet's copy stays float16, run functionally
+    half = snapshot({"w": torch.zeros(2, dtype=torch.float16)})
+    assert type(half) is dict and half["w"].dtype == torch.float16 and type(snapshot(trainable)) is dict
     live = _perturbed(model.unet, trainable)
     cond = model.encode_prompts(["a photo of a dog", ""])
     x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])

@@ -46,7 +46,9 @@ class StepContext:
 class Terms:
     """What an objective returns for one step."""
 
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added up into the loss
+    # added up into the loss and backpropagated by the engine; a term with no graph is only logged (an
+    # objective that backpropagated it itself: first-order meta in place)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
     logs: dict[str, float] = field(default_factory=dict)  # logged only
 
 

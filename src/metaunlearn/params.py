@@ -56,10 +56,11 @@ class LowPrecisionCopy(dict):
 
 def snapshot(params: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, torch.Tensor]:
     """A detached copy: the frozen teacher of ESD needs only the trainable
-    tensors, the rest of the UNet is shared and never changes. `dtype` other than
-    the tensors' own: a LowPrecisionCopy."""
+    tensors, the rest of the UNet is shared and never changes. `dtype` 'float32'
+    (method.frozen_dtype's default): the tensors as they are, whatever their dtype;
+    a half-precision dtype: a LowPrecisionCopy (never a wider copy of narrower tensors)."""
     low = getattr(torch, dtype)
-    if all(p.dtype == low for p in params.values()):
+    if dtype == "float32" or all(p.dtype == low for p in params.values()):
         return {name: p.detach().clone() for name, p in params.items()}
     return LowPrecisionCopy({name: p.detach().to(low) for name, p in params.items()})
 
