@@ -284,6 +284,14 @@ class MetaConfig(_Section):
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
         "so the self-destruct stays on related ones."))
 
+    persistent: int = Field(0, ge=0, description=(
+        "Episode length R of a persistent simulated attacker; 0: every outer step attacks from theta afresh. "
+        "On, the attacker drawn at an episode's start keeps its displacement between outer steps: each outer "
+        "step continues the attack from where the last one left it (relative to the current theta) by its "
+        "inner steps, for R outer steps, then a new attacker starts from theta. The simulated attack so "
+        "reaches R x inner_steps steps deep at the cost of inner_steps per outer step, and the post-attack "
+        "terms cover every depth on the way. Costs one copy of the trained weights; checkpointed."))
+
     @field_validator("inner_lr", "inner_steps")
     @classmethod
     def _positive_or_range(cls, value: Any) -> Any:

@@ -51,7 +51,7 @@ from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
-from .simulated import LowRank, draw, inner_direction, trajectory_weights
+from .simulated import Episode, LowRank, draw, inner_direction, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 
@@ -85,6 +85,30 @@ class MetaObjective:
         self.low_rank = LowRank(self.names, list(trainable.values()), config.low_rank_rank) \
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
+        self.episode = Episode(config.persistent) if config.persistent else None
+
+    # Stateful (the engine checkpoints it): a persistent attacker's episode
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.episode.state_dict() if self.episode is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.episode is not None:
+            self.episode.load_state_dict(state, [self.trainable[n] for n in self.names])
+
+    def _draw(self, ctx) -> tuple:
+        """This outer step's attacker, forget batch and LoRA-like A (a running episode's own attacker and A)."""
+        episode = self.episode
+        if episode is not None and episode.depth > 0:
+            return episode.attacker, self._batch(self.data.forget, ctx), episode.a
+        attacker = draw(self.config, ctx.generator)
+        forget = self._batch(self.data.forget, ctx)
+        a = self.low_rank.draw(ctx.generator, self.model.device) if attacker.low_rank else None
+        if episode is not None:
+            episode.attacker, episode.a = attacker, a
+        return attacker, forget, a
 
     def _batch(self, role, ctx):
         return None if role is None or len(role) == 0 else role.sample(self.batch_size, ctx.generator)
@@ -128,18 +152,18 @@ class MetaObjective:
             norms.append(self._stream(loss, theta, lambda *_: None))  # the norm only: never the whole gradient
         return sum(norms) / len(norms)
 
-    def _sharpness(self, theta, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
+    def _sharpness(self, theta, at, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
         """A zero-valued term whose gradient is that of w * max(0, r^2 - cap^2), r = ||g|| / g_ref
-        with g the forget gradient at theta: 2 w H g / g_ref^2 above the cap, H g by finite
-        differences along g (the same batch, t and noise: the generator is replayed), so no
-        double backward is needed."""
+        with g the forget gradient where the attack starts (`at`: theta, or theta + a persistent
+        attacker's displacement): 2 w H g / g_ref^2 above the cap, H g by finite differences along g
+        (the same batch, t and noise: the generator is replayed), so no double backward is needed."""
         norm = _norm(grads)
         if norm / self.grad_reference <= self.config.sharpness_cap:
             return linear_surrogate(theta, [torch.zeros_like(g) for g in grads]), norm / self.grad_reference
-        eps = FD_STEP * _norm(theta) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
+        eps = FD_STEP * _norm(at) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
-        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, theta, grads)}
+        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, at, grads)}
         for p in shifted.values():
             p.requires_grad_(True)
         moved = torch.autograd.grad(self._loss(forget, shifted, ctx), list(shifted.values()))
@@ -223,6 +247,17 @@ class MetaObjective:
             p.data.copy_(b)
         torch.clear_autocast_cache()
 
+    @torch.no_grad()
+    def _start(self, theta: list[torch.Tensor], restore: bool = True) -> None:
+        """To where this step's simulated attack starts: theta, plus a running episode's displacement."""
+        if restore:
+            self._restore(theta)
+        offset = self.episode.offset if self.episode is not None else None
+        if offset is not None:
+            for p, d in zip(theta, offset):
+                p.data.add_(d)
+            torch.clear_autocast_cache()
+
     def _stream(self, loss: torch.Tensor, theta: list[torch.Tensor], consume: Consumer) -> float:
         """loss.backward(), each trained tensor's gradient handed to consume(i, p, g, aside) as soon as
         the backward pass completes it, then dropped: the gradient never exists whole. Meanwhile the
@@ -287,7 +322,7 @@ class MetaObjective:
         self._stream(self._loss(forget, None, ctx), theta, shift)
         ctx.generator.set_state(state)
         (self._loss(forget, None, ctx) * scale).backward(inputs=theta)
-        self._restore(theta)
+        self._start(theta)
 
     def _attack_in_place(self, theta, forget, attacker, a, ctx, logs) -> float:
         """First order in place: the simulated attack on theta itself; the post-attack terms' gradients
@@ -300,8 +335,8 @@ class MetaObjective:
                 logs.update({"meta/forget_before": loss, "meta/inner_grad_norm": norm})
                 if cfg.forget_sharpness:
                     logs["meta/forget_grad_ratio"] = norm / self.grad_reference
-                    if norm / self.grad_reference > cfg.sharpness_cap:  # theta back, the penalty, the step again
-                        self._restore(theta)
+                    if norm / self.grad_reference > cfg.sharpness_cap:  # back, the penalty, the step again
+                        self._start(theta)
                         self._sharpness_in_place(theta, forget, ctx, state, norm)
                         ctx.generator.set_state(state)
                         self._inner_in_place(theta, forget, attacker, a, ctx)
@@ -330,13 +365,14 @@ class MetaObjective:
     def _step(self, ctx: StepContext) -> Terms:
         cfg = self.config
         theta = [self.trainable[n] for n in self.names]
-        attacker = draw(cfg, ctx.generator)
-        forget = self._batch(self.data.forget, ctx)
-        a = self.low_rank.draw(ctx.generator, self.model.device) if attacker.low_rank else None
-        logs: dict[str, float] = {}
+        attacker, forget, a = self._draw(ctx)
+        logs: dict[str, float] = {"meta/attack_depth": float(self.episode.depth + 1)} if self.episode else {}
         terms: dict[str, torch.Tensor] = {}
         if self.in_place:
+            self._start(theta, restore=False)
             after_objective = self._attack_in_place(theta, forget, attacker, a, ctx, logs)
+            if self.episode is not None:
+                self.episode.advance(self._backup, theta)
             self._restore(theta)  # back to theta: the terms below are taken before the attack
         else:
             after_objective = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms)
@@ -362,7 +398,9 @@ class MetaObjective:
         the trajectory, for the surrogate. Adds the terms to `terms`; returns the post-attack objective."""
         cfg = self.config
         second = cfg.mode == "second_order"
-        current = theta if second else [p.detach().requires_grad_(True) for p in theta]
+        offset = self.episode.offset if self.episode is not None else None
+        start = theta if offset is None else [p + d for p, d in zip(theta, offset)]
+        current = start if second else [p.detach().requires_grad_(True) for p in start]
         outer_total = torch.zeros((), device=self.model.device)
         collected = [torch.zeros_like(p) for p in theta] if not second else None
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
@@ -373,7 +411,7 @@ class MetaObjective:
                 logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
             if state is not None:
                 terms["meta_sharpness"], logs["meta/forget_grad_ratio"] = self._sharpness(
-                    theta, [g.detach() for g in grads], forget, ctx, state)
+                    theta, [p.detach() for p in start], [g.detach() for g in grads], forget, ctx, state)
             step = self.low_rank.direction(grads, attacker.form, a) if a is not None else \
                 inner_direction(grads, attacker.form)
             current = [p - attacker.lr * d for p, d in zip(current, step)]
@@ -390,6 +428,8 @@ class MetaObjective:
                 if outer.requires_grad:
                     for total, g in zip(collected, torch.autograd.grad(outer, current)):
                         total.add_(g, alpha=weight)
+        if self.episode is not None:
+            self.episode.advance(theta, current)
         if second and outer_total.requires_grad:
             terms["meta_after"] = outer_total
         elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",

@@ -105,3 +105,60 @@ def _b_grad(grad: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor | None:
 def _expand(b_step: torch.Tensor, grad: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """What a step of B moves the weight by: (step of B) A, in the weight's shape."""
     return (b_step @ m.to(grad.dtype)).reshape(grad.shape)
+
+
+FORMS = ("sgd", "normalized", "adam")
+
+
+@dataclass
+class Episode:
+    """A persistent simulated attacker (meta.persistent = R): the attacker drawn at the episode's start
+    (with its LoRA-like A) keeps its displacement delta between outer steps, so the k-th outer step of the
+    episode attacks from theta + delta, k x inner_steps steps deep in all, as a real attacker's k-th
+    steps start from where its earlier ones left it. delta is relative to theta, which the outer
+    optimizer moves meanwhile (as persistent adversaries in adversarial training are). Resets after R."""
+
+    length: int
+    attacker: Attacker | None = None
+    a: list[torch.Tensor | None] | None = None
+    depth: int = 0  # outer steps done in this episode; 0: the next one starts a new attacker at theta
+    delta: list[torch.Tensor] | None = None
+
+    @property
+    def offset(self) -> list[torch.Tensor] | None:
+        """What to add to theta where this outer step's attack starts (None: theta itself)."""
+        return self.delta if self.depth > 0 else None
+
+    @torch.no_grad()
+    def advance(self, theta: list[torch.Tensor], end: list[torch.Tensor]) -> None:
+        """After an outer step's attack from theta (+ offset) to `end`: keep end - theta, or end the episode."""
+        self.depth += 1
+        if self.depth >= self.length:
+            self.depth = 0
+            return
+        if self.delta is None:
+            self.delta = [torch.empty_like(p, dtype=p.dtype) for p in theta]
+        for d, p, e in zip(self.delta, theta, end):
+            d.copy_(e.detach()).sub_(p.detach())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.depth == 0:  # the next step draws afresh: nothing to carry
+            return {"depth": torch.tensor(0)}
+        at = self.attacker
+        state = {"depth": torch.tensor(self.depth), "lr": torch.tensor(at.lr, dtype=torch.float64),
+                 "steps": torch.tensor(at.steps), "form": torch.tensor(FORMS.index(at.form)),
+                 "low_rank": torch.tensor(int(at.low_rank))}
+        state.update({f"delta.{i}": d for i, d in enumerate(self.delta)})
+        state.update({f"a.{i}": m for i, m in enumerate(self.a or []) if m is not None})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], like: list[torch.Tensor]) -> None:
+        """Back to a checkpointed episode; `like`: the trained tensors (device and dtype of delta)."""
+        self.depth = int(state.get("depth", torch.tensor(0)))
+        if self.depth == 0:
+            return
+        self.attacker = Attacker(float(state["lr"]), int(state["steps"]), FORMS[int(state["form"])],
+                                 bool(state["low_rank"]))
+        self.delta = [state[f"delta.{i}"].to(p.device, p.dtype) for i, p in enumerate(like)]
+        self.a = [state[f"a.{i}"].to(like[i].device) if f"a.{i}" in state else None for i in range(len(like))] \
+            if self.attacker.low_rank else None

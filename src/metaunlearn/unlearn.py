@@ -97,7 +97,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
             from .meta import make_meta
 
             objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
-        engine = Engine(model.unet, trainable, objectives, cfg, seed, accelerator, stateful=(method,),
+        stateful = (method, objectives["meta"]) if config.meta.enabled else (method,)  # a persistent attacker
+        engine = Engine(model.unet, trainable, objectives, cfg, seed, accelerator, stateful=stateful,
                         hint="lower method.lr or keep method.grad_clip on")
         engine.run(checkpoints=checkpoints, checkpoint_every=cfg.checkpoint_every, log=out_dir / "log.jsonl",
                    log_every=cfg.log_every, desc=f"unlearn ({cfg.name})", progress=progress,

@@ -1,0 +1,128 @@
+"""The persistent simulated attacker (meta.persistent): each outer step of an
+episode continues the attack from where the last left it, the episode ends
+after R steps, in place equals functional, and a run resumes mid-episode like
+an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaunlearn import DiffusionModel
+from metaunlearn.config import MetaConfig, MethodConfig
+from metaunlearn.engine import StepContext, Terms
+from metaunlearn.layout import unlearn_fingerprint
+from metaunlearn.meta import MetaObjective
+from metaunlearn.methods import make_method
+from metaunlearn.params import make_trainable
+from metaunlearn.unlearn import unlearn
+
+from helpers import concept_data
+from test_meta import BATCH
+from test_train import Crash, assert_same_weights, log_records, make_config, weights
+
+# a fixed attacker (nothing drawn: the generator's draws are the same with and without an episode)
+FIXED = dict(inner_lr=1e-2, inner_steps=1, inner_step="sgd", low_rank=0.0, forget_sharpness=0.0)
+
+
+def make(model, data, **meta) -> MetaObjective:
+    trainable = make_trainable(model.unet, "noxattn")
+    method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
+    method.setup(model, trainable, data)
+    return MetaObjective(MetaConfig(enabled=True, **meta), model, trainable, data, method, BATCH)
+
+
+def step(meta: MetaObjective, seed: int) -> dict:
+    for p in meta.trainable.values():
+        p.grad = None
+    terms = meta(StepContext(0, torch.Generator().manual_seed(seed), BATCH))
+    return {**{k: v.item() for k, v in terms.losses.items() if k not in ("meta_after", "meta_sharpness")}, **terms.logs}
+
+
+def test_an_episode_continues_the_attack_and_ends_after_its_length(tiny_model):
+    data = concept_data(tiny_model)
+    meta = make(tiny_model, data, persistent=3, **FIXED)
+    fresh = make(tiny_model, data, **FIXED)
+    theta = [p.detach().clone() for p in meta.trainable.values()]
+
+    first = step(meta, 7)
+    assert first["meta/attack_depth"] == 1.0 and first == {**step(fresh, 7), "meta/attack_depth": 1.0}
+    delta = [d.clone() for d in meta.episode.delta]
+    assert any(d.abs().sum() > 0 for d in delta)
+
+    # the second step attacks from theta + delta: what a fresh attacker sees with the weights moved there
+    second = step(meta, 8)
+    with torch.no_grad():
+        for p, d in zip(fresh.trainable.values(), delta):
+            p.add_(d)
+    moved = step(fresh, 8)
+    assert second["meta/forget_before"] == pytest.approx(moved["meta/forget_before"], rel=1e-5)
+    assert second["meta/forget_after"] == pytest.approx(moved["meta/forget_after"], rel=1e-5)
+    assert second["meta/forget_before"] != pytest.approx(first["meta/forget_before"], rel=1e-3)
+    with torch.no_grad():
+        for p, t in zip(fresh.trainable.values(), theta):
+            p.copy_(t)
+    # the displacement grows by the second step's own: the attack is two steps deep
+    assert sum((d2 - d1).abs().sum() for d2, d1 in zip(meta.episode.delta, delta)) > 0
+    assert all(torch.equal(p, t) for p, t in zip(meta.trainable.values(), theta))  # theta itself never moved
+
+    assert step(meta, 9)["meta/attack_depth"] == 3.0 and meta.episode.depth == 0  # the episode is over
+    again = step(meta, 7)
+    assert again == first  # a new episode starts at theta
+
+
+@pytest.mark.parametrize("attacker", [dict(inner_step="adam", low_rank=1.0, sharpness_cap=0.0),
+                                      dict(inner_step="sgd", low_rank=0.0, inner_lr=1e-2)])
+def test_in_place_and_functional_episodes_agree(tiny_model, attacker):
+    data = concept_data(tiny_model)
+    runs = []
+    for in_place in (False, True):
+        meta = make(tiny_model, data, persistent=4, in_place=in_place, inner_steps=(2, 2), **attacker)
+        logs = [step(meta, seed) for seed in (3, 4, 5)]
+        runs.append((logs, [d.clone() for d in meta.episode.delta]))
+    (logs_f, delta_f), (logs_i, delta_i) = runs
+    assert [x["meta/attack_depth"] for x in logs_f] == [1.0, 2.0, 3.0]
+    for a, b in zip(logs_f, logs_i):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7) for k in a)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(delta_f, delta_i))
+
+
+def test_an_episode_survives_its_state_dict(tiny_model):
+    data = concept_data(tiny_model)
+    meta = make(tiny_model, data, persistent=3, **{**FIXED, "low_rank": 1.0, "inner_lr": (1e-3, 1e-2)})
+    step(meta, 1)
+    state = {k: v.clone() for k, v in meta.state_dict().items()}
+    assert int(state["depth"]) == 1 and any(k.startswith("a.") for k in state)
+    expected = step(meta, 2)
+    restored = make(tiny_model, data, persistent=3, **{**FIXED, "low_rank": 1.0, "inner_lr": (1e-3, 1e-2)})
+    restored.load_state_dict(state)
+    assert step(restored, 2) == expected
+    assert make(tiny_model, data, **FIXED).state_dict() == {}
+
+
+def test_a_run_resumes_mid_episode_like_an_uninterrupted_one(tiny_pipeline_dir, tmp_path):
+    # checkpoints at steps 2 and 4; with episodes of 3 the resume at 4 is one step into an episode
+    config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.persistent=3", "method.lr=1e-3",
+                         "meta.inner_lr=0.05", "meta.inner_step=sgd", "meta.low_rank=0")
+    fingerprint = unlearn_fingerprint(config, 0)
+
+    def crash(ctx):
+        if ctx.step == 5:
+            raise Crash
+        return Terms()
+
+    uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
+    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, fingerprint, progress=False)
+    depths = [r.get("meta/attack_depth") for r in log_records(tmp_path / "a")]
+    assert depths == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    with pytest.raises(Crash):
+        unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, extra={"crash": crash},
+                progress=False)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "running"
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
+    assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
+    assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
