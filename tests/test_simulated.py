@@ -35,6 +35,20 @@ def test_a_family_draws_inside_its_ranges_and_covers_them():
     assert 0.4 < sum(a.low_rank for a in drawn) / len(drawn) < 0.6
 
 
+def test_a_low_rank_attacker_draws_its_lr_from_its_own_range():
+    config = MetaConfig(inner_lr=(1e-5, 1e-4), low_rank_lr=(1e-3, 1e-2), low_rank=0.5)
+    drawn = [draw(config, torch.Generator().manual_seed(seed)) for seed in range(200)]
+    assert all((1e-3 <= a.lr <= 1e-2) if a.low_rank else (1e-5 <= a.lr <= 1e-4) for a in drawn)
+    assert 50 < sum(a.low_rank for a in drawn) < 150
+    fixed = draw(MetaConfig(inner_lr=1e-4, low_rank_lr=(1e-3, 1e-2), low_rank=1.0), torch.Generator().manual_seed(0))
+    assert 1e-3 <= fixed.lr <= 1e-2
+    # unset, the draws are those of before the option existed
+    same = MetaConfig(inner_lr=(1e-5, 1e-3), low_rank=0.5)
+    assert [draw(same, torch.Generator().manual_seed(s)).lr for s in range(5)] == \
+        [draw(same.model_copy(update={"low_rank_lr": (1e-5, 1e-3)}), torch.Generator().manual_seed(s)).lr
+         for s in range(5)]
+
+
 def test_trajectory_weights():
     assert trajectory_weights(3, "last") == [0.0, 0.0, 1.0]
     assert trajectory_weights(3, "linear") == pytest.approx([1 / 6, 2 / 6, 3 / 6])

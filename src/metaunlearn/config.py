@@ -253,6 +253,10 @@ class MetaConfig(_Section):
         "Probability that an outer step simulates a LoRA attacker: a rank-`low_rank_rank` update of the "
         "attention projections only (what a LoRA adapter's first steps change), instead of a full update."))
     low_rank_rank: int = Field(4, gt=0, description="Rank of the simulated LoRA attacker.")
+    low_rank_lr: Union[None, float, tuple[float, float]] = Field(None, description=(
+        "Step size of the simulated LoRA attacker (a value or [low, high], as inner_lr; None: inner_lr). A "
+        "LoRA adapter's lr moves W by about lr x sqrt(r) x |A| per step, a fraction of a full finetune's lr, so "
+        "LoRA attackers run at higher lrs."))
     trajectory: Literal["last", "linear"] = Field("last", description=(
         "Where the post-attack terms are taken: after the last inner step, or after every inner step with "
         "weights growing linearly toward the end (losses along the trajectory)."))
@@ -292,9 +296,11 @@ class MetaConfig(_Section):
         "reaches R x inner_steps steps deep at the cost of inner_steps per outer step, and the post-attack "
         "terms cover every depth on the way. Costs one copy of the trained weights; checkpointed."))
 
-    @field_validator("inner_lr", "inner_steps")
+    @field_validator("inner_lr", "inner_steps", "low_rank_lr")
     @classmethod
     def _positive_or_range(cls, value: Any) -> Any:
+        if value is None:
+            return value
         if isinstance(value, tuple) and not (all(map(math.isfinite, value)) and 0 < value[0] <= value[1]):
             raise ValueError(f"must be a positive number or [low, high] with 0 < low <= high, got {list(value)}")
         if not isinstance(value, tuple) and not value > 0:

@@ -36,10 +36,8 @@ class Attacker:
 def draw(config: MetaConfig, generator: torch.Generator) -> Attacker:
     """This outer step's attacker. Only ranges and lists draw from the generator,
     so a fixed attacker leaves the step's randomness as it was."""
-    lr = config.inner_lr
-    if isinstance(lr, tuple):
-        u = float(torch.rand((), generator=generator))
-        lr = math.exp(math.log(lr[0]) + u * (math.log(lr[1]) - math.log(lr[0])))
+    ranged = isinstance(config.inner_lr, tuple) or isinstance(config.low_rank_lr, tuple)
+    u = float(torch.rand((), generator=generator)) if ranged else None
     steps = config.inner_steps
     if isinstance(steps, tuple):
         steps = int(torch.randint(steps[0], steps[1] + 1, (1,), generator=generator))
@@ -47,6 +45,9 @@ def draw(config: MetaConfig, generator: torch.Generator) -> Attacker:
     if isinstance(form, list):
         form = form[int(torch.randint(0, len(form), (1,), generator=generator))]
     low_rank = config.low_rank > 0 and float(torch.rand((), generator=generator)) < config.low_rank
+    lr = config.low_rank_lr if low_rank and config.low_rank_lr is not None else config.inner_lr
+    if isinstance(lr, tuple):  # the same draw u places the lr in whichever range applies
+        lr = math.exp(math.log(lr[0]) + u * (math.log(lr[1]) - math.log(lr[0])))
     return Attacker(lr, steps, form, low_rank)
 
 
