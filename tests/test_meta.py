@@ -44,7 +44,7 @@ def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]
 # First order runs functionally here (in_place off): its gradients come as surrogate terms these tests
 # differentiate; test_the_in_place_first_order_step_equals_the_functional_one shows in place is the same.
 PAPER = dict(inner_lr=1e-4, inner_steps=1, inner_step="sgd", low_rank=0.0, retain="denoise", unrelated_kept=0.0,
-             forget_sharpness=0.0, in_place=False)
+             forget_sharpness=0.0, in_place=False, attacked="trained")
 
 
 def objective(model, trainable, data, method="none", **meta) -> MetaObjective:

@@ -14,7 +14,7 @@ from metaunlearn import DiffusionModel
 from metaunlearn.config import MetaConfig, MethodConfig
 from metaunlearn.engine import StepContext, Terms
 from metaunlearn.layout import unlearn_fingerprint
-from metaunlearn.meta import MetaObjective
+from metaunlearn.meta import MetaObjective, make_meta
 from metaunlearn.methods import make_method
 from metaunlearn.params import make_trainable
 from metaunlearn.unlearn import unlearn
@@ -31,7 +31,7 @@ def make(model, data, **meta) -> MetaObjective:
     trainable = make_trainable(model.unet, "noxattn")
     method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
     method.setup(model, trainable, data)
-    return MetaObjective(MetaConfig(enabled=True, **meta), model, trainable, data, method, BATCH)
+    return make_meta(MetaConfig(enabled=True, **meta), model, trainable, data, method, BATCH)
 
 
 def step(meta: MetaObjective, seed: int) -> dict:
@@ -45,7 +45,7 @@ def test_an_episode_continues_the_attack_and_ends_after_its_length(tiny_model):
     data = concept_data(tiny_model)
     meta = make(tiny_model, data, persistent=3, **FIXED)
     fresh = make(tiny_model, data, **FIXED)
-    theta = [p.detach().clone() for p in meta.trainable.values()]
+    theta = [p.detach().clone() for p in meta.attacked]
 
     first = step(meta, 7)
     assert first["meta/attack_depth"] == 1.0 and first == {**step(fresh, 7), "meta/attack_depth": 1.0}
@@ -55,18 +55,18 @@ def test_an_episode_continues_the_attack_and_ends_after_its_length(tiny_model):
     # the second step attacks from theta + delta: what a fresh attacker sees with the weights moved there
     second = step(meta, 8)
     with torch.no_grad():
-        for p, d in zip(fresh.trainable.values(), delta):
+        for p, d in zip(fresh.attacked, delta):
             p.add_(d)
     moved = step(fresh, 8)
     assert second["meta/forget_before"] == pytest.approx(moved["meta/forget_before"], rel=1e-5)
     assert second["meta/forget_after"] == pytest.approx(moved["meta/forget_after"], rel=1e-5)
     assert second["meta/forget_before"] != pytest.approx(first["meta/forget_before"], rel=1e-3)
     with torch.no_grad():
-        for p, t in zip(fresh.trainable.values(), theta):
+        for p, t in zip(fresh.attacked, theta):
             p.copy_(t)
     # the displacement grows by the second step's own: the attack is two steps deep
     assert sum((d2 - d1).abs().sum() for d2, d1 in zip(meta.episode.delta, delta)) > 0
-    assert all(torch.equal(p, t) for p, t in zip(meta.trainable.values(), theta))  # theta itself never moved
+    assert all(torch.equal(p, t) for p, t in zip(meta.attacked, theta))  # theta itself never moved
 
     assert step(meta, 9)["meta/attack_depth"] == 3.0 and meta.episode.depth == 0  # the episode is over
     again = step(meta, 7)
@@ -85,7 +85,8 @@ def test_in_place_and_functional_episodes_agree(tiny_model, attacker):
     (logs_f, delta_f), (logs_i, delta_i) = runs
     assert [x["meta/attack_depth"] for x in logs_f] == [1.0, 2.0, 3.0]
     for a, b in zip(logs_f, logs_i):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7) for k in a)
+        bad = {k: (a[k], b[k]) for k in a if a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-7)}
+        assert a.keys() == b.keys() and not bad
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(delta_f, delta_i))
 
 
@@ -126,3 +127,39 @@ def test_a_run_resumes_mid_episode_like_an_uninterrupted_one(tiny_pipeline_dir, 
     unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
     assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
+
+
+@pytest.mark.parametrize("mode, in_place", [("first_order", True), ("first_order", False), ("second_order", False)])
+def test_the_simulated_attacker_also_moves_the_weights_the_defence_leaves_frozen(tiny_model, mode, in_place):
+    """attacked 'all': ESD-u trains no cross-attention, but the simulated attacker moves it (as a real
+    finetuner does); the frozen weights come back untouched, with no gradient, and only the trained ones
+    get the meta gradient, which differs from an attacker that moves the trained weights only."""
+    data = concept_data(tiny_model)
+    # ESD-u's noxattn leaves cross-attention, the time embedding and the output layers frozen
+    trained = set(make_trainable(tiny_model.unet, "noxattn"))
+    frozen = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters() if n not in trained}
+    assert any(".attn2." in n for n in frozen)
+    grads = {}
+    for attacked in ("all", "trained"):
+        meta = make(tiny_model, data, persistent=2, attacked=attacked, mode=mode, in_place=in_place,
+                    **{**FIXED, "inner_step": "adam"})
+        n = meta.n_trained
+        assert not any(".attn2." in name for name in meta.names)
+        assert set(meta.attacked_names[n:]) == (set(frozen) if attacked == "all" else set())
+        for p in meta.trainable.values():
+            p.grad = None
+        terms = meta(StepContext(0, torch.Generator().manual_seed(3), BATCH))
+        for p in meta.trainable.values():  # what the engine does with the terms it gets
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        total = sum(v for v in terms.losses.values() if v.requires_grad)
+        if torch.is_tensor(total) and total.requires_grad:
+            total.backward(inputs=list(meta.trainable.values()))
+        grads[attacked] = [p.grad.clone() for p in meta.trainable.values()]
+        moved = meta.episode.delta[n:]
+        assert len(moved) == len(meta.attacked_names[n:]) and all(d.abs().sum() > 0 for d in moved)
+        for name, p in tiny_model.unet.named_parameters():
+            if name in frozen:
+                assert torch.equal(p, frozen[name]) and p.grad is None and not p.requires_grad
+    assert all(torch.isfinite(g).all() for g in grads["all"])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["all"], grads["trained"]))

@@ -40,6 +40,7 @@ buffer: one copy of the trained weights beyond plain unlearning.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,13 @@ class MetaObjective:
         self.config, self.model, self.data, self.method = config, model, data, method
         self.names = list(trainable)  # module order: the mapping functional_call receives
         self.trainable = trainable
+        # what the simulated attacker moves: the trained weights first, then (attacked 'all') the ones the
+        # defence leaves frozen, which a real finetuner moves too
+        frozen = {n: p for n, p in model.unet.named_parameters() if n not in trainable} \
+            if config.attacked == "all" else {}
+        self.attacked_names = self.names + list(frozen)
+        self.attacked = [trainable[n] for n in self.names] + list(frozen.values())
+        self.n_trained = len(self.names)
         self.batch_size = batch_size
         self.cap_levels = self._cap_levels() if config.target == "capped" else {}
         if config.target == "unlearn_target" and not method.has_target:
@@ -82,7 +90,7 @@ class MetaObjective:
             if config.retain == "distill" else None
         self.in_place = config.in_place and config.mode == "first_order"
         self._backup: list[torch.Tensor] | None = None  # in place: theta during the simulated attack
-        self.low_rank = LowRank(self.names, list(trainable.values()), config.low_rank_rank) \
+        self.low_rank = LowRank(self.attacked_names, self.attacked, config.low_rank_rank) \
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
         self.episode = Episode(config.persistent) if config.persistent else None
@@ -96,7 +104,38 @@ class MetaObjective:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.episode is not None:
-            self.episode.load_state_dict(state, [self.trainable[n] for n in self.names])
+            self.episode.load_state_dict(state, self.attacked)
+
+    @contextmanager
+    def _attackable(self):
+        """The frozen weights the simulated attacker moves need gradients while it takes its steps."""
+        frozen = self.attacked[self.n_trained:]
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+                p.grad = None
+
+    @contextmanager
+    def _frozen_at_rest(self):
+        """In place, the original model's predictions (a frozen copy of the trained weights only) run with
+        the frozen weights the simulated attacker moved put back for the while."""
+        moved = self.attacked[self.n_trained:] if self.in_place and self._backup is not None else []
+        kept = [p.detach().clone() for p in moved]
+        with torch.no_grad():
+            for p, b in zip(moved, self._backup[self.n_trained:] if moved else []):
+                p.data.copy_(b)
+        torch.clear_autocast_cache()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(moved, kept):
+                    p.data.copy_(k)
+            torch.clear_autocast_cache()
 
     def _draw(self, ctx) -> tuple:
         """This outer step's attacker, forget batch and LoRA-like A (a running episode's own attacker and A)."""
@@ -126,7 +165,7 @@ class MetaObjective:
         noise = model.sample_noise(latents.shape, ctx.generator)  # the draws denoising_loss makes, in its order
         t = model.sample_timesteps(len(latents), ctx.generator)
         x_t = model.add_noise(latents, noise, t)
-        with torch.no_grad():
+        with torch.no_grad(), self._frozen_at_rest():
             target = model.predict(x_t, t, cond, self.original)
         return F.mse_loss(model.predict(x_t, t, cond, params).float(), target.float())
 
@@ -146,10 +185,11 @@ class MetaObjective:
 
     def _forget_grad_norm(self) -> float:
         """The original model's gradient norm of the forget loss (fixed batches): sharpness's unit."""
-        gen, theta, norms = torch.Generator().manual_seed(0), list(self.trainable.values()), []
+        gen, norms = torch.Generator().manual_seed(0), []
         for _ in range(REFERENCE_BATCHES):
-            loss = self.model.denoising_loss(*self.data.forget.sample(self.batch_size, gen), generator=gen)
-            norms.append(self._stream(loss, theta, lambda *_: None))  # the norm only: never the whole gradient
+            with self._attackable():  # over what the attacker moves, as the ratio's numerator
+                loss = self.model.denoising_loss(*self.data.forget.sample(self.batch_size, gen), generator=gen)
+                norms.append(self._stream(loss, self.attacked, lambda *_: None))  # the norm only, never whole
         return sum(norms) / len(norms)
 
     def _sharpness(self, theta, at, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
@@ -159,14 +199,13 @@ class MetaObjective:
         (the same batch, t and noise: the generator is replayed), so no double backward is needed."""
         norm = _norm(grads)
         if norm / self.grad_reference <= self.config.sharpness_cap:
-            return linear_surrogate(theta, [torch.zeros_like(g) for g in grads]), norm / self.grad_reference
+            return linear_surrogate(theta, [torch.zeros_like(p) for p in theta]), norm / self.grad_reference
         eps = FD_STEP * _norm(at) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
-        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.names, at, grads)}
-        for p in shifted.values():
-            p.requires_grad_(True)
-        moved = torch.autograd.grad(self._loss(forget, shifted, ctx), list(shifted.values()))
+        shifted = {n: p.detach() + eps * g for n, p, g in zip(self.attacked_names, at, grads)}
+        trained = [shifted[n].requires_grad_(True) for n in self.names]  # d||g||^2/d theta = 2 (H g), theta's rows
+        moved = torch.autograd.grad(self._loss(forget, shifted, ctx), trained)
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
         scale = self._sharpness_scale(eps)
         return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
@@ -188,7 +227,8 @@ class MetaObjective:
         # bounded below by zero, and it asks for exactly what unlearning asks for.
         cond = self.method.forget_batch(ctx)
         x_t, t = self.method.noised_x_t(ctx, len(cond))
-        target = self.method.target(x_t, t, cond)
+        with self._frozen_at_rest():
+            target = self.method.target(x_t, t, cond)
         loss = F.mse_loss(self.model.predict(x_t, t, cond, params).float(), target.float())
         return loss, loss.item()
 
@@ -289,8 +329,13 @@ class MetaObjective:
         return torch.sqrt(sum(squares)).item()
 
     def _inner_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
-        """One simulated attacker step on theta itself; returns the forget loss before it and its gradient's
-        norm. The update forms that act tensor by tensor stream; 'normalized' needs the whole gradient's norm."""
+        """One simulated attacker step on the weights it moves (`theta` here: self.attacked) themselves;
+        returns the forget loss before it and its gradient's norm. The update forms that act tensor by
+        tensor stream; 'normalized' needs the whole gradient's norm."""
+        with self._attackable():
+            return self._inner_step_in_place(theta, forget, attacker, a, ctx)
+
+    def _inner_step_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
         loss = self._loss(forget, None, ctx)
         if attacker.form == "normalized":
             grads = list(torch.autograd.grad(loss, theta))
@@ -313,20 +358,24 @@ class MetaObjective:
         adds s g(theta + eps g); theta is then put back. Both replay the generator from `state`."""
         eps = FD_STEP * _norm(theta) / max(norm, 1e-12)
         scale = self._sharpness_scale(eps) * self._loss_scale
+        n = self.n_trained  # every attacked weight moves along g; the trained ones' .grad take the term
 
         def shift(i, p, g, aside):
             p.data.add_(eps * g)
-            aside[i] = g.mul_(-scale) if aside[i] is None else aside[i].add_(g, alpha=-scale)
+            if i < n:
+                aside[i] = g.mul_(-scale) if aside[i] is None else aside[i].add_(g, alpha=-scale)
 
         ctx.generator.set_state(state)
-        self._stream(self._loss(forget, None, ctx), theta, shift)
+        with self._attackable():
+            self._stream(self._loss(forget, None, ctx), theta, shift)
         ctx.generator.set_state(state)
-        (self._loss(forget, None, ctx) * scale).backward(inputs=theta)
+        (self._loss(forget, None, ctx) * scale).backward(inputs=theta[:n])
         self._start(theta)
 
     def _attack_in_place(self, theta, forget, attacker, a, ctx, logs) -> float:
-        """First order in place: the simulated attack on theta itself; the post-attack terms' gradients
-        (and the sharpness term's) are added to .grad. Returns the post-attack objective (logged)."""
+        """First order in place: the simulated attack on the weights themselves (`theta` here: all it
+        moves); the post-attack terms' gradients (and the sharpness term's) are added to the trained
+        weights' .grad. Returns the post-attack objective (logged)."""
         cfg, total = self.config, torch.zeros((), device=self.model.device)  # summed as the functional path sums
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state()
@@ -342,7 +391,7 @@ class MetaObjective:
                         self._inner_in_place(theta, forget, attacker, a, ctx)
             if not weight:
                 continue
-            outer, point_logs = self._after(None, ctx, self._backward_scaled(theta, weight))
+            outer, point_logs = self._after(None, ctx, self._backward_scaled(theta[:self.n_trained], weight))
             logs.update(point_logs)  # the last point's
             total = total + weight * outer
         return total.item()
@@ -354,13 +403,12 @@ class MetaObjective:
     def __call__(self, ctx: StepContext) -> Terms:
         if not self.in_place:
             return self._step(ctx)
-        theta = [self.trainable[n] for n in self.names]
         self._loss_scale = ctx.loss_scale  # what the engine's backward passes multiply losses by (fp16)
-        self._save(theta)
+        self._save(self.attacked)
         try:
             return self._step(ctx)
         finally:
-            self._restore(theta)
+            self._restore(self.attacked)
 
     def _step(self, ctx: StepContext) -> Terms:
         cfg = self.config
@@ -369,11 +417,11 @@ class MetaObjective:
         logs: dict[str, float] = {"meta/attack_depth": float(self.episode.depth + 1)} if self.episode else {}
         terms: dict[str, torch.Tensor] = {}
         if self.in_place:
-            self._start(theta, restore=False)
-            after_objective = self._attack_in_place(theta, forget, attacker, a, ctx, logs)
+            self._start(self.attacked, restore=False)
+            after_objective = self._attack_in_place(self.attacked, forget, attacker, a, ctx, logs)
             if self.episode is not None:
-                self.episode.advance(self._backup, theta)
-            self._restore(theta)  # back to theta: the terms below are taken before the attack
+                self.episode.advance(self._backup, self.attacked)
+            self._restore(self.attacked)  # back to theta: the terms below are taken before the attack
         else:
             after_objective = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms)
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
@@ -399,13 +447,15 @@ class MetaObjective:
         cfg = self.config
         second = cfg.mode == "second_order"
         offset = self.episode.offset if self.episode is not None else None
-        start = theta if offset is None else [p + d for p, d in zip(theta, offset)]
-        current = start if second else [p.detach().requires_grad_(True) for p in start]
+        moved, n = self.attacked, self.n_trained
+        start = moved if offset is None else [p + d for p, d in zip(moved, offset)]
+        # second order: the graph through theta's own tensors; the frozen ones the attacker moves are leaves
+        current = [p if second and i < n else p.detach().requires_grad_(True) for i, p in enumerate(start)]
         outer_total = torch.zeros((), device=self.model.device)
         collected = [torch.zeros_like(p) for p in theta] if not second else None
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness else None
-            loss_in = self._loss(forget, dict(zip(self.names, current)), ctx)
+            loss_in = self._loss(forget, dict(zip(self.attacked_names, current)), ctx)
             grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
             if k == 0:
                 logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
@@ -419,17 +469,17 @@ class MetaObjective:
                 current = [p.detach().requires_grad_(True) for p in current]
             if not weight:
                 continue
-            outer, point_logs = self._after(dict(zip(self.names, current)), ctx)
+            outer, point_logs = self._after(dict(zip(self.attacked_names, current)), ctx)
             logs.update(point_logs)  # the last point's
             if second:
                 outer_total = outer_total + weight * outer
             else:
                 outer_total = outer_total + weight * outer.detach()
                 if outer.requires_grad:
-                    for total, g in zip(collected, torch.autograd.grad(outer, current)):
+                    for total, g in zip(collected, torch.autograd.grad(outer, current[:n])):
                         total.add_(g, alpha=weight)
         if self.episode is not None:
-            self.episode.advance(theta, current)
+            self.episode.advance(moved, current)
         if second and outer_total.requires_grad:
             terms["meta_after"] = outer_total
         elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
