@@ -401,6 +401,7 @@ def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipel
 @pytest.mark.parametrize("attacker", [
     dict(inner_step="adam", low_rank=0.0),  # streamed; the sharpness penalty below its cap
     dict(inner_step="sgd", low_rank=1.0, sharpness_cap=0.0),  # streamed low rank; the penalty's streamed passes
+    dict(inner_step="adam", low_rank=0.0, sharpness_cap=0.0, attacked="all"),  # frozen weights moved too
     dict(inner_step="normalized", low_rank=0.0, sharpness_cap=0.0)])  # the whole gradient's norm: not streamed
 def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_the_weights(tiny_model, attacker):
     """meta.in_place moves the UNet's own weights and puts them back: the same loss terms and logged

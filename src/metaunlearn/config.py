@@ -249,11 +249,11 @@ class MetaConfig(_Section):
         ["sgd", "adam"], description=(
             "Inner update: plain gradient step, gradient scaled to unit norm, or an Adam-like step; a list: "
             "each outer step draws one."))
-    attacked: Literal["all", "trained"] = Field("all", description=(
-        "Which weights the simulated attacker moves: 'all' UNet weights, as a real finetuner does, also those "
-        "the base method leaves frozen (ESD-u's cross-attention, the text pathway a LoRA attacker adapts: "
-        "without them the defence never sees an attack through them); or only the 'trained' ones (the "
-        "reference code). The meta gradients reach the trained weights only, either way."))
+    attacked: Literal["trained", "all"] = Field("trained", description=(
+        "Which weights the simulated attacker moves: the 'trained' ones (the reference code), or 'all' UNet "
+        "weights, as a real finetuner does, also those the base method leaves frozen (ESD-u's cross-attention, "
+        "the text pathway a LoRA attacker adapts). The meta gradients reach the trained weights only, either "
+        "way. 'all' resisted less on the digits world (bench/RESULTS.md, issue 10)."))
     low_rank: float = Field(0.5, ge=0, le=1, description=(
         "Probability that an outer step simulates a LoRA attacker: a rank-`low_rank_rank` update of the "
         "attention projections only (what a LoRA adapter's first steps change), instead of a full update."))
