@@ -58,7 +58,7 @@ def test_defaults_fill_in(tmp_path):
     assert config.method.steps == 200 and config.method.options().eta == 1.0
     assert config.method.options("sdd").ema_decay == 0.999  # every registered method's settings are there
     assert config.method.weight_decay == 0.0 and config.method.grad_clip == 1.0
-    assert config.meta.mode == "first_order" and config.meta.unrelated_after == 0.0 and config.meta.forget_after == 1.0
+    assert config.meta.mode == "first_order" and config.meta.unrelated_after == 0.0 and config.meta.forget_after == 3.0
     assert config.evaluation.seed_offset == 3_000_000_000
     attack = config.attacks[0]
     assert attack.kind == "full" and attack.optimizer == "adamw" and attack.weight_decay == 0.01

@@ -44,7 +44,7 @@ def subset(model: DiffusionModel, names=SUBSET) -> dict[str, torch.nn.Parameter]
 # First order runs functionally here (in_place off): its gradients come as surrogate terms these tests
 # differentiate; test_the_in_place_first_order_step_equals_the_functional_one shows in place is the same.
 PAPER = dict(inner_lr=1e-4, inner_steps=1, inner_step="sgd", low_rank=0.0, retain="denoise", unrelated_kept=0.0,
-             forget_sharpness=0.0, in_place=False, attacked="trained")
+             forget_sharpness=0.0, in_place=False, attacked="trained", forget_after=1.0)
 
 
 def objective(model, trainable, data, method="none", **meta) -> MetaObjective:
@@ -366,7 +366,8 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
             return min(value, r[f"meta/cap_{name}"]) if target == "capped" else value
 
         forget = r["meta/forget_after"] if target == "unlearn_target" else -ascent(r, "forget")
-        expected = forget - ascent(r, "related") - 0.5 * ascent(r, "unrelated") + r["meta/unrelated_kept"]
+        expected = config.meta.forget_after * forget - ascent(r, "related") - 0.5 * ascent(r, "unrelated") + \
+            r["meta/unrelated_kept"]
         assert r["meta/after_objective"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
         capped += target == "capped" and any(r[f"meta/{k}_after"] > r[f"meta/cap_{k}"] for k in ("forget", "related"))
     assert len({r["meta/inner_lr"] for r in records}) == 3  # drawn afresh every step

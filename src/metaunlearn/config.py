@@ -278,7 +278,9 @@ class MetaConfig(_Section):
         "First order: the simulated attack steps the UNet's own trained weights in place and puts them back "
         "exactly from one buffer afterwards, instead of running the UNet functionally on new copies (one "
         "full copy of the trained weights less, and gradient checkpointing works). Same results."))
-    forget_after: float = Field(1.0, description="a (reference flag gamma2_1): weight of −L(θ'; forget).")
+    forget_after: float = Field(3.0, description=(
+        "a (reference flag gamma2_1): weight of −L(θ'; forget). 3, not the paper's 1: the optimizer normalises "
+        "the whole step, and at 1 the post-attack ascent was too small a share of it (bench/RESULTS.md, issue 10)."))
     related_after: float = Field(1.0, description="b (gamma2_2): weight of −L(θ'; related), the self-destruct term.")
     related_before: float = Field(1.0, description="c (gamma1_2): weight of +L(θ; related) before the attack.")
     unrelated_before: float = Field(1.0, description="d (gamma1_1): weight of +L(θ; unrelated) before the attack.")
