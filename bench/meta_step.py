@@ -227,7 +227,7 @@ def reference_step(model, method, benign, data, trainable, optimizer, cfg, meta_
     optimizer.zero_grad(set_to_none=True)  # the selected weights only, as in the reference
     method.after_step()
     unet.eval()
-    del task, task_opt, task_opt_full
+    task = task_opt = task_opt_full = None  # freed (a del would leave the closure above a dangling name)
     return base.item()
 
 

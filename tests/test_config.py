@@ -184,7 +184,8 @@ def test_plugin_names_and_settings_are_checked_against_the_registries(tmp_path):
 
 
 def test_a_meta_attacker_setting_is_a_value_or_what_to_draw_from(tmp_path):
-    assert load_config(write(tmp_path, MINIMAL), ["meta.inner_lr=3e-4", "meta.inner_steps=[1, 3]"]).meta.inner_lr == 3e-4
+    loaded = load_config(write(tmp_path, MINIMAL), ["meta.inner_lr=3e-4", "meta.inner_steps=[1, 3]"])
+    assert loaded.meta.inner_lr == 3e-4
     for bad, message in (("meta.inner_lr=[1e-3, 1e-5]", "meta.inner_lr must be a positive number or [low, high]"),
                          ("meta.inner_steps=0", "meta.inner_steps must be positive"),
                          ("meta.inner_step=[]", "meta.inner_step is an empty list"),

@@ -88,7 +88,8 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
 
     grid = GridConfig.model_validate({
         "name": "g", "reference": "ref", "defaults": {"steps": 100, "eval_at": [0, 10, 100]},
-        "attackers": [{"name": "ref"}, {"name": "strong"}, {"name": "wrecker"}, {"name": "honest", "data": "unrelated"}]})
+        "attackers": [{"name": "ref"}, {"name": "strong"}, {"name": "wrecker"},
+                      {"name": "honest", "data": "unrelated"}]})
 
     def run(forget: list[float], unrelated: list[float]) -> list[dict]:
         return [{"points": [{"step": s, "values": {"forget_rate": f, "related_accuracy": 0.9, "unrelated_accuracy": u}}

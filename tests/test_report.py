@@ -61,7 +61,8 @@ def test_the_markdown_report_links_files_of_the_run_folder(run_dir):
 def population(values: list[float]) -> dict:
     """mean and population std, by hand."""
     mean = sum(values) / len(values)
-    return {"mean": pytest.approx(mean), "std": pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))),
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return {"mean": pytest.approx(mean), "std": pytest.approx(std),
             "n": len(values), "values": values}
 
 
