@@ -5,6 +5,8 @@ damaged latest checkpoint."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,25 @@ def test_a_run_folder_turning_read_only_midway_ends_in_one_line(tiny_pipeline_di
     assert line == (f"error: Read-only file system: '{tmp_path / 'run' / 'failures.json'}'; the disk is read-only; "
                     "set output.dir elsewhere; finished work is kept")
     assert "FAILED  unlearn/esd-seed0: RuntimeError: boom" in (tmp_path / "run" / "study.log").read_text()
+
+
+def test_a_folder_another_writer_puts_in_place_meanwhile_is_replaced_not_an_error(tmp_path, monkeypatch):
+    """An orphaned worker of a killed run can finish the same stage while the resumed run saves it: the
+    swap finds the folder there between its check and its rename, and replaces it (same inputs, same
+    output), as it replaces one that was there before."""
+    from metaunlearn import layout
+
+    target, real_replace, raced = tmp_path / "model", os.replace, []
+
+    def replace(src, dst):
+        if Path(dst) == target and not raced:  # the other writer lands first
+            raced.append(True)
+            target.mkdir()
+            (target / "theirs.txt").write_text("other writer")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(layout.os, "replace", replace)
+    with layout.atomic_dir(target) as tmp:
+        (tmp / "ours.txt").write_text("this run")
+    assert raced and sorted(p.name for p in target.iterdir()) == ["ours.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or trash folder left

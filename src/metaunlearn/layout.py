@@ -20,6 +20,7 @@ imports nothing heavier than the config.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -68,12 +69,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
-        if path.exists():  # out of the way first: a kill between the renames leaves no half-deleted folder
-            trash = path.with_name(f".old-{path.name}")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(path, trash)
-            shutil.rmtree(trash)
-        os.replace(tmp, path)
+        for attempt in range(3):
+            if path.exists():  # out of the way first: a kill between the renames leaves no half-deleted folder
+                trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+                break
+            except OSError as err:  # another writer of the same folder (an orphaned worker) got there between
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
