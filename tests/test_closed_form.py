@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from metaunlearn import DiffusionModel
-from metaunlearn.engine import Terms
 from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.methods import make_method
 from metaunlearn.methods.rece import adversarial_keys
@@ -19,7 +18,7 @@ from metaunlearn.methods.uce import aligned_keys, projections, solve
 from metaunlearn.unlearn import unlearn
 
 from helpers import concept_data
-from test_train import Crash, assert_same_weights, log_records, make_config, weights
+from test_train import assert_same_weights, crash_then_resume, log_records, make_config, weights
 
 
 def rand(*shape, seed=0):
@@ -150,22 +149,10 @@ def test_meta_on_an_edit_that_trains_no_projection_keeps_the_edit_exactly(tiny_m
 def test_a_closed_form_run_with_meta_resumes_like_any_other(tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
                          "method.uce.meta_route=anchor", "method.lr=1e-4")
-    fingerprint = unlearn_fingerprint(config, 0)
-
-    def crash(ctx):
-        if ctx.step == 5:
-            raise Crash
-        return Terms()
-
     uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, fingerprint, progress=False)
-    model = DiffusionModel.load(tiny_pipeline_dir)
-    with pytest.raises(Crash):
-        unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, extra={"crash": crash},
-                progress=False)
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "running"
-    model = DiffusionModel.load(tiny_pipeline_dir)  # a new process: the edit is applied again, then the checkpoint
-    unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
+    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, unlearn_fingerprint(config, 0),
+            progress=False)
+    model = crash_then_resume(config, tiny_pipeline_dir, tmp_path / "b")  # the edit again, then the checkpoint
     assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
 

@@ -5,14 +5,13 @@ an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from metaunlearn import DiffusionModel
 from metaunlearn.config import MetaConfig, MethodConfig
-from metaunlearn.engine import StepContext, Terms
+from metaunlearn.engine import StepContext
 from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.meta import MetaObjective, make_meta
 from metaunlearn.methods import make_method
@@ -21,7 +20,7 @@ from metaunlearn.unlearn import unlearn
 
 from helpers import concept_data
 from test_meta import BATCH
-from test_train import Crash, assert_same_weights, log_records, make_config, weights
+from test_train import assert_same_weights, crash_then_resume, log_records, make_config, weights
 
 # a fixed attacker (nothing drawn: the generator's draws are the same with and without an episode)
 FIXED = dict(inner_lr=1e-2, inner_steps=1, inner_step="sgd", low_rank=0.0, forget_sharpness=0.0)
@@ -107,24 +106,12 @@ def test_a_run_resumes_mid_episode_like_an_uninterrupted_one(tiny_pipeline_dir, 
     # checkpoints at steps 2 and 4; with episodes of 3 the resume at 4 is one step into an episode
     config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.persistent=3", "method.lr=1e-3",
                          "meta.inner_lr=0.05", "meta.inner_step=sgd", "meta.low_rank=0")
-    fingerprint = unlearn_fingerprint(config, 0)
-
-    def crash(ctx):
-        if ctx.step == 5:
-            raise Crash
-        return Terms()
-
     uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, fingerprint, progress=False)
+    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, unlearn_fingerprint(config, 0),
+            progress=False)
     depths = [r.get("meta/attack_depth") for r in log_records(tmp_path / "a")]
     assert depths == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
-    model = DiffusionModel.load(tiny_pipeline_dir)
-    with pytest.raises(Crash):
-        unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, extra={"crash": crash},
-                progress=False)
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "running"
-    model = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, model, concept_data(model), tmp_path / "b", 0, fingerprint, progress=False)
+    model = crash_then_resume(config, tiny_pipeline_dir, tmp_path / "b")
     assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
 

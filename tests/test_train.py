@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,6 +242,25 @@ def reference(tiny_pipeline_dir, tmp_path_factory):
 
 class Crash(Exception):
     pass
+
+
+def crash_then_resume(config, pipeline, out: Path, at: int = 5) -> DiffusionModel:
+    """Run `config` until it crashes at step `at` (0-based; checkpoints before it stay), check the run is
+    marked unfinished, then run it again in a fresh model, as a new process would: the resumed model."""
+    fingerprint = unlearn_fingerprint(config, 0)
+
+    def crash(ctx):
+        if ctx.step == at:
+            raise Crash
+        return Terms()
+
+    model = DiffusionModel.load(pipeline)
+    with pytest.raises(Crash):
+        unlearn(config, model, concept_data(model), out, 0, fingerprint, extra={"crash": crash}, progress=False)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    model = DiffusionModel.load(pipeline)
+    unlearn(config, model, concept_data(model), out, 0, fingerprint, progress=False)
+    return model
 
 
 @pytest.mark.parametrize("method", ["esd", "sdd"])

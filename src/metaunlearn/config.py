@@ -253,7 +253,7 @@ class MetaConfig(_Section):
         "Which weights the simulated attacker moves: the 'trained' ones (the reference code), or 'all' UNet "
         "weights, as a real finetuner does, also those the base method leaves frozen (ESD-u's cross-attention, "
         "the text pathway a LoRA attacker adapts). The meta gradients reach the trained weights only, either "
-        "way. 'all' resisted less on the digits world (bench/RESULTS.md, issue 10)."))
+        "way. 'all' resisted less on the digits world (the eight, one seed: bench/RESULTS.md, issue 10)."))
     low_rank: float = Field(0.5, ge=0, le=1, description=(
         "Probability that an outer step simulates a LoRA attacker: a rank-`low_rank_rank` update of the "
         "attention projections only (what a LoRA adapter's first steps change), instead of a full update."))

@@ -124,9 +124,12 @@ class MetaObjective:
         """In place, the original model's predictions (a frozen copy of the trained weights only) run with
         the frozen weights the simulated attacker moved put back for the while."""
         moved = self.attacked[self.n_trained:] if self.in_place and self._backup is not None else []
+        if not moved:  # attacked 'trained', or functional: nothing frozen has moved
+            yield
+            return
         kept = [p.detach().clone() for p in moved]
         with torch.no_grad():
-            for p, b in zip(moved, self._backup[self.n_trained:] if moved else []):
+            for p, b in zip(moved, self._backup[self.n_trained:]):
                 p.data.copy_(b)
         torch.clear_autocast_cache()
         try:

@@ -138,7 +138,7 @@ class Episode:
             self.depth = 0
             return
         if self.delta is None:
-            self.delta = [torch.empty_like(p, dtype=p.dtype) for p in theta]
+            self.delta = [torch.empty_like(p) for p in theta]
         for d, p, e in zip(self.delta, theta, end):
             d.copy_(e.detach()).sub_(p.detach())
 
