@@ -15,6 +15,7 @@ and a callback after every step (evaluation during attacks).
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import time
@@ -155,6 +156,15 @@ class StepRecord:
                 "lr": self.lr, "seconds": round(self.seconds, 4)}
 
 
+def _destroy_process_group() -> None:
+    """At exit of a process of a distributed run. One that exits with its process group alive can abort
+    in interpreter shutdown ("terminate called without an active exception": gloo's threads still hold
+    tensors; pytorch/pytorch PR 179291), so a finished run's exit code would say it failed. atexit runs
+    on a normal end, SystemExit and uncaught exceptions alike."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class Engine:
     """Optimizer steps over `params` (name -> trainable tensor of `module`) for the
     objectives' summed loss. `hint` ends the message of a non-finite loss."""
@@ -169,6 +179,9 @@ class Engine:
         self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
         self.last_good = "none (the run had not checkpointed yet)"
         self.losses: list[float] = []  # every step's loss, in this process's run
+        if accelerator.num_processes > 1:
+            atexit.unregister(_destroy_process_group)  # registered once per process
+            atexit.register(_destroy_process_group)
 
     def context(self, step: int) -> StepContext:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -280,6 +293,7 @@ class Engine:
             if after is not None:
                 after(done)
         bar.close()
-        if tracking:
-            acc.end_training()
+        if tracking:  # not end_training(): that also destroys the process group the rest of the run needs
+            for tracker in acc.trackers:
+                tracker.finish()
         return self.losses

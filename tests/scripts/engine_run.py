@@ -1,5 +1,5 @@
 """Run by tests/test_multiprocess.py, under `accelerate launch` (2 CPU processes) or alone:
-a few engine steps on a small regression. argv: mode (ddp | emulate), out folder, steps,
+a few engine steps on a small regression, tracked, then a barrier (as the CLI does). argv: mode (ddp | emulate), out folder, steps,
 stop-after (0: none)."""
 
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 
 from metaunlearn.config import OptimizerSettings
 from metaunlearn.engine import Engine, Terms, step_generator
@@ -36,10 +37,27 @@ def stop_at(done):
         raise SystemExit(3)  # interrupted after the checkpoint at step 2
 
 
-accelerator = Accelerator(cpu=True)
+class CountingTracker(GeneralTracker):
+    """Counts logged steps: a tracked run must keep its process group after the loop (the CLI syncs then)."""
+    name, requires_logging_directory, tracker = "counting", False, None
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def store_init_configuration(self, values):
+        pass
+
+    def log(self, values, step, **kwargs):
+        self.steps += 1
+
+
+tracker = CountingTracker()
+accelerator = Accelerator(cpu=True, log_with=[tracker])
 settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0)
 engine = Engine(model, dict(model.named_parameters()), {"fit": objective}, settings, SEED, accelerator)
 engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at, progress=False)
+accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
 if accelerator.is_main_process:
     torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
     (out / "processes.txt").write_text(str(accelerator.num_processes))
