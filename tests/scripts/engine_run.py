@@ -1,6 +1,6 @@
 """Run by tests/test_multiprocess.py, under `accelerate launch` (2 CPU processes) or alone:
-a few engine steps on a small regression, tracked, then a barrier (as the CLI does). argv: mode (ddp | emulate), out folder, steps,
-stop-after (0: none)."""
+a few engine steps on a small regression, tracked, then a barrier (as the CLI does).
+argv: mode (ddp | emulate), out folder, steps, stop-after (0: none)."""
 
 import sys
 from pathlib import Path
