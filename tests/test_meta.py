@@ -105,6 +105,11 @@ def test_inner_direction_forms():
     scale = unit[0].flatten()[0] / grads[0].flatten()[0]
     assert all(torch.allclose(d, scale * x) for d, x in zip(unit, grads))  # same direction, one scale
 
+    rms = inner_direction(grads, "rms")  # the same direction, each coordinate moving 1 on average (Adam's size)
+    assert math.sqrt(sum((d ** 2).sum().item() for d in rms) / sum(x.numel() for x in grads)) == pytest.approx(
+        1.0, rel=1e-6)
+    assert all(torch.allclose(d, u * math.sqrt(sum(x.numel() for x in grads))) for d, u in zip(rms, unit))
+
     wide = [x.double() for x in grads]  # float64: 5 / (5 + 1e-8) is not rounded up to 1
     adam = inner_direction(wide, "adam")
     for d, x in zip(adam, wide):
@@ -196,12 +201,13 @@ def test_second_order_differs_from_first_order(tiny_model, inner_step):
 def by_hand_step(g: torch.Tensor, grads: list[torch.Tensor], form: str) -> torch.Tensor:
     if form == "sgd":
         return g
-    if form == "normalized":
-        return g / torch.sqrt(sum((x * x).sum() for x in grads))
+    if form in ("normalized", "rms"):
+        norm = torch.sqrt(sum((x * x).sum() for x in grads))
+        return g / norm * (math.sqrt(sum(x.numel() for x in grads)) if form == "rms" else 1.0)
     return g / (g.abs() + 1e-8)
 
 
-@pytest.mark.parametrize("inner_step,inner_steps", [("sgd", 1), ("normalized", 2), ("adam", 1)])
+@pytest.mark.parametrize("inner_step,inner_steps", [("sgd", 1), ("normalized", 2), ("adam", 1), ("rms", 1)])
 def test_first_order_is_the_gradient_at_a_detached_post_attack_copy(tiny_model, inner_step, inner_steps):
     data, trainable = concept_data(tiny_model), subset(tiny_model)
     tau, a, b, e = 0.3, 1.0, 0.7, 0.5
@@ -403,7 +409,8 @@ def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipel
     dict(inner_step="adam", low_rank=0.0),  # streamed; the sharpness penalty below its cap
     dict(inner_step="sgd", low_rank=1.0, sharpness_cap=0.0),  # streamed low rank; the penalty's streamed passes
     dict(inner_step="adam", low_rank=0.0, sharpness_cap=0.0, attacked="all"),  # frozen weights moved too
-    dict(inner_step="normalized", low_rank=0.0, sharpness_cap=0.0)])  # the whole gradient's norm: not streamed
+    dict(inner_step="normalized", low_rank=0.0, sharpness_cap=0.0),  # the whole gradient's norm: not streamed
+    dict(inner_step="rms", low_rank=1.0, sharpness_cap=0.0)])  # the same, low rank
 def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_the_weights(tiny_model, attacker):
     """meta.in_place moves the UNet's own weights and puts them back: the same loss terms and logged
     values as running the UNet functionally on copies, bit for bit, the same total gradient (its

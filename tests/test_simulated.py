@@ -65,7 +65,7 @@ def test_the_low_rank_update_has_rank_r_and_touches_attention_projections_only()
     assert low.targets == [True, True, False, False]
     a = low.draw(torch.Generator().manual_seed(3), "cpu")
     assert a[0].shape == (2, 6) and a[1].shape == (2, 8) and a[2] is None and a[3] is None
-    for form in ("sgd", "adam", "normalized"):
+    for form in ("sgd", "adam", "normalized", "rms"):
         step = low.direction(grads, form, a)
         assert [d.shape for d in step] == [torch.Size(s) for s in shapes]
         assert all(torch.linalg.matrix_rank(d) == 2 for d in step[:2])

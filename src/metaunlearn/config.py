@@ -234,6 +234,9 @@ class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name a
         "Weight of the denoising loss on related + unrelated data that keeps them intact; 0 disables it."))
 
 
+InnerStep = Literal["sgd", "normalized", "adam", "rms"]
+
+
 class MetaConfig(_Section):
     enabled: bool = Field(False, description="Add the meta objective to the base method's loss.")
     mode: Literal["first_order", "second_order"] = Field("first_order", description=(
@@ -245,10 +248,10 @@ class MetaConfig(_Section):
         "(an attacker whose lr is unknown)."))
     inner_steps: Union[int, tuple[int, int]] = Field((1, 2), description=(
         "Steps M of the simulated attack, or [low, high] to draw M uniformly at every outer step."))
-    inner_step: Union[Literal["sgd", "normalized", "adam"], list[Literal["sgd", "normalized", "adam"]]] = Field(
+    inner_step: Union[InnerStep, list[InnerStep]] = Field(
         ["sgd", "adam"], description=(
-            "Inner update: plain gradient step, gradient scaled to unit norm, or an Adam-like step; a list: "
-            "each outer step draws one."))
+            "Inner update: plain gradient step, gradient scaled to unit norm, an Adam-like step, or the "
+            "gradient's direction at an Adam step's size ('rms'); a list: each outer step draws one."))
     attacked: Literal["trained", "all"] = Field("trained", description=(
         "Which weights the simulated attacker moves: the 'trained' ones (the reference code), or 'all' UNet "
         "weights, as a real finetuner does, also those the base method leaves frozen (ESD-u's cross-attention, "

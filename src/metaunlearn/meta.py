@@ -52,7 +52,7 @@ from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
-from .simulated import Episode, LowRank, draw, inner_direction, trajectory_weights
+from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 
@@ -334,13 +334,13 @@ class MetaObjective:
     def _inner_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
         """One simulated attacker step on the weights it moves (`theta` here: self.attacked) themselves;
         returns the forget loss before it and its gradient's norm. The update forms that act tensor by
-        tensor stream; 'normalized' needs the whole gradient's norm."""
+        tensor stream; 'normalized' and 'rms' need the whole gradient's norm."""
         with self._attackable():
             return self._inner_step_in_place(theta, forget, attacker, a, ctx)
 
     def _inner_step_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
         loss = self._loss(forget, None, ctx)
-        if attacker.form == "normalized":
+        if attacker.form in WHOLE:
             grads = list(torch.autograd.grad(loss, theta))
             norm = _norm(grads)
             self._move(theta, self.low_rank.direction(grads, attacker.form, a) if a is not None else
