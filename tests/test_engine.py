@@ -48,8 +48,44 @@ def test_clipping_bounds_the_update(clip):
     moved = (flat(module) - before).norm().item()
     if clip:  # SGD with lr 1 moves by the clipped gradient
         assert record.grad_norm > 1 and moved == pytest.approx(clip, rel=1e-4)
-    else:  # the norm is not measured without clipping (NaN), and nothing bounds the step
-        assert record.grad_norm != record.grad_norm and moved > 1
+    else:  # nothing bounds the step: SGD with lr 1 moves by the whole gradient, whose norm is logged
+        assert moved > 1 and record.grad_norm == pytest.approx(moved, rel=1e-4)
+
+
+def test_warmup_applies_to_the_constant_schedule_too():
+    _, engine = toy({"warmup_steps": 4, "steps": 8})  # diffusers' "constant" alone ignores warmup
+    assert [engine.step(i).lr for i in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    _, linear = toy({"lr_schedule": "linear", "warmup_steps": 2, "steps": 6})
+    assert [linear.step(i).lr for i in range(6)] == pytest.approx([0.05, 0.1, 0.075, 0.05, 0.025, 0.0])
+
+
+def test_a_non_finite_gradient_stops_the_step_before_it_reaches_the_weights():
+    """Terms that backpropagate themselves (the in-place meta objective) return no graph: a NaN
+    that reaches only .grad is caught before the optimizer steps."""
+    module = torch.nn.Linear(4, 3)
+
+    def in_place(ctx):
+        module.weight.grad = torch.full_like(module.weight, float("nan"))
+        return Terms({"meta_after": torch.zeros(())}, {"meta/forget_after": float("inf")})
+
+    settings = OptimizerSettings(lr=0.1, steps=2, batch_size=2, grad_clip=0.0)
+    engine = Engine(module, dict(module.named_parameters()), {"meta": in_place}, settings, 3, Accelerator(cpu=True))
+    before = flat(module)
+    with pytest.raises(TrainingError, match=r"the gradient became nan at step 1 .*meta/forget_after=inf"):
+        engine.step(0)
+    assert torch.equal(flat(module), before)
+
+
+def test_the_fp16_loss_scale_is_checkpointed(tmp_path):
+    def scaled():  # what accelerate gives an fp16 run on a GPU: a GradScaler (here growing every step)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+        return accelerator
+
+    _, engine = toy({}, accelerator=scaled())
+    engine.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)  # the checkpoint after step 2
+    _, resumed = toy({}, accelerator=scaled())
+    assert resumed.resume(tmp_path) == 2 and resumed.accelerator.scaler.get_scale() == 32.0
 
 
 def test_steps_replay_their_randomness_and_callbacks_see_every_step():

@@ -113,7 +113,10 @@ def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
         optimizer = torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+    # diffusers' "constant" ignores num_warmup_steps: its warmup form is "constant_with_warmup"
+    name = "constant_with_warmup" if settings.lr_schedule == "constant" and settings.warmup_steps else \
+        settings.lr_schedule
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=settings.warmup_steps,
                               num_training_steps=settings.steps)
     return optimizer, scheduler
 
@@ -175,8 +178,10 @@ class Engine:
         self.module, self.params, self.objectives = module, dict(params), dict(objectives)
         self.settings, self.seed, self.accelerator, self.stateful, self.hint = settings, seed, accelerator, \
             stateful, hint
-        optimizer, scheduler = make_optimizer(list(self.params.values()), settings)
-        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+        optimizer, self.scheduler = make_optimizer(list(self.params.values()), settings)
+        # the scheduler stays unprepared: accelerate's steps it num_processes times per step (it assumes a
+        # sharded data loader and so fewer steps); here every process takes all `steps`, each its own batch
+        self.optimizer = accelerator.prepare(optimizer)
         self.last_good = "none (the run had not checkpointed yet)"
         self.losses: list[float] = []  # every step's loss, in this process's run
         if accelerator.num_processes > 1:
@@ -215,14 +220,23 @@ class Engine:
                 if param.grad is not None:
                     param.grad = acc.reduce(param.grad, "mean")
         clip = self.settings.grad_clip
-        grad_norm = acc.clip_grad_norm_(self.params.values(), clip) if clip > 0 else torch.tensor(float("nan"))
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        grad_norm = float(acc.clip_grad_norm_(self.params.values(), clip) if clip > 0 else
+                          torch.nn.utils.get_total_norm(grads) if grads else 0.0)
+        scaler = getattr(acc, "scaler", None)
+        if not math.isfinite(grad_norm) and scaler is None:  # fp16's scaler skips such a step itself
+            # terms that backpropagate themselves (meta in place) leave only their gradients to check
+            raise TrainingError(f"the gradient became {grad_norm} at step {step + 1} (losses: "
+                                f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
+                                f"last good checkpoint: {self.last_good}; {self.hint}")
         self.optimizer.step()
-        self.scheduler.step()
+        if not getattr(self.optimizer, "step_was_skipped", False):  # an fp16 overflow skipped the step
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
             hook.after_step()
         self.module.eval()
-        return StepRecord(step + 1, value, losses, logs, float(grad_norm),
+        return StepRecord(step + 1, value, losses, logs, grad_norm,
                           self.scheduler.get_last_lr()[0], time.perf_counter() - begin)
 
     def _check_finite(self, terms: dict[str, torch.Tensor], earlier: dict[str, float], step: int) -> None:
@@ -235,6 +249,8 @@ class Engine:
     # --------------------------------------------------------------- checkpoints
     def save(self, folder: Path, done: int) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if getattr(self.accelerator, "scaler", None) is not None:  # fp16: a resumed run keeps its loss scale
+            state["scaler"] = self.accelerator.scaler.state_dict()
         extra = {f"{i}.{k}": v for i, hook in enumerate(self.stateful) for k, v in hook.state_dict().items()}
         self.last_good = save_checkpoint(folder, done, self.params, state, extra).name
 
@@ -252,6 +268,8 @@ class Engine:
                 param.copy_(state["params"][name])
         self.optimizer.load_state_dict(state["training_state"]["optimizer"])
         self.scheduler.load_state_dict(state["training_state"]["scheduler"])
+        if "scaler" in state["training_state"] and getattr(self.accelerator, "scaler", None) is not None:
+            self.accelerator.scaler.load_state_dict(state["training_state"]["scaler"])
         for i, hook in enumerate(self.stateful):
             prefix = f"{i}."
             hook.load_state_dict({k[len(prefix):]: v for k, v in state["extra"].items() if k.startswith(prefix)})

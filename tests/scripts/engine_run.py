@@ -54,7 +54,8 @@ class CountingTracker(GeneralTracker):
 
 tracker = CountingTracker()
 accelerator = Accelerator(cpu=True, log_with=[tracker])
-settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0)
+settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0,
+                             lr_schedule="linear")  # one schedule step per step, whatever the processes
 engine = Engine(model, dict(model.named_parameters()), {"fit": objective}, settings, SEED, accelerator)
 engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at, progress=False)
 accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
