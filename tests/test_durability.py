@@ -46,7 +46,9 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
     path = tmp_path / "grid.yaml"
     for bad, message in (({**good, "reference": "c"}, "reference 'c' is not one of the attackers (a, b)"),
                          ({**good, "attackers": [{"name": "a", "stesp": 3}]}, "grid attackers.0: unknown key 'stesp'"),
-                         ({**good, "name": "a b"}, "name: 'a b' is not a valid name")):
+                         ({**good, "name": "a b"}, "name: 'a b' is not a valid name"),
+                         ({**good, "attackers": [{"name": "a"}, {"name": "a", "lr": 1e-3}]},
+                          "attacker names must be unique; repeated: a")):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_grid(path).attacks()
@@ -87,7 +89,7 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     from metaunlearn.durability import summarise
 
     grid = GridConfig.model_validate({
-        "name": "g", "reference": "ref", "defaults": {"steps": 100, "eval_at": [0, 10, 100]},
+        "name": "g.v2", "reference": "ref", "defaults": {"steps": 100, "eval_at": [0, 10, 100]},
         "attackers": [{"name": "ref"}, {"name": "strong"}, {"name": "wrecker"},
                       {"name": "honest", "data": "unrelated"}]})
 
@@ -96,10 +98,10 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
                             for s, f, u in zip((0, 10, 100), forget, unrelated)]}]
 
     keep = [1.0, 1.0, 1.0]
-    curves = {"g.ref": {"base": run([0, 0.6, 1.0], keep), "meta": run([0, 0.2, 0.4], keep)},
-              "g.strong": {"base": run([0, 0.9, 1.0], keep), "meta": run([0, 0.5, 0.9], keep)},
-              "g.wrecker": {"base": run([0, 0.5, 0.5], [1.0, 0.3, 0.2]), "meta": run([0, 0.5, 0.5], keep)},
-              "g.honest": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], [1.0, 0.95, 0.9])}}
+    curves = {"g.v2.ref": {"base": run([0, 0.6, 1.0], keep), "meta": run([0, 0.2, 0.4], keep)},
+              "g.v2.strong": {"base": run([0, 0.9, 1.0], keep), "meta": run([0, 0.5, 0.9], keep)},
+              "g.v2.wrecker": {"base": run([0, 0.5, 0.5], [1.0, 0.3, 0.2]), "meta": run([0, 0.5, 0.5], keep)},
+              "g.v2.honest": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], [1.0, 0.95, 0.9])}}
     summary = summarise(grid, curves, "forget_rate")
     rows = {r["attacker"]: r for r in summary["rows"]}
     assert rows["ref"]["ratio"] == pytest.approx(0.3 / 0.8) and rows["ref"]["strength"] == pytest.approx(1.0)

@@ -47,6 +47,9 @@ class GridConfig(Options):
     @model_validator(mode="after")
     def _reference_is_listed(self) -> GridConfig:
         names = [a.get("name") for a in self.attackers]
+        repeated = sorted({str(n) for n in names if names.count(n) > 1})
+        if repeated:  # one folder per attacker name: two would overwrite each other's curves
+            raise ValueError(f"attacker names must be unique; repeated: {', '.join(repeated)}")
         if self.reference not in names:
             raise ValueError(f"reference '{self.reference}' is not one of the attackers ({', '.join(map(str, names))})")
         return self
@@ -133,7 +136,7 @@ def summarise(grid: GridConfig, curves: dict, key: str) -> dict:
         by_variant = curves[attack.name]
         summaries = {v: durability.summary(c, key, grid.window_until) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
-        rows.append({"attacker": attack.name.split(".", 1)[1], "settings": attack.model_dump(mode="json"),
+        rows.append({"attacker": attack.name[len(grid.name) + 1:],  # the grid's name may hold dots too "settings": attack.model_dump(mode="json"),
                      "benign": benign, "variants": summaries,
                      "ratio": None if benign else durability.ratio(summaries.get("meta"), summaries.get("base")),
                      "after": {v: {k: _at(c, k, -1) for k in QUALITY} for v, c in by_variant.items()},
