@@ -105,6 +105,7 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     summary = summarise(grid, curves, "forget_rate")
     rows = {r["attacker"]: r for r in summary["rows"]}
     assert rows["ref"]["ratio"] == pytest.approx(0.3 / 0.8) and rows["ref"]["strength"] == pytest.approx(1.0)
+    assert rows["ref"]["settings"]["name"] == "g.v2.ref" and rows["ref"]["settings"]["steps"] == 100
     assert rows["strong"]["strength"] == pytest.approx(0.95 / 0.8) and rows["wrecker"]["destructive"]
     assert rows["honest"]["benign"] and rows["honest"]["ratio"] is None
     assert summary["worst_up_to_default"] == {"attacker": "ref", "ratio": pytest.approx(0.375)}

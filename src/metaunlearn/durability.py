@@ -136,7 +136,8 @@ def summarise(grid: GridConfig, curves: dict, key: str) -> dict:
         by_variant = curves[attack.name]
         summaries = {v: durability.summary(c, key, grid.window_until) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
-        rows.append({"attacker": attack.name[len(grid.name) + 1:],  # the grid's name may hold dots too "settings": attack.model_dump(mode="json"),
+        name = attack.name[len(grid.name) + 1:]  # the grid's name may hold dots too
+        rows.append({"attacker": name, "settings": attack.model_dump(mode="json"),
                      "benign": benign, "variants": summaries,
                      "ratio": None if benign else durability.ratio(summaries.get("meta"), summaries.get("base")),
                      "after": {v: {k: _at(c, k, -1) for k in QUALITY} for v, c in by_variant.items()},
