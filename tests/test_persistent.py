@@ -150,3 +150,18 @@ def test_the_simulated_attacker_also_moves_the_weights_the_defence_leaves_frozen
                 assert torch.equal(p, frozen[name]) and p.grad is None and not p.requires_grad
     assert all(torch.isfinite(g).all() for g in grads["all"])
     assert any(not torch.allclose(a, b) for a, b in zip(grads["all"], grads["trained"]))
+
+
+def test_a_persistent_attacker_across_processes_is_refused_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import types
+
+    import metaunlearn.unlearn as unlearn_module
+    from metaunlearn.errors import ConfigError
+
+    config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.persistent=3")
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    monkeypatch.setattr(unlearn_module, "make_accelerator", lambda *a: types.SimpleNamespace(num_processes=2))
+    with pytest.raises(ConfigError, match="meta.persistent runs in one process only"):
+        unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+                progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

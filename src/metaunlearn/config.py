@@ -304,7 +304,7 @@ class MetaConfig(_Section):
         "step continues the attack from where the last one left it (relative to the current theta) by its "
         "inner steps, for R outer steps, then a new attacker starts from theta. The simulated attack so "
         "reaches R x inner_steps steps deep at the cost of inner_steps per outer step, and the post-attack "
-        "terms cover every depth on the way. Costs one copy of the trained weights; checkpointed."))
+        "terms cover every depth on the way. Costs one copy of the trained weights; checkpointed. One process only."))
 
     @field_validator("inner_lr", "inner_steps", "low_rank_lr")
     @classmethod

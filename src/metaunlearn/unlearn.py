@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import StudyConfig
 from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .layout import MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, write_json, write_text
 from .methods import make_method
 from .model import DiffusionModel
@@ -79,6 +79,10 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "running"})
 
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
+    if config.meta.enabled and config.meta.persistent and accelerator.num_processes > 1:
+        # each process's episode (attacker, displacement) differs and a checkpoint holds the main one's only
+        raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
+                          "every process the main process's attacker; set meta.persistent=0 or run one process")
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it)
     method.edit(model, data, forget_judge(config, model))
