@@ -107,6 +107,26 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, how)
     assert skipped == [] and state["path"] == newest  # redone and intact
 
 
+def test_the_temporary_folders_of_killed_checkpoint_writes_are_cleared(tmp_path):
+    """kill -9 mid-write skips atomic_dir's cleanup: a whole checkpoint's worth of disk each time. An
+    old one goes at the next save; a fresh one (a concurrent writer's live write) stays."""
+    import os
+    import time
+
+    from metaunlearn.checkpoint import STALE_SECONDS
+
+    killed, trash, live = (tmp_path / n for n in (".step-000002-k1ll", ".old-step-000001-x", ".step-000004-l1ve"))
+    for folder in (killed, trash, live):
+        folder.mkdir()
+        (folder / "params.safetensors").write_bytes(b"0" * 64)
+    stale = time.time() - STALE_SECONDS - 60
+    for folder in (killed, trash):
+        os.utime(folder, (stale, stale))
+    save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {})
+    assert not killed.exists() and not trash.exists() and live.is_dir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
+
+
 def test_checkpoints_missing_a_trained_tensor_are_passed_over(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
     save_checkpoint(tmp_path, 2, {"v": torch.ones(2)}, {})  # another run's tensors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .layout import atomic_dir
 
 PREFIX = "step-"
+STALE_SECONDS = 3600  # a checkpoint's temporary folder untouched this long belongs to a killed write
 DISK_FULL = ("unexpected pos", "No space left", "StorageFull", "os error 28")  # torch.save, safetensors
 
 
@@ -39,9 +41,18 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], tr
         if isinstance(err, OSError) or not any(s in str(err) for s in DISK_FULL):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
-    for old in list_checkpoints(folder)[:-keep]:
+    for old in list_checkpoints(folder)[:-keep] + abandoned_writes(folder):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def abandoned_writes(folder: Path, now: float | None = None) -> list[Path]:
+    """Temporary folders of checkpoint writes killed midway (kill -9 skips their cleanup; each is a whole
+    checkpoint in size). A live write holds its folder seconds to minutes; one untouched for STALE_SECONDS
+    is abandoned, while a concurrent writer's (an orphaned worker's) live one is left alone."""
+    now = time.time() if now is None else now
+    return [p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith((f".{PREFIX}", f".old-{PREFIX}"))
+            and now - p.stat().st_mtime > STALE_SECONDS]
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
