@@ -259,3 +259,31 @@ def test_a_folder_another_writer_puts_in_place_meanwhile_is_replaced_not_an_erro
         (tmp / "ours.txt").write_text("this run")
     assert raced and sorted(p.name for p in target.iterdir()) == ["ours.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or trash folder left
+
+
+def test_a_folder_another_writer_moves_away_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """The other side of the race above: the folder is there at the check and gone at the rename."""
+    from metaunlearn import layout
+
+    target, real_exists = tmp_path / "model", Path.exists
+    monkeypatch.setattr(layout.Path, "exists", lambda self: True if self == target else real_exists(self))
+    with layout.atomic_dir(target) as tmp:
+        (tmp / "ours.txt").write_text("this run")
+    assert sorted(p.name for p in target.iterdir()) == ["ours.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_written_files_and_folders_get_the_umask_s_modes_not_private_ones(tmp_path, monkeypatch):
+    from metaunlearn import layout
+
+    assert (layout.FILE_MODE, layout.DIR_MODE) == (0o666 & ~layout._umask(), 0o777 & ~layout._umask())
+    mask = os.umask(0o022)
+    try:
+        monkeypatch.setattr(layout, "FILE_MODE", 0o644)  # what the module computes from this umask
+        monkeypatch.setattr(layout, "DIR_MODE", 0o755)
+        file = layout.write_text(tmp_path / "run.json", "{}")
+        with layout.atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_bytes(b"0")
+    finally:
+        os.umask(mask)
+    assert file.stat().st_mode & 0o777 == 0o644 and (tmp_path / "model").stat().st_mode & 0o777 == 0o755

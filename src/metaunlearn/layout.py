@@ -40,6 +40,16 @@ ORIGINAL = "original"
 
 
 # ----------------------------------------------------------------- atomic files
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp and mkdtemp create private (0600, 0700) paths; a released model or report is read by others
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is flushed to disk and
@@ -47,6 +57,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -63,6 +74,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(DIR_MODE)
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -72,7 +84,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         for attempt in range(3):
             if path.exists():  # out of the way first: a kill between the renames leaves no half-deleted folder
                 trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-                os.replace(path, trash)
+                with contextlib.suppress(FileNotFoundError):  # another writer moved it away meanwhile
+                    os.replace(path, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             try:
                 os.replace(tmp, path)
