@@ -222,7 +222,8 @@ class Engine:
         clip = self.settings.grad_clip
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         grad_norm = float(acc.clip_grad_norm_(self.params.values(), clip) if clip > 0 else
-                          torch.nn.utils.get_total_norm(grads) if grads else 0.0)
+                          torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]))
+                          if grads else 0.0)
         scaler = getattr(acc, "scaler", None)
         if not math.isfinite(grad_norm) and scaler is None:  # fp16's scaler skips such a step itself
             # terms that backpropagate themselves (meta in place) leave only their gradients to check
