@@ -6,6 +6,7 @@ closed-form run that checkpoints and resumes like any other."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -188,3 +189,13 @@ def test_the_output_anchor_and_unlearn_target_use_the_edited_model(tiny_model, t
     # step 1 starts at the edit itself: nothing to pull back yet; after one step the model has moved
     assert records[0]["uce_output_anchor"] == pytest.approx(0.0, abs=1e-12) and records[1]["uce_output_anchor"] > 0
     assert all("uce_anchor" in r and "meta/forget_after" in r for r in records)
+
+
+def test_the_anchor_route_trains_weights_in_bfloat16_without_autocast(tiny_pipeline_dir, tmp_path):
+    """The anchor term compares float32 keys and targets with the projections in their own dtype."""
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "method.steps=1",
+                         "meta.enabled=true", "model.dtype=bfloat16")
+    model = DiffusionModel.load(tiny_pipeline_dir, dtype=torch.bfloat16)
+    unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0), progress=False)
+    record = log_records(tmp_path / "run")[0]
+    assert record["uce_anchor"] >= 0 and math.isfinite(record["loss"])

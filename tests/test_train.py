@@ -143,6 +143,15 @@ def test_esd_target_is_negative_guidance_from_the_frozen_original(tiny_model, ti
     expected = eps_u - eta * (eps_c - eps_u)
     torch.testing.assert_close(esd.target(x_t, t, cond), expected, rtol=1e-4, atol=1e-5)
 
+    # the concept data's conditioning (cached on the CPU, float32) meets the model's on its device and dtype
+    seen, predict = [], tiny_model.predict
+    tiny_model.predict = lambda x, t_, c, params=None: seen.append(c.hidden) or predict(x, t_, c, params)
+    try:
+        esd.target(x_t, t, type(cond)(cond.hidden.double(), cond.added))
+    finally:
+        del tiny_model.predict
+    assert seen[0].dtype == tiny_model.dtype and seen[0].device == tiny_model.device
+
     train_steps(esd, trainable, "esd")  # the student moves, the teacher stays the original
     with torch.no_grad():
         assert (tiny_model.predict(x_t, t, cond) - eps_c).abs().max() > 1e-3
