@@ -139,3 +139,22 @@ def test_a_hub_id_is_checked_with_one_request_before_any_retries(monkeypatch, er
         DiffusionModel.load("nobody/no-such-model")
     assert message in str(info.value) and "\n" not in str(info.value)
     assert calls == [("nobody/no-such-model", 10)]  # one request, with a timeout
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_the_vae_runs_in_float32_outside_autocast_when_its_config_asks(tiny_pipeline_dir, force_upcast):
+    """SDXL's VAE overflows in half precision (its config says force_upcast, as diffusers' pipelines honour
+    it); a VAE that does not ask keeps its dtype. The model's own dtype is put back afterwards."""
+    model = DiffusionModel.load(tiny_pipeline_dir, dtype=torch.bfloat16)
+    model.vae.register_to_config(force_upcast=force_upcast)
+    seen = []
+    hook = model.vae.decoder.conv_in.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    encoder = model.vae.encoder.conv_in.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    images = torch.rand(2, 3, model.image_size, model.image_size) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation's half precision
+        latents = model.encode_images(images)
+        decoded = model.decode_latents(latents)
+    hook.remove(), encoder.remove()
+    expected = torch.float32 if force_upcast else torch.bfloat16
+    assert seen == [(expected, expected)] * 2 and model.vae.dtype == torch.bfloat16
+    assert latents.dtype == torch.bfloat16 and decoded.dtype == torch.float32 and decoded.isfinite().all()

@@ -226,22 +226,41 @@ class DiffusionModel:
         return cond
 
     # ---------------------------------------------------------------- images
+    @contextlib.contextmanager
+    def _vae_precision(self):
+        """The VAE runs in float32, outside autocast, when its config asks (`force_upcast`, as diffusers'
+        pipelines honour it): SDXL's VAE overflows in float16 to NaN images, which a detector then reads
+        as "no concept". Otherwise in its own dtype."""
+        dtype = self.vae.dtype
+        if not getattr(self.vae.config, "force_upcast", False) or dtype == torch.float32 and \
+                not torch.is_autocast_enabled(self.device.type):
+            yield dtype
+            return
+        with torch.autocast(self.device.type, enabled=False):
+            self.vae.to(torch.float32)
+            try:
+                yield torch.float32
+            finally:
+                self.vae.to(dtype)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean, deterministic)."""
         out = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(self.device, self.vae.dtype)
-            out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
+        with self._vae_precision() as dtype:
+            for i in range(0, len(images), batch_size):
+                x = images[i:i + batch_size].to(self.device, dtype)
+                out.append((self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.dtype))
         return torch.cat(out)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
         out = []
-        for i in range(0, len(latents), batch_size):
-            z = latents[i:i + batch_size].to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
-            out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+        with self._vae_precision() as dtype:
+            for i in range(0, len(latents), batch_size):
+                z = latents[i:i + batch_size].to(self.device, dtype) / self.vae.config.scaling_factor
+                out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
     # ---------------------------------------------------------- denoising
