@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 import torch
 from pydantic import Field
 
@@ -118,6 +119,27 @@ class Brightness(Metric):
 
     def compute(self, samples, model) -> Result:
         return Result({"brightness": samples.images.mean().item()}, {"samples": len(samples.images)})
+
+
+def test_a_closed_form_method_judges_its_edits_by_the_forget_rate_whatever_metric_comes_first(
+        registered, tiny_pipeline_dir, tmp_path):
+    from metaunlearn import DiffusionModel
+    from metaunlearn.config import load_config
+    from metaunlearn.errors import ConfigError
+    from metaunlearn.unlearn import forget_judge
+
+    registered(METRICS, "brightness", Brightness)
+    study = tiny_study(tiny_pipeline_dir, tmp_path / "run", seeds=[0], variants=["base"], attacks=[])
+    study["evaluation"].update(metrics=["brightness", "concept_rate"], samples_per_prompt=2, steps=2)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    rate = forget_judge(load_config(path), model)()
+    assert rate in {0.0, 0.5, 1.0}  # two samples of the one forget prompt, not a brightness
+    study["evaluation"]["metrics"] = ["brightness"]
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match="add concept_rate to evaluation.metrics"):
+        forget_judge(load_config(path), model)()
 
 
 def test_a_metric_plugin(registered, tiny_pipeline_dir, tmp_path):

@@ -19,6 +19,7 @@ from .model import DiffusionModel
 from .params import make_trainable
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
+FORGET_RATE = "forget_rate"  # the concept_rate metric's value for the forget role
 HELD_OUT_SEEDS = 500_000_000  # added to the evaluation seeds: the noise a method's own choices are judged on
 
 
@@ -37,8 +38,16 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
     def judge() -> float:
         if not made:
             made.append(evaluator(held_out))
+            if FORGET_RATE not in {v.key for v in made[0].values}:  # not the first metric's first value: it
+                raise ConfigError(  # may be a distance (FID) whose minimum is the edit that erased least
+                    "a method that chooses between candidate edits judges them by the forget rate: add "
+                    "concept_rate to evaluation.metrics")
         results, _ = made[0].evaluate(model, progress=False)
-        return results["values"][made[0].values[0].key]
+        rate = results["values"][FORGET_RATE]
+        if rate is None:
+            raise ConfigError("the forget rate of a candidate edit could not be measured: the concept detector "
+                              "judges none of the forget prompts (see evaluation.concept_rate)")
+        return rate
 
     return judge
 
