@@ -250,3 +250,11 @@ def test_from_dict_does_not_mutate_input():
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert config.concepts.forget.prompts and config.attacks
+
+
+def test_method_none_has_one_variant_the_meta_objective_alone(tmp_path):
+    none = {**MINIMAL, "method": {"name": "none"}, "meta": {"enabled": True}}
+    assert load_config(write(tmp_path, none)).variants == ["meta"]  # not the default [base, meta]: one label
+    assert "method 'none' has no base model to compare; use variants: [meta]" in error_of(
+        tmp_path, {**none, "variants": ["base", "meta"]})
+    assert load_config(write(tmp_path, MINIMAL)).variants == ["base", "meta"]

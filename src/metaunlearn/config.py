@@ -483,6 +483,15 @@ class StudyConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _no_base_without_a_method(self) -> StudyConfig:
+        """method 'none' has no base model: its only variant is the meta objective alone."""
+        if self.method.name == "none" and "base" in self.variants:
+            if "variants" in self.model_fields_set:
+                raise ValueError("variants: method 'none' has no base model to compare; use variants: [meta]")
+            self.variants = ["meta"]  # the default [base, meta] would give both one label and folder
+        return self
+
+    @model_validator(mode="after")
     def _world_classes(self) -> StudyConfig:
         """Role classes belong to a built-in world's dataset: it checks and normalises them."""
         specs = [(f"concepts.{r}", getattr(self.concepts, r)) for r in ROLES] + \
