@@ -207,3 +207,23 @@ def test_the_meta_section_is_an_input_of_meta_models_only(tmp_path):
     meta = variant_config(config, "meta")
     assert unlearn_fingerprint(meta, 0) != unlearn_fingerprint(config, 0)
     assert (unlearn_label(config, 0), unlearn_label(meta, 1)) == ("esd-seed0", "esd-meta-seed1")
+
+
+def test_the_attack_split_is_planned_only_for_attacks_on_a_role_s_data(tiny_pipeline_dir, tmp_path):
+    """A forget concept given as a plain image folder has no attack split; a study without attacks, or
+    whose attackers bring their own data, must not need one."""
+    from metaunlearn.config import StudyConfig
+    from metaunlearn.study import plan
+
+    def stages(attacks):
+        config = StudyConfig.from_dict(tiny_study(tiny_pipeline_dir, tmp_path / "run", seeds=(0,),
+                                                  variants=("base",), attacks=attacks))
+        return {s.name: s.needs for s in plan(config)}
+
+    assert "data/attack" not in stages(())
+    own = {**FULL, "name": "own", "data": {"prompts": ["a cat"]}}
+    planned = stages((own,))
+    assert "data/attack" not in planned and planned["attack/esd-seed0/own-seed0"] == ("unlearn/esd-seed0",)
+    planned = stages((own, FULL))
+    assert planned["attack/esd-seed0/full-seed0"] == ("data/attack", "unlearn/esd-seed0")
+    assert planned["attack/original/own-seed0"] == ()

@@ -144,7 +144,8 @@ def run_attacks(config: StudyConfig, model_dir: str | Path | None = None, label:
 
     label = label or layout.model_label(model_dir)
     unlearn_seed = layout.unlearn_seed_of(model_dir)
-    data = concept_data(config, split="attack", progress=progress)
+    data = concept_data(config, split="attack", progress=progress) if any(
+        isinstance(a.data, str) for a in config.attacks) else None  # attacks with their own data need no split
     metrics = evaluator(config)
     curves = [run_one_attack(config, attack, seed, model_dir, label, data, metrics, progress)
               for attack in config.attacks for seed in layout.attack_seeds(config, attack, unlearn_seed)]

@@ -85,7 +85,8 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
     runs = RunLayout.of(config)
     original = stages.original_source
     out = [_model_stage(config, log)]
-    for split in ("train", "attack"):
+    role_attacks = any(isinstance(a.data, str) for a in config.attacks)  # on a role's held-out attack split
+    for split in ("train", "attack") if role_attacks else ("train",):
         out.append(Stage(f"data/{split}", lambda s=split: layout.data_done(config, s),
                           lambda s=split: stages.concept_data(config, split=s, progress=quiet), ("model",)))
     out.append(Stage(f"evaluate/{ORIGINAL}", lambda: layout.evaluation_done(config, original(config), ORIGINAL),
@@ -101,8 +102,9 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
                           (f"unlearn/{m.label}",)))
     targets = [(ORIGINAL, None, config, None)] + [(m.label, m.seed, m.config, runs.model(m.label)) for m in models]
     for label, seed, vcfg, model_dir in targets:
-        needs = ("data/attack",) + (() if seed is None else (f"unlearn/{label}",))
+        model_needs = () if seed is None else (f"unlearn/{label}",)
         for attack in config.attacks:
+            needs = (("data/attack",) if isinstance(attack.data, str) else ()) + model_needs  # own data: its own
             for s in layout.attack_seeds(config, attack, seed):
                 source = (lambda d=model_dir, c=vcfg: d or original(c))
                 out.append(Stage(f"attack/{label}/{attack.name}-seed{s}",
