@@ -223,9 +223,12 @@ def prepare_role(config: StudyConfig, name: str, spec: RoleConfig, model: Diffus
     """One role outside the study's three (e.g. an attacker's own concept), cached in
     `folder` under `name` with the key of what made it; `model` may be a loader."""
     from .layout import digest, read_json
+    from .prompt_files import file_digest
 
-    key = digest(data_manifest_key(config), spec.model_dump(mode="json"), split,
-                 imagefolder.signature(spec.images) if spec.images else None)
+    dumped = spec.model_dump(mode="json")
+    if spec.prompt_file:  # by content: an edited prompt file makes the role again
+        dumped["prompt_file"] += f"#{file_digest(spec.prompt_file)}"
+    key = digest(data_manifest_key(config), dumped, split, imagefolder.signature(spec.images) if spec.images else None)
     path, manifest = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
     if read_json(manifest).get("key") == key:
         try:

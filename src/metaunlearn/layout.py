@@ -213,7 +213,15 @@ class RunLayout:
         """The original, or an unlearned model whose run finished and whose folder is there."""
         if label == ORIGINAL:
             return True
-        return read_json(self.unlearn(label) / RUN_STATUS).get("status") == "done" and model_complete(self.model(label))
+        return released_fingerprint(read_json(self.unlearn(label) / RUN_STATUS)) is not None and \
+            model_complete(self.model(label))
+
+
+def released_fingerprint(status: dict) -> str | None:
+    """The fingerprint of the model an unlearning folder's model/ holds, from its run.json: the run's
+    own once done; while a run with other inputs is under way, the finished one it will replace (model/
+    changes only at the end of a run), so an interrupted try of other settings loses no finished model."""
+    return status.get("fingerprint") if status.get("status") == "done" else status.get("released")
 
 
 def model_complete(folder: Path) -> bool:
@@ -245,35 +253,69 @@ def data_fingerprint(config: StudyConfig) -> str:
     return config.fingerprint("model", "concepts", "data")
 
 
+def outside_inputs(config: StudyConfig) -> dict:
+    """What a stage's output depends on that the config's text does not show: the files of the concepts'
+    image folders, and the model under `model.source` when it is a released model of another run (a study
+    on top of another's). Empty for most studies, so their fingerprints stay the config's."""
+    from .imagefolder import signature
+
+    out: dict = {}
+    folders = {role: signature(spec.images) for role in ("forget", "related", "unrelated")
+               if (spec := getattr(config.concepts, role)).images}
+    if folders:
+        out["folders"] = folders
+    if (Path(config.model.source).parent / RUN_STATUS).is_file():
+        out["source"] = model_identity(config.model.source)
+    return out
+
+
 def data_manifest_key(config: StudyConfig) -> dict:
     """What a split's cache must have been made from to serve this config: the data
     fingerprint and the signatures of its image folders (files change without the config)."""
-    from .imagefolder import signature
-
-    folders = {role: signature(spec.images) for role in ("forget", "related", "unrelated")
-               if (spec := getattr(config.concepts, role)).images}
-    return {"format": DATA_FORMAT, "fingerprint": data_fingerprint(config), "folders": folders}
+    outside = outside_inputs(config)
+    key = {"format": DATA_FORMAT, "fingerprint": data_fingerprint(config), "folders": outside.get("folders", {})}
+    return {**key, "source": outside["source"]} if "source" in outside else key
 
 
 def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
     """What an unlearned model depends on: the meta section only when meta is on, so
-    tuning meta leaves a finished base model alone."""
+    tuning meta leaves a finished base model alone; and the inputs outside the config."""
     sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ())
-    return f"{config.fingerprint(*sections)}-{seed}"
+    outside = outside_inputs(config)
+    text = config.fingerprint(*sections)
+    return f"{digest(text, outside) if outside else text}-{seed}"
 
 
 def model_identity(source: str | os.PathLike) -> str:
-    """A released model's identity: its unlearning run's fingerprint when it has one, else its path."""
-    return read_json(Path(source).parent / RUN_STATUS).get("fingerprint", str(source))
+    """A released model's identity: the fingerprint of the run that made what its folder holds when it
+    has one, else its path."""
+    return released_fingerprint(read_json(Path(source).parent / RUN_STATUS)) or str(source)
 
 
 def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> str:
-    return digest(model_identity(source), config.fingerprint("model", "concepts", "evaluation"))
+    outside = outside_inputs(config)
+    return digest(model_identity(source), config.fingerprint("model", "concepts", "evaluation"),
+                  *([outside] if outside else []))
 
 
 def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike) -> str:
-    return digest(attack.model_dump(mode="json"), seed, model_identity(source),
-                  config.fingerprint("model", "concepts", "data", "evaluation"))
+    outside = outside_inputs(config)
+    return digest(attack_inputs(attack), seed, model_identity(source),
+                  config.fingerprint("model", "concepts", "data", "evaluation"), *([outside] if outside else []))
+
+
+def attack_inputs(attack: AttackConfig) -> dict:
+    """The attack's settings, with its own concept's prompt file by content and image folder by signature."""
+    from .imagefolder import signature
+    from .prompt_files import file_digest
+
+    dumped = attack.model_dump(mode="json")
+    data = dumped["data"]
+    if isinstance(data, dict) and data.get("prompt_file"):
+        data["prompt_file"] += f"#{file_digest(data['prompt_file'])}"
+    if isinstance(data, dict) and data.get("images"):
+        data["images_signature"] = signature(data["images"])
+    return dumped
 
 
 # ----------------------------------------------------------------- done checks
@@ -285,7 +327,7 @@ def data_done(config: StudyConfig, split: str) -> bool:
 def unlearn_done(config: StudyConfig, seed: int) -> bool:
     layout, label = RunLayout.of(config), unlearn_label(config, seed)
     status = read_json(layout.unlearn(label) / RUN_STATUS)
-    return status.get("fingerprint") == unlearn_fingerprint(config, seed) and layout.released(label)
+    return released_fingerprint(status) == unlearn_fingerprint(config, seed) and layout.released(label)
 
 
 def evaluation_done(config: StudyConfig, source: str | os.PathLike, label: str) -> bool:

@@ -13,7 +13,8 @@ from .config import StudyConfig
 from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import ConfigError, TrainingError
-from .layout import MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, write_json, write_text
+from .layout import (MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, released_fingerprint,
+                     write_json, write_text)
 from .methods import make_method
 from .model import DiffusionModel
 from .params import make_trainable
@@ -76,7 +77,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     out_dir = Path(out_dir)
     cfg = config.method
     status = read_json(out_dir / RUN_STATUS)
-    if status.get("fingerprint") == fingerprint and status.get("status") == "done" and model_complete(out_dir / MODEL):
+    released = released_fingerprint(status) if model_complete(out_dir / MODEL) else None
+    if released == fingerprint:
         return out_dir / MODEL
     method = make_method(cfg, config.concepts.guide)
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
@@ -85,7 +87,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     if status.get("fingerprint") not in (None, fingerprint):
         shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
     write_text(out_dir / "config.yaml", config.to_yaml())
-    write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "running"})
+    running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
+    write_json(out_dir / RUN_STATUS, {**running, **({"released": released} if released else {})})
 
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
     if config.meta.enabled and config.meta.persistent and accelerator.num_processes > 1:
@@ -124,6 +127,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(out_dir / RUN_STATUS, running)  # model/ is about to stop being the earlier finished model
         with atomic_dir(out_dir / MODEL) as tmp:
             model.save(tmp)
         write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,

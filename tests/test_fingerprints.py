@@ -1,0 +1,89 @@
+"""What makes a finished stage stale: inputs outside the config's text (the files of image folders, an
+attacker's prompt file, a model.source that is another run's model), and what keeps a finished model
+counted done (an interrupted try of other settings leaves model/ as it was)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metaunlearn import DiffusionModel
+from metaunlearn.config import AttackConfig, StudyConfig
+from metaunlearn.layout import (RUN_STATUS, attack_fingerprint, evaluation_fingerprint, model_identity,
+                                unlearn_done, unlearn_fingerprint)
+
+from helpers import concept_data
+from test_train import make_config, run
+
+
+def study(tmp_path, **concepts) -> StudyConfig:
+    return StudyConfig.from_dict({"model": {"source": "somewhere", "device": "cpu"},
+                                  "concepts": {"forget": {"prompts": ["a cat"]}, **concepts},
+                                  "output": {"dir": str(tmp_path / "run")}})
+
+
+def test_prompt_only_studies_keep_their_fingerprints(tmp_path):
+    config = study(tmp_path)
+    assert unlearn_fingerprint(config, 3) == f"{config.fingerprint('model', 'concepts', 'data', 'method')}-3"
+
+
+def test_a_file_added_to_an_image_folder_makes_every_stage_stale(tmp_path):
+    folder = tmp_path / "related"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"x")
+    config = study(tmp_path, related={"images": str(folder)})
+    attack = AttackConfig(name="full")
+    before = (unlearn_fingerprint(config, 0), evaluation_fingerprint(config, "m"),
+              attack_fingerprint(config, attack, 0, "m"))
+    (folder / "b.png").write_bytes(b"y")
+    after = (unlearn_fingerprint(config, 0), evaluation_fingerprint(config, "m"),
+             attack_fingerprint(config, attack, 0, "m"))
+    assert all(b != a for b, a in zip(before, after))
+
+
+def test_an_attacker_s_own_prompt_file_counts_by_its_content(tmp_path):
+    prompts = tmp_path / "teach.txt"
+    prompts.write_text("a cat\n")
+    config, attack = study(tmp_path), AttackConfig(name="teach", data={"prompt_file": str(prompts)})
+    before = attack_fingerprint(config, attack, 0, "m")
+    prompts.write_text("a dog\n")
+    assert attack_fingerprint(config, attack, 0, "m") != before
+
+
+def test_a_source_that_is_another_run_s_model_counts_by_that_run(tmp_path):
+    folder = tmp_path / "other" / "unlearn" / "esd-seed0"
+    (folder / "model").mkdir(parents=True)
+    (folder / RUN_STATUS).write_text(json.dumps({"fingerprint": "f1", "status": "done"}))
+    config = study(tmp_path).model_copy(update={"model": study(tmp_path).model.model_copy(
+        update={"source": str(folder / "model")})})
+    before = unlearn_fingerprint(config, 0)
+    (folder / RUN_STATUS).write_text(json.dumps({"fingerprint": "f2", "status": "done"}))
+    assert unlearn_fingerprint(config, 0) != before
+
+
+def test_an_interrupted_try_of_other_settings_keeps_the_finished_model(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from metaunlearn import engine
+
+    config, out = make_config(tiny_pipeline_dir, "method.steps=2"), tmp_path / "unlearn" / "esd-seed0"
+    model = DiffusionModel.load(tiny_pipeline_dir)
+    run(config, model, concept_data(model), out)
+    finished = unlearn_fingerprint(config, 0)
+    assert model_identity(out / "model") == finished
+
+    other = make_config(tiny_pipeline_dir, "method.steps=2", "method.lr=1e-4")
+
+    def interrupted(self, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Engine, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(other, DiffusionModel.load(tiny_pipeline_dir), concept_data(model), out)
+    status = json.loads((out / RUN_STATUS).read_text())
+    assert status["status"] == "running" and status["released"] == finished
+    # model/ still holds the finished model: evaluations are of it, and the first settings are done
+    assert model_identity(out / "model") == finished
+    for c in (config, other):
+        monkeypatch.setattr(c.output, "dir", str(tmp_path))
+    assert unlearn_done(config, 0) and not unlearn_done(other, 0)
+    assert run(config, model, concept_data(model), out) == out / "model"  # returns at once: no training
