@@ -74,3 +74,27 @@ def _log(run) -> str:
         return (run / "study.log").read_text()
     except OSError:
         return ""
+
+
+def test_a_worker_that_dies_fails_its_stage_not_the_study():
+    """Ray raises from get() only when the worker itself died (or a stage it needed did): that stage's
+    failure, and 'blocked' for stages that needed a failed one, never an exception out of the driver."""
+    import types
+
+    from metaunlearn.ray_executor import outcome
+
+    class RayError(Exception):
+        pass
+
+    def get(ref):
+        if ref == "dead":
+            raise RayError("\nThe worker died unexpectedly while executing this task (SIGKILL: out of memory).")
+        return {"name": ref, "status": "done", "seconds": 1.0}
+
+    ray = types.SimpleNamespace(get=get, exceptions=types.SimpleNamespace(RayError=RayError))
+    assert outcome(ray, "fine", "fine", (), {})["status"] == "done"
+    died = outcome(ray, "dead", "unlearn/esd-seed0", ("data/train",), {"data/train": "done"})
+    assert died["status"] == "failed" and died["error"] == (
+        "its Ray worker died: The worker died unexpectedly while executing this task (SIGKILL: out of memory).")
+    after = outcome(ray, "dead", "evaluate/esd-seed0", ("unlearn/esd-seed0",), {"unlearn/esd-seed0": "failed"})
+    assert after == {"name": "evaluate/esd-seed0", "status": "blocked", "needs": ["unlearn/esd-seed0"]}

@@ -7,7 +7,8 @@ Each task rebuilds the study's plan from the config in its worker and runs
 its one stage there with the same done-checks and fingerprints as the
 sequential runner (study.py), so a study started by one resumes under the
 other. A task never raises: it returns its outcome, and a task whose needs
-failed returns 'blocked' without running; the driver keeps the books
+failed returns 'blocked' without running (a worker that dies is its stage's
+failure, not the study's); the driver keeps the books
 (study.log, timings.json, failures.json) and writes the report.
 
 Ray is an optional extra (`pip install metaunlearn[ray]`), imported only here.
@@ -43,9 +44,9 @@ def run_stage(config_data: dict, name: str, threads: int, *needed: dict) -> dict
     if any(n["status"] in ("failed", "blocked") for n in needed):
         return {"name": name, "status": "blocked", "needs": [n["name"] for n in needed if n["status"] != "done"
                                                               and n["status"] != "skip"]}
-    config = StudyConfig.from_dict(config_data)
-    step = next(s for s in plan(config) if s.name == name)
     try:
+        config = StudyConfig.from_dict(config_data)
+        step = next(s for s in plan(config) if s.name == name)
         if step.done():
             return {"name": name, "status": "skip"}
         start = time.perf_counter()
@@ -79,12 +80,16 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
             task = ray.remote(run_stage).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                                  name=f"metaunlearn:{step.name}")
             refs[step.name] = task.remote(data, step.name, max(1, int(cpus)), *[refs[n] for n in step.needs])
-        pending = list(refs.values())
+        pending, names = list(refs.values()), {ref: name for name, ref in refs.items()}
+        needs, status = {step.name: step.needs for step in steps}, {}
         with tqdm(total=len(pending) + 1, desc="study (ray)", unit="stage", disable=not progress,
                   dynamic_ncols=True) as bar:
             while pending:
                 finished, pending = ray.wait(pending, num_returns=1)
-                _record(book, ray.get(finished[0]))
+                name = names[finished[0]]
+                result = outcome(ray, finished[0], name, needs[name], status)
+                status[name] = result["status"]
+                _record(book, result)
                 bar.update(1)
             _run_report(book, config)
             bar.update(1)
@@ -92,6 +97,20 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
     finally:
         if started:
             ray.shutdown()
+
+
+def outcome(ray, ref, name: str, needs: tuple[str, ...], status: dict[str, str]) -> dict:
+    """A finished task's result. A task returns its stage's failure; Ray raises only when the worker
+    itself died (the memory monitor's kill, a segfault, a CUDA abort) or a stage it needed did: that is
+    this stage's failure (or 'blocked'), never the end of the study and its other running stages."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        failed = [n for n in needs if status.get(n) in ("failed", "blocked")]
+        if failed:
+            return {"name": name, "status": "blocked", "needs": failed}
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return {"name": name, "status": "failed", "error": f"its Ray worker died: {first}", "traceback": str(err)}
 
 
 def _record(book: Book, result: dict) -> None:
