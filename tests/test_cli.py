@@ -177,3 +177,17 @@ def test_attack_through_the_console_script_with_a_role_the_detector_leaves_unjud
     done = run_script("attack", write_study(tmp_path, tiny_pipeline_dir, "nudenet", attacks=True))
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr  # stderr: progress bars
     check_attack_output(done.stdout, tmp_path / "run")
+
+
+def test_unlearn_fresh_discards_checkpoints_and_keeps_a_finished_model(tiny_pipeline_dir, tmp_path):
+    study = write_study(tmp_path, tiny_pipeline_dir, "coin")
+    settings = ["--seed", "0", "--no-meta", "--set", "method.steps=2", "--set", "method.batch_size=1",
+                "--set", "method.esd.x_t=noised"]
+    clean_exit(runner.invoke(app, ["unlearn", study, *settings]))
+    folder = tmp_path / "run" / "unlearn" / "esd-seed0"
+    weights = (folder / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat()
+    (folder / "checkpoints" / "step-000001").mkdir(parents=True)  # left by an interrupted run
+    clean_exit(runner.invoke(app, ["unlearn", study, *settings, "--fresh"]))
+    assert not (folder / "checkpoints").exists()
+    kept = (folder / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)  # not trained again

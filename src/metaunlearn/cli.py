@@ -123,8 +123,8 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
 
     cfg = _config(config, set_, meta)
     for s in [seed] if seed is not None else cfg.seeds:
-        if fresh:
-            shutil.rmtree(RunLayout.of(cfg).unlearn(unlearn_label(cfg, s)), ignore_errors=True)
+        if fresh:  # the checkpoints only: a finished model of these settings stays (and is returned as done)
+            shutil.rmtree(RunLayout.of(cfg).unlearn(unlearn_label(cfg, s)) / "checkpoints", ignore_errors=True)
         out = run_unlearn(cfg, s)
         typer.echo(f"seed {s}: unlearned model in {out}")
 
