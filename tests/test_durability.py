@@ -111,3 +111,19 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert summary["worst_up_to_default"] == {"attacker": "ref", "ratio": pytest.approx(0.375)}
     assert summary["worst_stronger"]["attacker"] == "strong" and summary["worst"]["attacker"] == "strong"
     assert summary["benign_extra_cost"]["unrelated_accuracy"] == pytest.approx(0.1)
+
+
+def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one():
+    from metaunlearn.durability import relearning_key
+    from metaunlearn.errors import ConfigError
+    from metaunlearn.report import forget_rate_first
+
+    grid = {"name": "g", "reference": "a", "attackers": [{"name": "a"}]}
+    keys = ["fid_forget", "forget_rate", "related_accuracy"]
+    assert relearning_key(GridConfig.model_validate(grid), keys) == "forget_rate"  # not a first FID
+    assert relearning_key(GridConfig.model_validate(grid), ["clip_score_forget"]) == "clip_score_forget"
+    assert relearning_key(GridConfig.model_validate({**grid, "key": "related_accuracy"}), keys) == "related_accuracy"
+    with pytest.raises(ConfigError, match="grid key 'forget-rate' is not a value of the study's metrics"):
+        relearning_key(GridConfig.model_validate({**grid, "key": "forget-rate"}), keys)
+    specs = [{"key": k} for k in keys]
+    assert [s["key"] for s in forget_rate_first(specs)] == ["forget_rate", "fid_forget", "related_accuracy"]

@@ -188,3 +188,23 @@ def test_the_report_fits_a_browser_window(run_dir):
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280
         assert page.evaluate("document.querySelector('table').getBoundingClientRect().bottom") <= 800
         browser.close()
+
+
+def test_results_of_a_model_retrained_since_are_not_its_numbers(run_dir, tmp_path):
+    """A retrained model keeps its label: an evaluation or a curve measured on the earlier weights (a run
+    stopped after the new unlearning, before its evaluation) must not pass for the new model's."""
+    from metaunlearn.config import load_config
+    from metaunlearn.report import RunFolder, study_rows
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    config = load_config(moved / "study.yaml", [f"output.dir={moved}"])
+    folder = RunFolder(moved, config)
+    row = next(r for r in study_rows(config) if r.name == "ESD-u / unlearn")
+    label = row.models[0][0]
+    assert folder.evaluation(label) and any(c["model"] == label for c in folder.curves(row, config.attacks[0]))
+    status = moved / "unlearn" / label / "run.json"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "fingerprint": "retrained-0"}))
+    assert folder.evaluation(label) == {}
+    assert all(c["model"] != label for c in folder.curves(row, config.attacks[0]))
+    assert folder.evaluation("original")  # the original is the original

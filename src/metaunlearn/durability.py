@@ -83,12 +83,24 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
     from . import stages
 
+    key = relearning_key(grid, [v.key for v in stages.evaluator(config).values])  # checked before any attack
     curves = attack_grid(config, grid, progress, log)
-    summary = summarise(grid, curves, key=grid.key or stages.evaluator(config).values[0].key)
+    summary = summarise(grid, curves, key=key)
     runs = RunLayout.of(config)
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
     return summary
+
+
+def relearning_key(grid: GridConfig, keys: list[str]) -> str:
+    """The value whose return the grid measures: the grid's `key`, which must be one of the study's
+    metric values (a misspelt one would read as 'never relearned'), else the forget rate when the
+    study measures it (not a first metric that is a distance), else the first value."""
+    if grid.key is not None:
+        if grid.key not in keys:
+            raise ConfigError(f"grid key '{grid.key}' is not a value of the study's metrics ({', '.join(keys)})")
+        return grid.key
+    return "forget_rate" if "forget_rate" in keys else keys[0]
 
 
 def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print) -> dict:
@@ -96,7 +108,8 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     from . import stages
 
     attacks = grid.attacks()
-    data = stages.concept_data(config, split="attack", progress=progress)
+    data = stages.concept_data(config, split="attack", progress=progress) if any(
+        isinstance(a.data, str) for a in attacks) else None  # attackers with their own data need no split
     metrics = stages.evaluator(config)
     curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}
     runs = RunLayout.of(config)

@@ -27,6 +27,7 @@ from .layout import (
     TIMINGS,
     RunLayout,
     attack_seeds,
+    model_identity,
     read_json,
     unlearned_models,
     write_json,
@@ -97,28 +98,44 @@ class RunFolder:
 
     def evaluation(self, label: str) -> dict:
         r = read_json(self.layout.eval(label))
-        return r if r.get("settings_key") == self._settings and self.layout.released(label) else {}
+        return r if r.get("settings_key") == self._settings and self.of_current_model(r, label) else {}
 
     def curves(self, row: Row, attack) -> list[dict]:
         wanted = attack.model_dump(mode="json")
         found = [read_json(self.layout.attack(label, attack.name, s) / CURVE)
                  for label, seed in row.models for s in attack_seeds(self.config, attack, seed)]
-        return [c for c in found if c.get("attack") == wanted and self.layout.released(c.get("model", ""))]
+        return [c for c in found if c.get("attack") == wanted and self.of_current_model(c, c.get("model", ""))]
+
+    def of_current_model(self, result: dict, label: str) -> bool:
+        """Measured on the weights the label's folder holds now: a model retrained since (other settings)
+        keeps its label, so an evaluation or a curve of the earlier one must not pass for its numbers.
+        Results written before the identity was recorded pass."""
+        if not self.layout.released(label):
+            return False
+        if label == ORIGINAL or "model_identity" not in result:
+            return True
+        return result["model_identity"] == model_identity(self.layout.model(label))
 
     def specs(self, rows: list[Row]) -> list[dict]:
-        """The metric values the study reports, as its results declare them."""
+        """The metric values the study reports, as its results declare them; the forget rate first
+        when measured: the value whose return the durability numbers and the summary are about (a
+        first metric that is a distance, FID or CLIP score, would pass for it)."""
         for row in rows:
             for label, _ in row.models:
                 if self.evaluation(label).get("specs"):
-                    return self.evaluation(label)["specs"]
+                    return forget_rate_first(self.evaluation(label)["specs"])
             for attack in self.config.attacks:
                 for curve in self.curves(row, attack):
                     if curve.get("specs"):
-                        return curve["specs"]
+                        return forget_rate_first(curve["specs"])
         return []
 
     def image(self, path: Path, alt: str) -> Img | None:
         return Img(path.relative_to(self.dir).as_posix(), alt) if path.is_file() else None
+
+
+def forget_rate_first(specs: list[dict]) -> list[dict]:
+    return sorted(specs, key=lambda spec: spec["key"] != "forget_rate")  # stable: the rest keep their order
 
 
 def at_step(curves: list[dict], step: int, key: str) -> dict | None:

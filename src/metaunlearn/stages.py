@@ -88,7 +88,8 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
     results, samples = evaluator(config).evaluate(load_model(config, source), progress=progress,
                                                   original=model_dir is None)
     save_samples(samples.images, samples.per_prompt, runs.eval_grid(label))
-    results.update(model=str(source), fingerprint=layout.evaluation_fingerprint(config, source))
+    results.update(model=str(source), fingerprint=layout.evaluation_fingerprint(config, source),
+                   model_identity=layout.model_identity(source))  # which weights: the report checks it
     write_json(out, results)
     return results, out
 
@@ -128,7 +129,7 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
         else None
     curve = run_attack(config, attack, model, images, metrics or evaluator(config), seed, label, progress,
                        sample_dir=out, before=before)
-    curve["fingerprint"] = fingerprint
+    curve["fingerprint"], curve["model_identity"] = fingerprint, layout.model_identity(source)
     if attack.save_final:
         make_attack(attack).save(model, out)
     write_json(out / layout.CURVE, curve)
