@@ -208,3 +208,14 @@ def test_results_of_a_model_retrained_since_are_not_its_numbers(run_dir, tmp_pat
     assert folder.evaluation(label) == {}
     assert all(c["model"] != label for c in folder.curves(row, config.attacks[0]))
     assert folder.evaluation("original")  # the original is the original
+
+
+def test_a_sample_grid_of_another_shape_leaves_the_figure_out_not_the_report(run_dir, tmp_path):
+    from PIL import Image
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    Image.new("RGB", (5, 7)).save(moved / "eval" / "esd-seed0.png")  # e.g. made with other samples per prompt
+    (moved / "report" / "samples-at-a-glance.png").unlink()
+    clean_exit(runner.invoke(app, ["report", str(moved)]))
+    assert (moved / "report.html").is_file() and not (moved / "report" / "samples-at-a-glance.png").exists()

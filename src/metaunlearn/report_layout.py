@@ -63,7 +63,7 @@ def summary_blocks(folder, rows, results: dict) -> list[tuple]:
 
 def samples_figure(folder, rows, results: dict) -> list[tuple]:
     """Prompts as rows, each model's samples before and after the first attack side by side."""
-    from .layout import attack_seeds
+    from .layout import CURVE, attack_seeds, read_json
 
     config = folder.config
     prompts = next((folder.evaluation(label).get("prompts") for r in rows for label, _ in r.models
@@ -76,12 +76,23 @@ def samples_figure(folder, rows, results: dict) -> list[tuple]:
         if not row.models:
             continue
         label, seed = row.models[0]
-        after = folder.layout.attack(label, attack.name, attack_seeds(config, attack, seed)[0]) / \
-            f"samples-step{attack.eval_at[-1]}.png" if attack else None
-        columns.append((row.name, folder.layout.eval_grid(label), after))
+        # grids of the current settings and weights only: a stale one (other prompts or samples, an earlier
+        # model of the label) has another shape, or shows what the numbers do not
+        before = folder.layout.eval_grid(label) if folder.evaluation(label) else None
+        after = None
+        if attack is not None:
+            at = folder.layout.attack(label, attack.name, attack_seeds(config, attack, seed)[0])
+            curve = read_json(at / CURVE)
+            if curve.get("attack") == attack.model_dump(mode="json") and folder.of_current_model(curve, label):
+                after = at / f"samples-step{attack.eval_at[-1]}.png"
+        columns.append((row.name, before, after))
     after_label = f"after {attack.eval_at[-1]} steps" if attack else "after"
-    path = compare_figure(columns, [p for _, p in prompts], rows_to_show(prompts), config.evaluation.samples_per_prompt,
-                          folder.dir / "report" / "samples-at-a-glance.png", after_label)
+    try:
+        path = compare_figure(columns, [p for _, p in prompts], rows_to_show(prompts),
+                              config.evaluation.samples_per_prompt, folder.dir / "report" / "samples-at-a-glance.png",
+                              after_label)
+    except ValueError:  # a grid of another shape after all: the figure is left out, never the report
+        return []
     if path is None:
         return []
     what = f"before any attack and after {attack.name}" if attack else "before any attack"
