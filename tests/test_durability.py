@@ -127,3 +127,20 @@ def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one(
         relearning_key(GridConfig.model_validate({**grid, "key": "forget-rate"}), keys)
     specs = [{"key": k} for k in keys]
     assert [s["key"] for s in forget_rate_first(specs)] == ["forget_rate", "fid_forget", "related_accuracy"]
+
+
+def test_an_attacker_that_diverges_is_reported_and_the_grid_still_summarised(tiny_pipeline_dir, tmp_path):
+    run = tmp_path / "run"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny_study(tiny_pipeline_dir, run, seeds=[0], variants=["base"], attacks=[])))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "g", "reference": "full", "defaults": {"steps": 2, "batch_size": 2, "eval_at": [0, 2]},
+        "attackers": [{"name": "full", "lr": 1e-3},
+                      {"name": "wreck", "optimizer": "sgd", "lr": 1e4, "momentum": 0.9}]}))
+    result = CliRunner().invoke(app, ["durability", str(study), str(grid)])
+    assert result.exit_code == 1, result.output
+    summary = json.loads((run / "durability-g.json").read_text())
+    assert [(f["attacker"], f["variant"], f["seed"]) for f in summary["failed"]] == [("wreck", "base", 0)]
+    assert "diverged" in summary["failed"][0]["error"] and "failed: wreck on base seed 0" in result.output
+    assert summary["rows"][0]["variants"]["base"]["window"] is not None  # the others were measured

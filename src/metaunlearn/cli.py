@@ -179,6 +179,8 @@ def durability(config: ConfigArg,
     summary = run_grid(cfg, spec, log=lambda _: None)
     typer.echo(table(summary))
     typer.echo(f"summary: {cfg.run_dir() / f'durability-{spec.name}.json'}")
+    if summary["failed"]:  # the others were measured and summarised; as `run`, the command says it was not all
+        raise typer.Exit(1)
 
 
 @app.command()

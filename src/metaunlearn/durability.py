@@ -24,7 +24,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from .config import NAME_PATTERN, AttackConfig, StudyConfig
-from .errors import ConfigError
+from .errors import ConfigError, MetaunlearnError
 from .layout import RunLayout, attack_seeds, unlearned_models, write_json, write_text
 from .metrics import durability
 from .registry import Options
@@ -84,8 +84,9 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     from . import stages
 
     key = relearning_key(grid, [v.key for v in stages.evaluator(config).values])  # checked before any attack
-    curves = attack_grid(config, grid, progress, log)
-    summary = summarise(grid, curves, key=key)
+    failed: list[dict] = []
+    curves = attack_grid(config, grid, progress, log, failed=failed)
+    summary = {**summarise(grid, curves, key=key), "failed": failed}
     runs = RunLayout.of(config)
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
@@ -103,8 +104,10 @@ def relearning_key(grid: GridConfig, keys: list[str]) -> str:
     return "forget_rate" if "forget_rate" in keys else keys[0]
 
 
-def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print) -> dict:
-    """attacker name -> variant ('base', 'meta', 'original') -> its curves (one per seed)."""
+def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print,
+                failed: list[dict] | None = None) -> dict:
+    """attacker name -> variant ('base', 'meta', 'original') -> its curves (one per seed). With a `failed`
+    list, an attack that fails (one that diverges) is recorded there and the grid goes on; without, it raises."""
     from . import stages
 
     attacks = grid.attacks()
@@ -122,8 +125,16 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
         for attack in attacks:
             for s in attack_seeds(config, attack, seed):
                 log(f"durability {grid.name}: {attack.name} seed {s} on {model_dir or 'the original'}")
-                curve = stages.run_one_attack(vcfg, attack, s, model_dir, data=data, metrics=metrics,
-                                              progress=progress)
+                try:
+                    curve = stages.run_one_attack(vcfg, attack, s, model_dir, data=data, metrics=metrics,
+                                                  progress=progress)
+                except MetaunlearnError as err:
+                    if failed is None:
+                        raise
+                    failed.append({"attacker": attack.name[len(grid.name) + 1:], "variant": variant, "seed": s,
+                                   "error": str(err)})
+                    log(f"durability {grid.name}: {attack.name} seed {s} failed: {err}")
+                    continue
                 curves[attack.name].setdefault(variant, []).append(curve)
     return curves
 
@@ -189,7 +200,7 @@ def table(summary: dict) -> str:
     lines = [head]
     for r in summary["rows"]:
         v, a = r["variants"], r["after"]
-        last = max(s["last_step"] or 0 for s in v.values())
+        last = max((s["last_step"] or 0 for s in v.values()), default=0)
         steps = {k: ", ".join(str(s) if s is not None else f">{last}" for s in v[k]["steps_to_50"]) if k in v else "–"
                  for k in ("base", "meta")}
         after = {k: " / ".join(pct(a.get(variant, {}).get(k)) for variant in ("base", "meta"))
@@ -201,6 +212,8 @@ def table(summary: dict) -> str:
     for name in ("worst_up_to_default", "worst_stronger", "worst"):
         w = summary[name]
         lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
+    for f in summary.get("failed", []):
+        lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
     extra = summary.get("benign_extra_cost") or {}
     if any(v is not None for v in extra.values()):
         lines.append("\nbenign finetuning, the most it costs the meta model beyond what it costs the base (points): "
