@@ -246,3 +246,12 @@ def test_a_damaged_cache_is_recomputed(tiny_model, tmp_path):
     again = prepare(config, tiny_model, "train", tmp_path)
     assert torch.equal(again.forget.latents, first.forget.latents)
     assert torch.equal(RoleData.load(tmp_path / "train" / "forget.safetensors").latents, first.forget.latents)
+
+
+def test_a_metadata_file_with_a_byte_order_mark_reads(tmp_path):
+    from metaunlearn.imagefolder import read_items
+
+    folder = write_folder(tmp_path / "bom", {"r.png": EIGHT, "g.png": DOG})
+    meta = folder / "metadata.jsonl"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())  # as Windows editors save UTF-8
+    assert [item.text for item in read_items(folder, "train", "concepts.forget.images")] == [EIGHT, DOG]

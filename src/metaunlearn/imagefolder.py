@@ -55,7 +55,7 @@ def _read_folder(folder: Path, root: Path, where: str) -> list[FolderItem]:
         raise MetaunlearnError(f"{where}: '{folder}' has no {METADATA}; add one line per image: "
                                '{"file_name": "img.png", "text": "its caption"}')
     try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM, as Windows editors write
     except UnicodeDecodeError:
         raise MetaunlearnError(f"{where}: {metadata} is not UTF-8 text; save it as UTF-8") from None
     items = []
