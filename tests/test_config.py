@@ -258,3 +258,23 @@ def test_method_none_has_one_variant_the_meta_objective_alone(tmp_path):
     assert "method 'none' has no base model to compare; use variants: [meta]" in error_of(
         tmp_path, {**none, "variants": ["base", "meta"]})
     assert load_config(write(tmp_path, MINIMAL)).variants == ["base", "meta"]
+
+
+def test_a_report_made_elsewhere_counts_prompt_files_by_the_digests_its_run_recorded(tmp_path, monkeypatch):
+    """Relative prompt-file paths do not resolve from another directory: the settings key of a report made
+    there would differ from the run's (every evaluation dropped) without the recorded digests."""
+    from metaunlearn.config import StudyConfig, prompt_file_digests
+    from metaunlearn.metrics.evaluate import settings_key
+    from metaunlearn.prompt_files import file_digest, recorded_digests
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "forget.txt").write_text("a cat\na dog\n")
+    config = StudyConfig.from_dict({**MINIMAL, "evaluation": {"prompts": {"forget": "forget.txt"}}})
+    key, recorded = settings_key(config), prompt_file_digests(config)
+    assert recorded == {"forget.txt": file_digest("forget.txt")} and recorded["forget.txt"] != "missing"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert settings_key(config) != key
+    with recorded_digests(recorded):
+        assert settings_key(config) == key
+    assert settings_key(config) != key  # only within

@@ -206,6 +206,9 @@ def test_hub_ids_and_the_built_in_world(tmp_path, monkeypatch):
     assert hub_id("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
     for local in ("digits", "models/mine", str(tmp_path / "models" / "mine"), "a/b/c", "./x", "name"):
         assert hub_id(local) is None, local
+    # a local folder the run saw (environment.json), not a Hub id from another directory or once moved
+    assert hub_id("models/gone", local=True) is None and hub_id("models/gone") == "models/gone"
+    assert hub_id("models/mine", local=False) == "models/mine"
     config = StudyConfig.from_dict({"model": {"source": "digits"}, "concepts": {
         "forget": {"classes": ["eight"]}, "related": {"classes": ["three"]}, "unrelated": {"prompts": ["a dog"]}}})
     path = write_model_card(tmp_path / "m", config, 3, "base")  # no world is built: the card only names it

@@ -203,6 +203,7 @@ def test_results_of_a_model_retrained_since_are_not_its_numbers(run_dir, tmp_pat
     row = next(r for r in study_rows(config) if r.name == "ESD-u / unlearn")
     label = row.models[0][0]
     assert folder.evaluation(label) and any(c["model"] == label for c in folder.curves(row, config.attacks[0]))
+    assert folder.evaluation(label)["prompt_files"] == {}  # recorded for a report made elsewhere: none here
     status = moved / "unlearn" / label / "run.json"
     status.write_text(json.dumps({**json.loads(status.read_text()), "fingerprint": "retrained-0"}))
     assert folder.evaluation(label) == {}

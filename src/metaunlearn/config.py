@@ -574,16 +574,25 @@ def _with_file_digests(dumped: dict) -> dict:
     """The dumped config with every prompt file path followed by '#' and its content hash."""
     from .prompt_files import file_digest
 
+    for holder, key in _prompt_file_slots(dumped):
+        holder[key] += f"#{file_digest(holder[key])}"
+    return dumped
+
+
+def _prompt_file_slots(dumped: dict) -> list[tuple[dict, str]]:
+    """(dict, key) of every prompt file path a dumped config names: roles, attackers' own data, evaluation."""
     roles = [dumped["concepts"][r] for r in ROLES]
     roles += [a["data"] for a in dumped["attacks"] if isinstance(a["data"], dict)]
-    for role in roles:
-        if role.get("prompt_file"):
-            role["prompt_file"] += f"#{file_digest(role['prompt_file'])}"
+    slots = [(role, "prompt_file") for role in roles if role.get("prompt_file")]
     given = dumped["evaluation"]["prompts"]
-    for role, value in given.items():
-        if isinstance(value, str):
-            given[role] = f"{value}#{file_digest(value)}"
-    return dumped
+    return slots + [(given, role) for role, value in given.items() if isinstance(value, str)]
+
+
+def prompt_file_digests(config: StudyConfig) -> dict[str, str]:
+    """Path -> content digest of every prompt file the config names (what a run records of them)."""
+    from .prompt_files import file_digest
+
+    return {holder[key]: file_digest(holder[key]) for holder, key in _prompt_file_slots(config.model_dump(mode="json"))}
 
 
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyConfig:

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import AttackConfig, RoleConfig, StudyConfig
-from .layout import CURVE, MODEL, attack_seeds, read_json, unlearn_label, variant_config, write_text
+from .layout import CURVE, ENVIRONMENT, MODEL, attack_seeds, read_json, unlearn_label, variant_config, write_text
 
 CARD = "README.md"
 # hub id: (license the model states, family tag)
@@ -29,20 +29,22 @@ MEANING = {"forget": "erased", "related": "kept: close to the erased concept, th
 SAVED = {MODEL: False, "lora": True}  # what an attack's save_final writes: folder name -> is an adapter
 
 
-def hub_id(source: str) -> str | None:
-    """`source` when it reads as a Hub id ('org/name') and is neither a built-in world nor a local path."""
+def hub_id(source: str, local: bool | None = None) -> str | None:
+    """`source` when it reads as a Hub id ('org/name') and is neither a built-in world nor a local path;
+    `local`: what the run recorded (environment.json), which a card written from another directory, or
+    after the folder moved, cannot tell from the path."""
     from .worlds import WORLDS
 
-    if source in WORLDS or Path(source).expanduser().exists():
+    if source in WORLDS or local or (local is None and Path(source).expanduser().exists()):
         return None
     return source if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) else None
 
 
-def origin(config: StudyConfig) -> str:
+def origin(config: StudyConfig, local: bool | None = None) -> str:
     from .worlds import world_for
 
     source = config.model.source
-    if hub := hub_id(source):
+    if hub := hub_id(source, local):
         return f"[{hub}](https://huggingface.co/{hub}) on the Hugging Face Hub"
     world = world_for(config.model)
     if world is not None:
@@ -133,7 +135,8 @@ def measured(folder, results: dict, row, label: str, only: tuple[str, int] | Non
 
 
 def _write(out: Path, config: StudyConfig, variant: str, label: str, seed: int | None, numbers: dict | None,
-           unlearned: Path | None, attacked: tuple[AttackConfig, int] | None = None, adapter: bool = False) -> Path:
+           unlearned: Path | None, attacked: tuple[AttackConfig, int] | None = None, adapter: bool = False,
+           local: bool | None = None) -> Path:
     """The card of folder `out` (an unlearned model, or `attacked` by (attack, seed)) into out/README.md."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -141,7 +144,7 @@ def _write(out: Path, config: StudyConfig, variant: str, label: str, seed: int |
     from .report import method_title
 
     config = variant_config(config, variant) if variant != "original" else config
-    hub, m = hub_id(config.model.source), config.method
+    hub, m = hub_id(config.model.source, local), config.method
     fam = family(hub, out, unlearned, None if hub else Path(config.model.source))
     tags = (TAGS + [m.name] * (m.name != "none") if variant != "original" else TAGS[2:]) + \
         (["meta-unlearning"] if variant == "meta" else []) + ([fam] if fam else []) + (["lora"] if adapter else [])
@@ -161,7 +164,7 @@ def _write(out: Path, config: StudyConfig, variant: str, label: str, seed: int |
     card = ModelCard.from_template(
         data, template_str=resources.files("metaunlearn").joinpath("templates/model_card.md").read_text("utf-8"),
         title=f"{label} after attack '{attack['name']}' (seed {attack['seed']})" if attack else f"{label}: {title}",
-        label=label, seed=seed, variant=variant, study=config.name, origin=origin(config), method=m.name,
+        label=label, seed=seed, variant=variant, study=config.name, origin=origin(config, local), method=m.name,
         method_title=title, method_settings=settings, meta_settings=meta, attack=attack, adapter=adapter,
         attacked_from=attacked_from, prompt=repr(prompt), measured=numbers,
         roles=[{"name": r, "meaning": MEANING[r], "text": role_text(getattr(config.concepts, r))} for r in MEANING])
@@ -180,11 +183,14 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
     from .report import RunFolder, study_rows
 
     folder, written = RunFolder(Path(run_dir), config), []
+    env = read_json(Path(run_dir) / ENVIRONMENT)  # as the run saw model.source (if this config has the same)
+    local = env.get("source_local") if env.get("model_source") == config.model.source else None
     for row in study_rows(config):
         for label, seed in row.models:
             if seed is not None and folder.layout.released(label):  # finished and complete
                 written.append(_write(folder.layout.model(label), config, row.variant, label, seed,
-                                      measured(folder, results, row, label), folder.layout.model(label)))
+                                      measured(folder, results, row, label), folder.layout.model(label),
+                                      local=local))
             for attack in config.attacks:
                 for s in attack_seeds(config, attack, seed):
                     out = folder.layout.attack(label, attack.name, s)
@@ -194,5 +200,5 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
                             numbers = measured(folder, results, row, label, (attack.name, s))
                             written.append(_write(out / name, config, row.variant, label, seed, numbers,
                                                   folder.layout.model(label) if seed is not None else None,
-                                                  (attack, s), adapter))
+                                                  (attack, s), adapter, local))
     return written

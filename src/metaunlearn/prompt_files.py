@@ -14,6 +14,7 @@ Files are read as UTF-8; errors name the file and line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from dataclasses import dataclass, field
@@ -79,11 +80,28 @@ def _read_csv(path: Path, text: str) -> list[PromptEntry]:
     return entries
 
 
+_RECORDED: dict[str, str] = {}  # digests a run recorded, for files unreadable from here (recorded_digests)
+
+
 def file_digest(path: str | Path) -> str:
-    """A short content hash (what results made from a prompt file depend on); 'missing' when unreadable."""
+    """A short content hash (what results made from a prompt file depend on); when unreadable, the digest
+    the run recorded for that path if known (recorded_digests), else 'missing'."""
     import hashlib
 
     try:
         return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
     except OSError:
-        return "missing"
+        return _RECORDED.get(str(path), "missing")
+
+
+@contextlib.contextmanager
+def recorded_digests(digests: dict[str, str]):
+    """Within: a prompt file unreadable from here (relative paths, a report made from another directory or
+    machine) counts by the digest its run recorded, so the run's results still match their settings."""
+    global _RECORDED
+    before = _RECORDED
+    _RECORDED = {**before, **digests}
+    try:
+        yield
+    finally:
+        _RECORDED = before

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import StudyConfig, load_config
+from .prompt_files import recorded_digests
 from .errors import MetaunlearnError
 from .layout import (
     CURVE,
@@ -94,7 +95,11 @@ class RunFolder:
         from .metrics.evaluate import settings_key
 
         self.dir, self.config, self.layout = run_dir, config, RunLayout(run_dir)
-        self._settings = settings_key(config)
+        recorded = {}  # prompt files by the digests the run recorded: a report from another directory matches
+        for result in sorted((run_dir / "eval").glob("*.json")):
+            recorded.update(read_json(result).get("prompt_files") or {})
+        with recorded_digests(recorded):
+            self._settings = settings_key(config)
 
     def evaluation(self, label: str) -> dict:
         r = read_json(self.layout.eval(label))

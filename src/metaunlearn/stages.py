@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import layout
-from .config import AttackConfig, StudyConfig
+from .config import AttackConfig, StudyConfig, prompt_file_digests
 from .data import ConceptData, prepare_concept_data
 from .layout import ORIGINAL, RunLayout, read_json, write_json
 from .model import DiffusionModel
@@ -89,7 +89,8 @@ def run_evaluate(config: StudyConfig, model_dir: str | Path | None = None, label
                                                   original=model_dir is None)
     save_samples(samples.images, samples.per_prompt, runs.eval_grid(label))
     results.update(model=str(source), fingerprint=layout.evaluation_fingerprint(config, source),
-                   model_identity=layout.model_identity(source))  # which weights: the report checks it
+                   model_identity=layout.model_identity(source),  # which weights: the report checks it
+                   prompt_files=prompt_file_digests(config))  # for a report made where the files are not
     write_json(out, results)
     return results, out
 

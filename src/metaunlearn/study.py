@@ -66,7 +66,9 @@ def environment(config: StudyConfig) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "device": stages.resolve_device(config), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "device": stages.resolve_device(config), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model_source": config.model.source,  # and whether it was a folder here, not a Hub id
+            "source_local": Path(config.model.source).expanduser().exists()}
 
 
 def _model_stage(config: StudyConfig, log: Callable[[str], None]) -> Stage:
