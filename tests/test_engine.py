@@ -86,6 +86,9 @@ def test_the_fp16_loss_scale_is_checkpointed(tmp_path):
     engine.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)  # the checkpoint after step 2
     _, resumed = toy({}, accelerator=scaled())
     assert resumed.resume(tmp_path) == 2 and resumed.accelerator.scaler.get_scale() == 32.0
+    # without clipping the logged norm is the true one, not times the loss scale
+    plain, fp16 = toy({})[1].step(0), toy({}, accelerator=scaled())[1].step(0)
+    assert fp16.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
 
 
 def test_steps_replay_their_randomness_and_callbacks_see_every_step():

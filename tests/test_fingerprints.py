@@ -81,9 +81,13 @@ def test_an_interrupted_try_of_other_settings_keeps_the_finished_model(tiny_pipe
         run(other, DiffusionModel.load(tiny_pipeline_dir), concept_data(model), out)
     status = json.loads((out / RUN_STATUS).read_text())
     assert status["status"] == "running" and status["released"] == finished
-    # model/ still holds the finished model: evaluations are of it, and the first settings are done
+    # model/ still holds the finished model: its identity stays, but it is not released meanwhile (no report
+    # or card shows it under the other settings)
     assert model_identity(out / "model") == finished
     for c in (config, other):
         monkeypatch.setattr(c.output, "dir", str(tmp_path))
+    assert not unlearn_done(config, 0) and not unlearn_done(other, 0)
+    # back to the first settings: the finished model is restored as done without training (Engine.run raises)
+    assert run(config, model, concept_data(model), out) == out / "model"
+    assert json.loads((out / RUN_STATUS).read_text()) == status["released_record"]
     assert unlearn_done(config, 0) and not unlearn_done(other, 0)
-    assert run(config, model, concept_data(model), out) == out / "model"  # returns at once: no training

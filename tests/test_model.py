@@ -158,3 +158,13 @@ def test_the_vae_runs_in_float32_outside_autocast_when_its_config_asks(tiny_pipe
     expected = torch.float32 if force_upcast else torch.bfloat16
     assert seen == [(expected, expected)] * 2 and model.vae.dtype == torch.bfloat16
     assert latents.dtype == torch.bfloat16 and decoded.dtype == torch.float32 and decoded.isfinite().all()
+
+
+def test_whether_autocast_is_on_is_read_on_torch_before_2_4_too(monkeypatch):
+    from metaunlearn import model as model_module
+
+    assert not model_module._autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_module._autocast_enabled("cpu")
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda: False)  # 2.1-2.3: no device argument
+        assert model_module._autocast_enabled("cpu") and not model_module._autocast_enabled("cuda")

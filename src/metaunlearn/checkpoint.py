@@ -51,8 +51,15 @@ def abandoned_writes(folder: Path, now: float | None = None) -> list[Path]:
     checkpoint in size). A live write holds its folder seconds to minutes; one untouched for STALE_SECONDS
     is abandoned, while a concurrent writer's (an orphaned worker's) live one is left alone."""
     now = time.time() if now is None else now
-    return [p for p in Path(folder).iterdir() if p.is_dir() and p.name.startswith((f".{PREFIX}", f".old-{PREFIX}"))
-            and now - p.stat().st_mtime > STALE_SECONDS]
+    found = []
+    for p in Path(folder).iterdir():
+        if p.name.startswith((f".{PREFIX}", f".old-{PREFIX}")):
+            try:
+                if p.is_dir() and now - p.stat().st_mtime > STALE_SECONDS:
+                    found.append(p)
+            except FileNotFoundError:  # renamed or removed meanwhile by the writer it belongs to
+                continue
+    return found
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -484,11 +484,11 @@ class StudyConfig(_Section):
 
     @model_validator(mode="after")
     def _no_base_without_a_method(self) -> StudyConfig:
-        """method 'none' has no base model: its only variant is the meta objective alone."""
+        """method 'none' has no base model: its only variant is the meta objective alone (with the
+        default [base, meta] both would get one label and folder). Not an error: a run folder's study.yaml
+        lists every field, defaults included."""
         if self.method.name == "none" and "base" in self.variants:
-            if "variants" in self.model_fields_set:
-                raise ValueError("variants: method 'none' has no base model to compare; use variants: [meta]")
-            self.variants = ["meta"]  # the default [base, meta] would give both one label and folder
+            self.variants = ["meta"]
         return self
 
     @model_validator(mode="after")

@@ -83,9 +83,10 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
     from . import stages
 
-    key = relearning_key(grid, [v.key for v in stages.evaluator(config).values])  # checked before any attack
+    metrics = stages.evaluator(config)
+    key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
     failed: list[dict] = []
-    curves = attack_grid(config, grid, progress, log, failed=failed)
+    curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
     summary = {**summarise(grid, curves, key=key), "failed": failed}
     runs = RunLayout.of(config)
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
@@ -105,7 +106,7 @@ def relearning_key(grid: GridConfig, keys: list[str]) -> str:
 
 
 def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print,
-                failed: list[dict] | None = None) -> dict:
+                failed: list[dict] | None = None, metrics=None) -> dict:
     """attacker name -> variant ('base', 'meta', 'original') -> its curves (one per seed). With a `failed`
     list, an attack that fails (one that diverges) is recorded there and the grid goes on; without, it raises."""
     from . import stages
@@ -113,7 +114,7 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     attacks = grid.attacks()
     data = stages.concept_data(config, split="attack", progress=progress) if any(
         isinstance(a.data, str) for a in attacks) else None  # attackers with their own data need no split
-    metrics = stages.evaluator(config)
+    metrics = metrics or stages.evaluator(config)  # the study's metrics: loaded once (detectors, features)
     curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}
     runs = RunLayout.of(config)
     targets = [(m.variant, m.config, m.seed, runs.model(m.label)) for m in unlearned_models(config)]

@@ -159,6 +159,15 @@ class StepRecord:
                 "lr": self.lr, "seconds": round(self.seconds, 4)}
 
 
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm of all `grads` together: one fused kernel per dtype and device where torch has it."""
+    if not grads:
+        return 0.0
+    foreach = getattr(torch, "_foreach_norm", None)
+    norms = foreach(grads) if foreach is not None else [torch.linalg.vector_norm(g) for g in grads]
+    return float(torch.linalg.vector_norm(torch.stack([n.float().to(grads[0].device) for n in norms])))
+
+
 def _destroy_process_group() -> None:
     """At exit of a process of a distributed run. One that exits with its process group alive can abort
     in interpreter shutdown ("terminate called without an active exception": gloo's threads still hold
@@ -219,12 +228,13 @@ class Engine:
             for param in self.params.values():
                 if param.grad is not None:
                     param.grad = acc.reduce(param.grad, "mean")
-        clip = self.settings.grad_clip
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        grad_norm = float(acc.clip_grad_norm_(self.params.values(), clip) if clip > 0 else
-                          torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]))
-                          if grads else 0.0)
-        scaler = getattr(acc, "scaler", None)
+        clip, scaler = self.settings.grad_clip, getattr(acc, "scaler", None)
+        if clip > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params.values(), clip))
+        else:
+            if scaler is not None:  # the true norm, not times the fp16 loss scale (the optimizer step knows)
+                scaler.unscale_(getattr(self.optimizer, "optimizer", self.optimizer))
+            grad_norm = total_norm([p.grad for p in self.params.values() if p.grad is not None])
         if not math.isfinite(grad_norm) and scaler is None:  # fp16's scaler skips such a step itself
             # terms that backpropagate themselves (meta in place) leave only their gradients to check
             raise TrainingError(f"the gradient became {grad_norm} at step {step + 1} (losses: "

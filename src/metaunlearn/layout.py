@@ -213,14 +213,14 @@ class RunLayout:
         """The original, or an unlearned model whose run finished and whose folder is there."""
         if label == ORIGINAL:
             return True
-        return released_fingerprint(read_json(self.unlearn(label) / RUN_STATUS)) is not None and \
-            model_complete(self.model(label))
+        return read_json(self.unlearn(label) / RUN_STATUS).get("status") == "done" and model_complete(self.model(label))
 
 
 def released_fingerprint(status: dict) -> str | None:
     """The fingerprint of the model an unlearning folder's model/ holds, from its run.json: the run's
     own once done; while a run with other inputs is under way, the finished one it will replace (model/
-    changes only at the end of a run), so an interrupted try of other settings loses no finished model."""
+    changes only at the end of a run). Going back to those inputs restores it without training
+    (unlearn.unlearn); meanwhile the folder counts as not released (no report or card of it)."""
     return status.get("fingerprint") if status.get("status") == "done" else status.get("released")
 
 
@@ -327,7 +327,7 @@ def data_done(config: StudyConfig, split: str) -> bool:
 def unlearn_done(config: StudyConfig, seed: int) -> bool:
     layout, label = RunLayout.of(config), unlearn_label(config, seed)
     status = read_json(layout.unlearn(label) / RUN_STATUS)
-    return released_fingerprint(status) == unlearn_fingerprint(config, seed) and layout.released(label)
+    return status.get("fingerprint") == unlearn_fingerprint(config, seed) and layout.released(label)
 
 
 def evaluation_done(config: StudyConfig, source: str | os.PathLike, label: str) -> bool:

@@ -231,12 +231,11 @@ class DiffusionModel:
         """The VAE runs in float32, outside autocast, when its config asks (`force_upcast`, as diffusers'
         pipelines honour it): SDXL's VAE overflows in float16 to NaN images, which a detector then reads
         as "no concept". Otherwise in its own dtype."""
-        dtype = self.vae.dtype
-        if not getattr(self.vae.config, "force_upcast", False) or dtype == torch.float32 and \
-                not torch.is_autocast_enabled(self.device.type):
+        dtype, autocast = self.vae.dtype, _autocast_enabled(self.device.type)
+        if not getattr(self.vae.config, "force_upcast", False) or dtype == torch.float32 and not autocast:
             yield dtype
             return
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False) if autocast else contextlib.nullcontext():
             self.vae.to(torch.float32)
             try:
                 yield torch.float32
@@ -378,3 +377,11 @@ class DiffusionModel:
         from diffusers.models.attention_processor import AttnProcessor
 
         self.unet.set_attn_processor(AttnProcessor())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch before 2.4 takes no argument: CUDA's, and CPU's apart)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()

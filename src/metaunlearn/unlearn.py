@@ -78,7 +78,10 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     cfg = config.method
     status = read_json(out_dir / RUN_STATUS)
     released = released_fingerprint(status) if model_complete(out_dir / MODEL) else None
+    done = status if status.get("status") == "done" else status.get("released_record")  # model/'s own record
     if released == fingerprint:
+        if status.get("status") != "done":  # back to the inputs of the finished model a try of others left
+            write_json(out_dir / RUN_STATUS, done or {"fingerprint": fingerprint, "seed": seed, "status": "done"})
         return out_dir / MODEL
     method = make_method(cfg, config.concepts.guide)
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
@@ -88,7 +91,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
     write_text(out_dir / "config.yaml", config.to_yaml())
     running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
-    write_json(out_dir / RUN_STATUS, {**running, **({"released": released} if released else {})})
+    write_json(out_dir / RUN_STATUS, {**running, **({"released": released, "released_record": done}
+                                                    if released and done else {})})
 
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
     if config.meta.enabled and config.meta.persistent and accelerator.num_processes > 1:
