@@ -171,3 +171,23 @@ def test_digit_concept_of_parses_prompts():
     assert detector.concept_of("a handwritten number", "related", ["eight"]) is None
     assert detector.concept_of("a 3 next to an 8", "forget", ["eight"]) == "eight"
     assert detector.concept_of("a 3 next to an 8", "related", ["eight"]) is None
+
+
+def test_a_model_saved_from_the_world_is_a_folder_of_it(world_with_detector, tmp_path):
+    """An unlearned digits model marked by its world: a study on top of it keeps the world's classes,
+    detector and splits (world.json's seed)."""
+    from metaunlearn.config import ModelConfig
+    from metaunlearn.worlds import world_for
+
+    (world_with_detector / "world.json").write_text(json.dumps({"world": "digits", "config": {"seed": 7}}))
+    released = tmp_path / "unlearn" / "esd-seed0" / "model"
+    released.mkdir(parents=True)
+    DigitsWorld(DigitsOptions(), world_with_detector).mark(released)
+    assert (released / CLASSIFIER_DIR / "classifier.safetensors").is_file()
+    world = world_for(ModelConfig(source=str(released)))
+    assert isinstance(world, DigitsWorld) and world.folder() == released and world.split_seed() == 7
+    name, detector = make_detector(DetectorSection(detector="auto"), context(world))
+    assert name == "digits" and isinstance(detector, DigitDetector)
+    on_top = StudyConfig.from_dict({"model": {"source": str(released)},
+                                    "concepts": {"forget": {"classes": ["8"]}, "related": {"classes": ["three"]}}})
+    assert on_top.concepts.forget.classes == ["eight"]

@@ -528,3 +528,14 @@ def test_parameter_selections(tiny_model):
     trainable = make_trainable(unet, "xattn")
     assert list(trainable) == xattn
     assert [n for n, p in unet.named_parameters() if p.requires_grad] == xattn
+
+
+def test_a_released_model_of_a_world_is_marked_by_it(tiny_model, tiny_pipeline_dir, tmp_path, monkeypatch):
+    import metaunlearn.unlearn as unlearn_module
+
+    marked = []
+    world = type("World", (), {"mark": lambda self, folder: marked.append((folder / "model_index.json").is_file())})
+    monkeypatch.setattr(unlearn_module, "world_for", lambda model: world())
+    config = make_config(tiny_pipeline_dir, "method.steps=1")
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+    assert marked == [True]  # inside the folder being saved, after the pipeline itself

@@ -18,6 +18,7 @@ from .layout import (MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, r
 from .methods import make_method
 from .model import DiffusionModel
 from .params import make_trainable
+from .worlds import world_for
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
 FORGET_RATE = "forget_rate"  # the concept_rate metric's value for the forget role
@@ -134,6 +135,9 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         write_json(out_dir / RUN_STATUS, running)  # model/ is about to stop being the earlier finished model
         with atomic_dir(out_dir / MODEL) as tmp:
             model.save(tmp)
+            world = world_for(config.model)
+            if world is not None:  # a study on top of this model keeps the world's classes and detector
+                world.mark(tmp)
         write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,
                                           **method.record()})
     return out_dir / MODEL

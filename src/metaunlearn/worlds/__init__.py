@@ -53,6 +53,20 @@ class World:
         """A few lines on a built folder's quality, for `metaunlearn world`."""
         return f"{self.name} world: {folder}"
 
+    carried: ClassVar[tuple[str, ...]] = ()  # files or folders besides world.json a folder of this world needs
+
+    def mark(self, folder: Path) -> None:
+        """Make a model folder saved from this world's model (an unlearned one) a folder of this world:
+        a study with it as `model.source` then has the world's classes, detector and reference images."""
+        import shutil
+
+        source = self.folder()
+        for name in (WORLD_FILE, *self.carried):
+            if (source / name).is_dir():
+                shutil.copytree(source / name, Path(folder) / name, dirs_exist_ok=True)
+            elif (source / name).is_file():
+                shutil.copy2(source / name, Path(folder) / name)
+
     def is_built(self) -> bool:
         raise NotImplementedError
 

@@ -37,6 +37,8 @@ class DigitsWorld(World):
 
         return DigitsWorldConfig.reduced() if self.options.preset == "reduced" else DigitsWorldConfig()
 
+    carried = ("detector",)  # the digit classifier (CLASSIFIER_DIR), 0.75 MB
+
     def folder(self, log=print, rebuild: bool = False) -> Path:
         from .build import get_world
 
