@@ -164,4 +164,4 @@ def test_a_persistent_attacker_across_processes_is_refused_before_any_work(tiny_
     with pytest.raises(ConfigError, match="meta.persistent runs in one process only"):
         unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
                 progress=False)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "run.json").exists()

@@ -219,9 +219,11 @@ class RunLayout:
 def released_fingerprint(status: dict) -> str | None:
     """The fingerprint of the model an unlearning folder's model/ holds, from its run.json: the run's
     own once done; while a run with other inputs is under way, the finished one it will replace (model/
-    changes only at the end of a run). Going back to those inputs restores it without training
+    changes only at the end of a run; its done record is kept under 'released'). Going back to those inputs
+    restores that record without training
     (unlearn.unlearn); meanwhile the folder counts as not released (no report or card of it)."""
-    return status.get("fingerprint") if status.get("status") == "done" else status.get("released")
+    return status.get("fingerprint") if status.get("status") == "done" else (status.get("released") or {}).get(
+        "fingerprint")
 
 
 def model_complete(folder: Path) -> bool:

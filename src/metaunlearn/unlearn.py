@@ -78,28 +78,28 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     out_dir = Path(out_dir)
     cfg = config.method
     status = read_json(out_dir / RUN_STATUS)
-    released = released_fingerprint(status) if model_complete(out_dir / MODEL) else None
-    done = status if status.get("status") == "done" else status.get("released_record")  # model/'s own record
-    if released == fingerprint:
+    # model/'s own done record: the run's, or the one a try of other inputs keeps while under way
+    done = (status if status.get("status") == "done" else status.get("released")) \
+        if model_complete(out_dir / MODEL) else None
+    if done and released_fingerprint(status) == fingerprint:
         if status.get("status") != "done":  # back to the inputs of the finished model a try of others left
-            write_json(out_dir / RUN_STATUS, done or {"fingerprint": fingerprint, "seed": seed, "status": "done"})
+            write_json(out_dir / RUN_STATUS, done)
         return out_dir / MODEL
     method = make_method(cfg, config.concepts.guide)
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
         raise TrainingError(NOTHING_TO_TRAIN.format(name=cfg.name))
-    checkpoints = out_dir / "checkpoints"
-    if status.get("fingerprint") not in (None, fingerprint):
-        shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
-    write_text(out_dir / "config.yaml", config.to_yaml())
-    running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
-    write_json(out_dir / RUN_STATUS, {**running, **({"released": released, "released_record": done}
-                                                    if released and done else {})})
-
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
     if config.meta.enabled and config.meta.persistent and accelerator.num_processes > 1:
         # each process's episode (attacker, displacement) differs and a checkpoint holds the main one's only
         raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
                           "every process the main process's attacker; set meta.persistent=0 or run one process")
+    checkpoints = out_dir / "checkpoints"
+    if status.get("fingerprint") not in (None, fingerprint):
+        shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
+    write_text(out_dir / "config.yaml", config.to_yaml())
+    running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
+    write_json(out_dir / RUN_STATUS, {**running, **({"released": done} if done else {})})
+
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it)
     method.edit(model, data, forget_judge(config, model))
