@@ -255,3 +255,18 @@ def test_a_metadata_file_with_a_byte_order_mark_reads(tmp_path):
     meta = folder / "metadata.jsonl"
     meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())  # as Windows editors save UTF-8
     assert [item.text for item in read_items(folder, "train", "concepts.forget.images")] == [EIGHT, DOG]
+
+
+def test_an_own_role_is_made_again_when_its_prompt_file_changes(tiny_model, tmp_path):
+    from metaunlearn.config import RoleConfig
+    from metaunlearn.data import prepare_role
+
+    prompts = tmp_path / "teach.txt"
+    prompts.write_text(f"{EIGHT}\n")
+    config, spec = study({"forget": {"prompts": [EIGHT]}}), RoleConfig(prompt_file=str(prompts))
+    first = prepare_role(config, "own", spec, tiny_model, "attack", tmp_path / "cache", progress=False)
+    assert prepare_role(config, "own", spec, lambda: pytest.fail("made again"), "attack", tmp_path / "cache",
+                        progress=False).prompts == first.prompts == [EIGHT]  # cached
+    prompts.write_text(f"{DOG}\n")
+    again = prepare_role(config, "own", spec, tiny_model, "attack", tmp_path / "cache", progress=False)
+    assert again.prompts == [DOG]

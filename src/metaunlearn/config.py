@@ -579,6 +579,16 @@ def _with_file_digests(dumped: dict) -> dict:
     return dumped
 
 
+def with_prompt_file_digest(role: dict) -> dict:
+    """A dumped role (or an attacker's own data) with its prompt file path followed by '#' and its content
+    hash, in place: results made from a prompt file depend on what it says."""
+    from .prompt_files import file_digest
+
+    if role.get("prompt_file"):
+        role["prompt_file"] += f"#{file_digest(role['prompt_file'])}"
+    return role
+
+
 def _prompt_file_slots(dumped: dict) -> list[tuple[dict, str]]:
     """(dict, key) of every prompt file path a dumped config names: roles, attackers' own data, evaluation."""
     roles = [dumped["concepts"][r] for r in ROLES]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import imagefolder
 from .conditioning import Conditioning
-from .config import ROLES, RoleConfig, StudyConfig
+from .config import ROLES, RoleConfig, StudyConfig, with_prompt_file_digest
 from .errors import MetaunlearnError
 from .images import grid, save_png
 from .layout import DATA_FORMAT, MANIFEST, atomic_file, data_manifest_key, write_json
@@ -223,12 +223,9 @@ def prepare_role(config: StudyConfig, name: str, spec: RoleConfig, model: Diffus
     """One role outside the study's three (e.g. an attacker's own concept), cached in
     `folder` under `name` with the key of what made it; `model` may be a loader."""
     from .layout import digest, read_json
-    from .prompt_files import file_digest
 
-    dumped = spec.model_dump(mode="json")
-    if spec.prompt_file:  # by content: an edited prompt file makes the role again
-        dumped["prompt_file"] += f"#{file_digest(spec.prompt_file)}"
-    key = digest(data_manifest_key(config), dumped, split, imagefolder.signature(spec.images) if spec.images else None)
+    key = digest(data_manifest_key(config), with_prompt_file_digest(spec.model_dump(mode="json")), split,
+                 imagefolder.signature(spec.images) if spec.images else None)
     path, manifest = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
     if read_json(manifest).get("key") == key:
         try:

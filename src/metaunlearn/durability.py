@@ -112,8 +112,7 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     from . import stages
 
     attacks = grid.attacks()
-    data = stages.concept_data(config, split="attack", progress=progress) if any(
-        isinstance(a.data, str) for a in attacks) else None  # attackers with their own data need no split
+    data = stages.attack_split(config, attacks, progress)
     metrics = metrics or stages.evaluator(config)  # the study's metrics: loaded once (detectors, features)
     curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}
     runs = RunLayout.of(config)

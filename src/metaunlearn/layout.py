@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AttackConfig, StudyConfig
+from .config import AttackConfig, StudyConfig, with_prompt_file_digest
 
 STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
     "environment.json"
@@ -250,6 +250,11 @@ def unlearn_seed_of(model_dir: str | os.PathLike | None) -> int | None:
     return seed if isinstance(seed, int) else None
 
 
+def needs_attack_split(attacks: list[AttackConfig]) -> bool:
+    """Whether an attacker finetunes on a role's held-out attack split (the others bring their own data)."""
+    return any(isinstance(a.data, str) for a in attacks)
+
+
 # ----------------------------------------------------------------- fingerprints
 def data_fingerprint(config: StudyConfig) -> str:
     return config.fingerprint("model", "concepts", "data")
@@ -309,14 +314,13 @@ def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, sou
 def attack_inputs(attack: AttackConfig) -> dict:
     """The attack's settings, with its own concept's prompt file by content and image folder by signature."""
     from .imagefolder import signature
-    from .prompt_files import file_digest
 
     dumped = attack.model_dump(mode="json")
     data = dumped["data"]
-    if isinstance(data, dict) and data.get("prompt_file"):
-        data["prompt_file"] += f"#{file_digest(data['prompt_file'])}"
-    if isinstance(data, dict) and data.get("images"):
-        data["images_signature"] = signature(data["images"])
+    if isinstance(data, dict):
+        with_prompt_file_digest(data)
+        if data.get("images"):
+            data["images_signature"] = signature(data["images"])
     return dumped
 
 

@@ -109,6 +109,12 @@ def attack_images(config: StudyConfig, attack: AttackConfig, data: ConceptData |
                         folder, progress=progress)
 
 
+def attack_split(config: StudyConfig, attacks: list[AttackConfig], progress: bool = True) -> ConceptData | None:
+    """The role data of the attack split when some attacker finetunes on it, else None (not even
+    loaded: attackers with their own data need none, and an image folder may have no attack split)."""
+    return concept_data(config, split="attack", progress=progress) if layout.needs_attack_split(attacks) else None
+
+
 def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_dir: str | Path | None = None,
                    label: str | None = None, data: ConceptData | None = None, metrics=None,
                    progress: bool = True) -> dict:
@@ -146,8 +152,7 @@ def run_attacks(config: StudyConfig, model_dir: str | Path | None = None, label:
 
     label = label or layout.model_label(model_dir)
     unlearn_seed = layout.unlearn_seed_of(model_dir)
-    data = concept_data(config, split="attack", progress=progress) if any(
-        isinstance(a.data, str) for a in config.attacks) else None  # attacks with their own data need no split
+    data = attack_split(config, config.attacks, progress)
     metrics = evaluator(config)
     curves = [run_one_attack(config, attack, seed, model_dir, label, data, metrics, progress)
               for attack in config.attacks for seed in layout.attack_seeds(config, attack, unlearn_seed)]

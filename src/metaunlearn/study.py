@@ -87,8 +87,7 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
     runs = RunLayout.of(config)
     original = stages.original_source
     out = [_model_stage(config, log)]
-    role_attacks = any(isinstance(a.data, str) for a in config.attacks)  # on a role's held-out attack split
-    for split in ("train", "attack") if role_attacks else ("train",):
+    for split in ("train", "attack") if layout.needs_attack_split(config.attacks) else ("train",):
         out.append(Stage(f"data/{split}", lambda s=split: layout.data_done(config, s),
                           lambda s=split: stages.concept_data(config, split=s, progress=quiet), ("model",)))
     out.append(Stage(f"evaluate/{ORIGINAL}", lambda: layout.evaluation_done(config, original(config), ORIGINAL),
@@ -106,7 +105,7 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
     for label, seed, vcfg, model_dir in targets:
         model_needs = () if seed is None else (f"unlearn/{label}",)
         for attack in config.attacks:
-            needs = (("data/attack",) if isinstance(attack.data, str) else ()) + model_needs  # own data: its own
+            needs = (("data/attack",) if layout.needs_attack_split([attack]) else ()) + model_needs
             for s in layout.attack_seeds(config, attack, seed):
                 source = (lambda d=model_dir, c=vcfg: d or original(c))
                 out.append(Stage(f"attack/{label}/{attack.name}-seed{s}",
