@@ -102,7 +102,7 @@ def relearning_key(grid: GridConfig, keys: list[str]) -> str:
         if grid.key not in keys:
             raise ConfigError(f"grid key '{grid.key}' is not a value of the study's metrics ({', '.join(keys)})")
         return grid.key
-    return "forget_rate" if "forget_rate" in keys else keys[0]
+    return durability.FORGET_RATE if durability.FORGET_RATE in keys else keys[0]
 
 
 def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=print,

@@ -35,7 +35,7 @@ from .layout import (
     write_text,
 )
 from .metrics import durability
-from .metrics.durability import WINDOW_UNTIL
+from .metrics.durability import FORGET_RATE, WINDOW_UNTIL
 
 
 @dataclass
@@ -140,7 +140,7 @@ class RunFolder:
 
 
 def forget_rate_first(specs: list[dict]) -> list[dict]:
-    return sorted(specs, key=lambda spec: spec["key"] != "forget_rate")  # stable: the rest keep their order
+    return sorted(specs, key=lambda spec: spec["key"] != FORGET_RATE)  # stable: the rest keep their order
 
 
 def at_step(curves: list[dict], step: int, key: str) -> dict | None:

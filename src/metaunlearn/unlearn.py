@@ -16,12 +16,12 @@ from .errors import ConfigError, TrainingError
 from .layout import (MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, released_fingerprint,
                      write_json, write_text)
 from .methods import make_method
+from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
 from .params import make_trainable
 from .worlds import world_for
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
-FORGET_RATE = "forget_rate"  # the concept_rate metric's value for the forget role
 HELD_OUT_SEEDS = 500_000_000  # added to the evaluation seeds: the noise a method's own choices are judged on
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 
+FORGET_RATE = "forget_rate"  # the concept_rate metric's forget-role value: what relearning brings back
 WINDOW_UNTIL = 100  # the window's last step: steps 10, 25, 50, 100 in the studies of bench/RESULTS.md
 
 
@@ -22,12 +23,12 @@ def _series(curve: dict, key: str, until: int | None = None) -> list[tuple[int, 
             if p["values"].get(key) is not None and (until is None or p["step"] <= until)]
 
 
-def window(curve: dict, key: str = "forget_rate", until: int | None = None) -> float | None:
+def window(curve: dict, key: str = FORGET_RATE, until: int | None = None) -> float | None:
     after = [v for s, v in _series(curve, key, until) if s > 0]
     return statistics.mean(after) if after else None
 
 
-def auc(curve: dict, key: str = "forget_rate", until: int | None = None) -> float | None:
+def auc(curve: dict, key: str = FORGET_RATE, until: int | None = None) -> float | None:
     series = _series(curve, key, until)
     if len(series) < 2:
         return None
@@ -35,11 +36,11 @@ def auc(curve: dict, key: str = "forget_rate", until: int | None = None) -> floa
     return area / (series[-1][0] - series[0][0])
 
 
-def steps_to(curve: dict, level: float = 0.5, key: str = "forget_rate") -> int | None:
+def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | None:
     return next((s for s, v in _series(curve, key) if v >= level), None)
 
 
-def summary(curves: list[dict], key: str = "forget_rate", until: int | None = None) -> dict:
+def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None) -> dict:
     """Mean and std over curves (seeds) of the window (up to step `until`) and the
     auc (the whole attack), and each curve's steps to 50%."""
     def stat(values):
