@@ -292,7 +292,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_pipeline_dir, tm
     model = DiffusionModel.load(tiny_pipeline_dir)  # a fresh process would load the original again
     run(config, model, concept_data(model), out, extra={"spy": lambda ctx: replayed.append(ctx.step) or Terms()})
     assert replayed == [4, 5, 6, 7]  # resumed from step-000004, not restarted
-    assert [r["step"] for r in log_records(out)] == list(range(1, 9))
+    records = log_records(out)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # the checkpointed steps' time comes along (the stage's timing.json adds it): steps 1-4, not the 5th
+    earlier = json.loads((out / "run.json").read_text())["earlier_seconds"]
+    assert earlier == pytest.approx(sum(r["seconds"] for r in records[:4]), abs=0.01 + 1e-3 * earlier)
     assert_same_weights(weights(model.unet), reference(method))
     assert not torch.equal(weights(DiffusionModel.load(tiny_pipeline_dir).unet)["conv_in.weight"],
                            reference(method)["conv_in.weight"])  # the runs did train

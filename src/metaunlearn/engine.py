@@ -193,6 +193,9 @@ class Engine:
         self.optimizer = accelerator.prepare(optimizer)
         self.last_good = "none (the run had not checkpointed yet)"
         self.losses: list[float] = []  # every step's loss, in this process's run
+        # seconds of training steps, the checkpointed run's included (so a resumed run's time is the whole
+        # run's); `resumed_seconds`: the part a checkpoint brought
+        self.seconds = self.resumed_seconds = 0.0
         if accelerator.num_processes > 1:
             atexit.unregister(_destroy_process_group)  # registered once per process
             atexit.register(_destroy_process_group)
@@ -259,7 +262,8 @@ class Engine:
 
     # --------------------------------------------------------------- checkpoints
     def save(self, folder: Path, done: int) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "seconds": self.seconds}
         if getattr(self.accelerator, "scaler", None) is not None:  # fp16: a resumed run keeps its loss scale
             state["scaler"] = self.accelerator.scaler.state_dict()
         extra = {f"{i}.{k}": v for i, hook in enumerate(self.stateful) for k, v in hook.state_dict().items()}
@@ -284,6 +288,7 @@ class Engine:
         for i, hook in enumerate(self.stateful):
             prefix = f"{i}."
             hook.load_state_dict({k[len(prefix):]: v for k, v in state["extra"].items() if k.startswith(prefix)})
+        self.seconds = self.resumed_seconds = float(state["training_state"].get("seconds", 0.0))
         self.last_good = checkpoint.name
         return state["step"]
 
@@ -309,6 +314,7 @@ class Engine:
         for step in bar:
             record = self.step(step)
             self.losses.append(record.loss)
+            self.seconds += record.seconds
             done = record.step
             if acc.is_main_process:
                 if done % log_every == 0 or done == steps:

@@ -58,8 +58,10 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     from .model_card import write_model_card
 
     write_model_card(out, config, seed, "meta" if config.meta.enabled else "base")  # numbers come with the report
-    # the time of the run that finished it (a resumed run counts only its own part)
-    write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start, 2)})
+    # the time of the run that finished it, plus the training steps an interrupted run had checkpointed
+    # (its set-up and the steps after its last checkpoint are not counted)
+    earlier = read_json(folder / layout.RUN_STATUS).get("earlier_seconds", 0.0)
+    write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start + earlier, 2)})
     return out
 
 

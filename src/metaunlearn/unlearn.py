@@ -103,7 +103,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it)
     method.edit(model, data, forget_judge(config, model))
-    steps = 0
+    steps, earlier = 0, {}
     if not method.closed_form or config.meta.enabled or extra:
         trainable = make_trainable(model.unet, method.trained_params(cfg))
         if cfg.gradient_checkpointing:
@@ -127,6 +127,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         for param in trainable.values():
             param.requires_grad_(False)
         steps = cfg.steps
+        if engine.resumed_seconds:  # the interrupted run's training time, for the stage's timing.json
+            earlier = {"earlier_seconds": round(engine.resumed_seconds, 2)}
     method.finish(model, data)
     check_finite(model.unet, "the unlearned UNet", "lower method.lr or keep method.grad_clip on")
 
@@ -139,5 +141,5 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
             if world is not None:  # a study on top of this model keeps the world's classes and detector
                 world.mark(tmp)
         write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,
-                                          **method.record()})
+                                          **earlier, **method.record()})
     return out_dir / MODEL
