@@ -47,9 +47,14 @@ def test_world_command_builds_and_reports(tmp_path):
 # study whose model does not exist: each error comes before any model would load.
 BAD_INPUT = [
     (["world", "mnist"], "unknown world 'mnist'"),
+    (["world", "mnist", "--preset", "reduced"], "unknown world 'mnist'"),
     (["world", "digits", "--preset", "reduced", "--out", "{file}"], "exists and is not a folder"),
     (["data", "{study}", "--split", "bogus"], "unknown data split 'bogus'"),
     (["unlearn", "{study}", "--set", "method.stpes=3"], "method.stpes"),
+    (["unlearn", "{study}", "--set", "method.name=none"], "needs the meta objective (meta.enabled: true); add --meta"),
+    (["unlearn", "{study}", "--set", "method.name=rece", "--set", "evaluation.metrics=[fid]"],
+     "judges them by the forget rate"),
+    (["unlearn", "{study}", "--set", "evaluation.prompts.forget={tmp}/none.csv"], "none.csv' does not exist"),
     (["evaluate", "{study}", "--model", "{tmp}/no-such-model"], "no model at"),
     (["attack", "{study}"], "the study lists no attacks"),
     (["durability", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
@@ -61,6 +66,12 @@ BAD_INPUT = [
     (["demo", "--out", "{file}"], "is a file, not a folder"),
     (["export", "{tmp}/m", "--base", "{tmp}/m", "--as", "ckpt"], "cannot export as 'ckpt'"),
     (["run", "{study}", "--executor", "dask"], "--executor 'dask' is not known"),
+    # found before the first stage, not after every model was trained and sampled
+    (["run", "{study}", "--set", "evaluation.metrics=[concept_rate,fid]", "--set",
+      "evaluation.fid.reference={tmp}/no-coco"], "FID reference folder '{tmp}/no-coco' does not exist"),
+    (["run", "{study}", "--set", "evaluation.metrics=[fid]", "--set", "evaluation.fid.reference=world"],
+     "FID reference 'world' for role forget needs a built-in world"),
+    (["evaluate", "{study}", "--set", "evaluation.prompts.related={tmp}/none.txt"], "none.txt' does not exist"),
 ]
 
 
@@ -71,7 +82,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
                                  "concepts": {"forget": {"prompts": ["a dog"]}}, "output": {"dir": str(tmp_path)}}))
     (tmp_path / "a-file").write_text("")
     args = [a.format(study=study, tmp=tmp_path, file=tmp_path / "a-file") for a in args]
-    assert message in one_line_error(runner.invoke(app, args))
+    assert message.format(tmp=tmp_path) in one_line_error(runner.invoke(app, args))
 
 
 def test_every_command_has_a_bad_input_test():

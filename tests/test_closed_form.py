@@ -147,6 +147,18 @@ def test_meta_on_an_edit_that_trains_no_projection_keeps_the_edit_exactly(tiny_m
         assert torch.equal(module.weight, dict(reference.unet.named_parameters())[name])
 
 
+@pytest.mark.parametrize("extra", [[], ["meta.enabled=true", "method.params=noxattn", "method.steps=2"]])
+def test_reapply_solves_again_only_after_a_stage_that_trained_the_projections(tiny_model, tiny_pipeline_dir,
+                                                                              tmp_path, extra):
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.uce.meta_route=reapply", *extra)
+    reference = DiffusionModel.load(tiny_pipeline_dir)
+    make_method(config.method, "").edit(reference, concept_data(reference))  # the edit alone
+    unlearn(config, tiny_model, concept_data(tiny_model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
+            progress=False)
+    for name, module in projections(tiny_model.unet).items():
+        assert torch.equal(module.weight, dict(reference.unet.named_parameters())[name])
+
+
 def test_a_closed_form_run_with_meta_resumes_like_any_other(tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
                          "method.uce.meta_route=anchor", "method.lr=1e-4")
@@ -199,3 +211,20 @@ def test_the_anchor_route_trains_weights_in_bfloat16_without_autocast(tiny_pipel
     unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0), progress=False)
     record = log_records(tmp_path / "run")[0]
     assert record["uce_anchor"] >= 0 and math.isfinite(record["loss"])
+
+
+def test_the_judge_of_rece_rounds_never_draws_a_prompt_file_s_evaluation_seeds(tiny_model, tiny_pipeline_dir,
+                                                                              tmp_path, monkeypatch):
+    from metaunlearn.metrics import evaluate
+    from metaunlearn.unlearn import forget_judge
+
+    prompts = tmp_path / "forget.csv"
+    prompts.write_text("prompt,evaluation_seed\na photo of a cat,5\na cat,9\n")
+    config = make_config(tiny_pipeline_dir, "method.name=rece", f"evaluation.prompts.forget={prompts}",
+                         "evaluation.concept_rate.detector=coin", "evaluation.samples_per_prompt=2",
+                         "evaluation.steps=2")
+    drawn, seeds_of = [], evaluate.evaluation_seeds
+    monkeypatch.setattr(evaluate, "evaluation_seeds", lambda *a, **k: drawn.append(seeds_of(*a, **k)) or drawn[-1])
+    assert 0 <= forget_judge(config, tiny_model)() <= 1
+    assert len(drawn) == 1 and len(drawn[0]) == 4  # both prompts, two samples each
+    assert not set(drawn[0]) & {5, 6, 9, 10}  # the evaluation's own samples of these prompts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,13 @@ def test_bad_override_fails_with_its_path(override, expected):
 def test_override_value_is_validated():
     with pytest.raises(ConfigError, match=r"attacks\.0\.eval_at has \[300\], outside 0\.\.steps \(200\)"):
         load_config(EXAMPLE, ["attacks.0.eval_at=[0, 300]"])
+
+
+@pytest.mark.parametrize(("seeds", "message"), [("[1, 1]", "attacks.0.seeds has duplicates: [1, 1]"),
+                                                ("[]", "attacks.0.seeds")])
+def test_attack_seeds_are_distinct_and_some(seeds, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(EXAMPLE, [f"attacks.0.seeds={seeds}"])
 
 
 def test_empty_forget_role_fails_clearly(tmp_path):

@@ -12,9 +12,11 @@ import yaml
 from typer.testing import CliRunner
 
 from metaunlearn.cli import app
+from metaunlearn.config import ModelConfig
 from metaunlearn.durability import GridConfig, load_grid
 from metaunlearn.errors import ConfigError
 from metaunlearn.metrics import durability
+from metaunlearn.worlds import world_for
 
 from test_study import tiny_study
 
@@ -48,10 +50,20 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
                          ({**good, "attackers": [{"name": "a", "stesp": 3}]}, "grid attackers.0: unknown key 'stesp'"),
                          ({**good, "name": "a b"}, "name: 'a b' is not a valid name"),
                          ({**good, "attackers": [{"name": "a"}, {"name": "a", "lr": 1e-3}]},
-                          "attacker names must be unique; repeated: a")):
+                          "attacker names must be unique; repeated: a"),
+                         ({**good, "attackers": [{"name": "a"}, {"lr": 1e-3}]},
+                          "every attacker needs a name (attacker 1 has none)"),
+                         ({**good, "attackers": [{"name": "a", "data": {"classes": ["two"]}}]},
+                          "grid attackers.0.data.classes needs a built-in world")):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_grid(path).attacks()
+    # an attacker's own classes, checked and normalised by the study's world as a study's own attacks are
+    world = world_for(ModelConfig(source="digits"))
+    classes = {**good, "attackers": [{"name": "a", "data": {"classes": ["2"]}}]}
+    assert GridConfig.model_validate(classes).attacks(world)[0].data.classes == ["two"]
+    with pytest.raises(ConfigError, match=re.escape("grid attackers.0.data.classes")):
+        GridConfig.model_validate({**good, "attackers": [{"name": "a", "data": {"classes": ["twoo"]}}]}).attacks(world)
 
 
 def test_the_durability_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):

@@ -28,6 +28,18 @@ def test_prompt_only_studies_keep_their_fingerprints(tmp_path):
     assert unlearn_fingerprint(config, 3) == f"{config.fingerprint('model', 'concepts', 'data', 'method')}-3"
 
 
+@pytest.mark.parametrize("setting", ["model.device=auto", "method.checkpoint_every=7", "method.log_every=5",
+                                     "method.gradient_checkpointing=true", "meta.in_place=false"])
+def test_how_a_run_is_carried_out_is_no_input(tmp_path, setting):
+    config = study(tmp_path)
+    changed = StudyConfig.from_dict(config.model_dump(mode="json"), [setting])
+    assert changed.model_dump() != config.model_dump()
+    assert unlearn_fingerprint(changed, 0) == unlearn_fingerprint(config, 0)
+    assert changed.fingerprint() == config.fingerprint()
+    assert StudyConfig.from_dict(config.model_dump(mode="json"), ["method.lr=3e-4"]).fingerprint() \
+        != config.fingerprint()
+
+
 def test_a_file_added_to_an_image_folder_makes_every_stage_stale(tmp_path):
     folder = tmp_path / "related"
     folder.mkdir()

@@ -55,7 +55,10 @@ def world(
     import shutil
 
     from .config import ModelConfig
+    from .registry import WORLDS
 
+    if name not in WORLDS:  # before its options are validated against a world that does not exist
+        raise MetaunlearnError(f"unknown world '{name}'")
     model = ModelConfig.model_validate({"source": name, name: {"preset": preset.value}}) \
         if preset is not WorldPreset.default else ModelConfig(source=name)
     from .worlds import world_for
@@ -118,10 +121,17 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
     """Unlearn the forget concept with the base method (optionally plus meta); resumes an interrupted run."""
     import shutil
 
+    from . import methods  # noqa: F401  (registers the methods)
+    from .errors import ConfigError
     from .layout import RunLayout, unlearn_label
-    from .stages import run_unlearn
+    from .registry import METHODS
+    from .stages import preflight, run_unlearn
+    from .unlearn import NOTHING_TO_TRAIN
 
     cfg = _config(config, set_, meta)
+    if METHODS.get(cfg.method.name, "method.name").impl.needs_meta and not cfg.meta.enabled:
+        raise ConfigError(NOTHING_TO_TRAIN.format(name=cfg.method.name) + "; add --meta")
+    preflight(cfg)
     for s in [seed] if seed is not None else cfg.seeds:
         if fresh:  # the checkpoints only: a finished model of these settings stays (and is returned as done)
             shutil.rmtree(RunLayout.of(cfg).unlearn(unlearn_label(cfg, s)) / "checkpoints", ignore_errors=True)
@@ -133,9 +143,10 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
 @user_errors
 def evaluate(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label: LabelOpt = None):
     """Sample every role's prompts and compute the study's metrics (concept rates by default)."""
-    from .stages import run_evaluate
+    from .stages import preflight, run_evaluate
 
     cfg = _config(config, set_)
+    preflight(cfg, unlearns=False)
     results, path = run_evaluate(cfg, model, label)
     for spec in results["specs"]:
         typer.echo(f"{spec['label']:>24}: {_value(results['values'].get(spec['key']), spec)}")
@@ -153,11 +164,12 @@ def _value(value, spec: dict) -> str:
 def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label: LabelOpt = None):
     """Run the study's relearning and benign finetuning attacks on a model (the original gives the
     reference curves) and write their curves."""
-    from .stages import run_attacks
+    from .stages import preflight, run_attacks
 
     cfg = _config(config, set_)
     if not cfg.attacks:
         raise MetaunlearnError("the study lists no attacks; add an 'attacks:' section")
+    preflight(cfg, unlearns=False)
     for curve in run_attacks(cfg, model, label):
         spec = curve["specs"][0]
         steps = "  ".join(f"{p['step']}:{_value(p['values'].get(spec['key']), spec)}" for p in curve["points"])
@@ -188,7 +200,7 @@ def durability(config: ConfigArg,
 def run(config: ConfigArg, set_: SetOpt = None,
         progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True,
         executor: Annotated[str, typer.Option(help="'sequential' (one process), or 'ray': the stage graph as Ray "
-                                                   "tasks (pip install 'metaunlearn[ray]').")] = "sequential",
+                                                   "tasks (pip install 'metaunlearn\\[ray]').")] = "sequential",
         address: Annotated[Optional[str], typer.Option(
             help="With --executor ray: a running Ray cluster ('auto', 'ray://host:10001'); default: a local one.")
         ] = None,

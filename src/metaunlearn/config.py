@@ -345,11 +345,18 @@ class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, 
     grad_clip: float = Field(0.0, ge=0, description="Attacker's max gradient norm; 0: no clipping.")
     eval_at: list[int] = Field(_DEFAULT_EVAL_AT, description=(
         "Steps at which the attacked model is evaluated (0 = before the attack)."))
-    seeds: Optional[list[int]] = Field(None, description=(
+    seeds: Optional[list[int]] = Field(None, min_length=1, description=(
         "Attack seeds; None = one attack per unlearned model with its unlearning seed (the original model: "
         "the study's first seed)."))
     save_final: bool = Field(False, description=(
         "Also save the attacked weights (full: a pipeline folder; lora: the adapter). Off: curves only."))
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and len(set(value)) != len(value):  # one curve would count as two in mean and std
+            raise ValueError(f"has duplicates: {value}")
+        return value
 
     @field_validator("eval_at")
     @classmethod
@@ -564,10 +571,21 @@ class StudyConfig(_Section):
 
     def fingerprint(self, *sections: str) -> str:
         """Short sha256 of the named top-level sections (all if none are named); a prompt file
-        counts by its content, so an edited file redoes what it feeds."""
+        counts by its content, so an edited file redoes what it feeds. How a run is carried out
+        (RUN_ONLY) does not count."""
         dumped = _with_file_digests(self.model_dump(mode="json"))
+        for section, keys in RUN_ONLY.items():
+            for key in keys:
+                dumped[section].pop(key, None)
         text = json.dumps({s: dumped[s] for s in sections or dumped}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Settings of how a run is carried out, not of what it computes: left out of every fingerprint, so a run
+# resumed with more frequent checkpoints, on another GPU, or with gradient checkpointing after running out of
+# memory keeps its checkpoints and what is done (first-order meta computes the same in place or not).
+RUN_ONLY = {"model": ("device",), "method": ("checkpoint_every", "log_every", "gradient_checkpointing"),
+            "meta": ("in_place",)}
 
 
 def _with_file_digests(dumped: dict) -> dict:

@@ -23,12 +23,13 @@ from typing import Any, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config import NAME_PATTERN, AttackConfig, StudyConfig
+from .config import NAME_PATTERN, AttackConfig, RoleConfig, StudyConfig
 from .errors import ConfigError, MetaunlearnError
 from .layout import RunLayout, attack_seeds, unlearned_models, write_json, write_text
 from .metrics import durability
 from .registry import Options
 from .schema_paths import describe_error
+from .worlds import world_for
 
 QUALITY = ("related_accuracy", "unrelated_accuracy")
 DESTRUCTIVE = 0.2  # an attack that costs the base model more unrelated accuracy than this destroys it
@@ -47,6 +48,8 @@ class GridConfig(Options):
     @model_validator(mode="after")
     def _reference_is_listed(self) -> GridConfig:
         names = [a.get("name") for a in self.attackers]
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"every attacker needs a name (attacker {[bool(n) for n in names].index(False)} has none)")
         repeated = sorted({str(n) for n in names if names.count(n) > 1})
         if repeated:  # one folder per attacker name: two would overwrite each other's curves
             raise ValueError(f"attacker names must be unique; repeated: {', '.join(repeated)}")
@@ -54,14 +57,24 @@ class GridConfig(Options):
             raise ValueError(f"reference '{self.reference}' is not one of the attackers ({', '.join(map(str, names))})")
         return self
 
-    def attacks(self) -> list[AttackConfig]:
+    def attacks(self, world=None) -> list[AttackConfig]:
+        """The attackers as attacks; with the study's built-in `world`, an attacker's own classes checked
+        and normalised by it, as a study's own attacks are."""
         out = []
         for i, spec in enumerate(self.attackers):
             data = {**self.defaults, **spec, "name": f"{self.name}.{spec.get('name')}"}
             try:
-                out.append(AttackConfig.model_validate(data))
+                attack = AttackConfig.model_validate(data)
             except ValidationError as err:
                 raise ConfigError(f"grid attackers.{i}: {describe_error(err.errors()[0], AttackConfig)}") from None
+            if isinstance(attack.data, RoleConfig) and attack.data.classes:
+                if world is None:
+                    raise ConfigError(f"grid attackers.{i}.data.classes needs a built-in world as model.source")
+                try:
+                    attack.data.classes = world.normalise_classes(attack.data.classes)
+                except ValueError as err:
+                    raise ConfigError(f"grid attackers.{i}.data.classes {err}") from None
+            out.append(attack)
         return out
 
 
@@ -83,6 +96,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
     from . import stages
 
+    stages.preflight(config)
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
     failed: list[dict] = []
@@ -111,7 +125,7 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     list, an attack that fails (one that diverges) is recorded there and the grid goes on; without, it raises."""
     from . import stages
 
-    attacks = grid.attacks()
+    attacks = grid.attacks(world_for(config.model))
     data = stages.attack_split(config, attacks, progress)
     metrics = metrics or stages.evaluator(config)  # the study's metrics: loaded once (detectors, features)
     curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}

@@ -371,8 +371,12 @@ class MetaObjective:
         ctx.generator.set_state(state)
         with self._attackable():
             self._stream(self._loss(forget, None, ctx), theta, shift)
+        def add(i, p, g, aside):  # the multiplier on the parameters' float32 gradients, as the first pass's: a
+            aside[i] = g.mul_(scale) if aside[i] is None else aside[i].add_(g, alpha=scale)  # loss times it
+            # would scale fp16 activation gradients by ~1e3 past the loss scale's overflow margin
+
         ctx.generator.set_state(state)
-        (self._loss(forget, None, ctx) * scale).backward(inputs=theta[:n])
+        self._stream(self._loss(forget, None, ctx), theta[:n], add)
         self._start(theta)
 
     def _attack_in_place(self, theta, forget, attacker, a, ctx, logs) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import traceback
 
+from . import stages
 from .config import StudyConfig
 from .errors import MetaunlearnError
 from .study import Book, Outcome, error_line, plan, report_stage
@@ -69,6 +70,7 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
                  log_to_driver=False, configure_logging=False)
     try:
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        stages.preflight(config)
         steps = plan(config)
         book = Book(config, len(steps) + 1)
         data = config.model_dump(mode="json")

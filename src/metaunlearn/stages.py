@@ -12,6 +12,7 @@ from pathlib import Path
 from . import layout
 from .config import AttackConfig, StudyConfig, prompt_file_digests
 from .data import ConceptData, prepare_concept_data
+from .errors import ConfigError
 from .layout import ORIGINAL, RunLayout, read_json, write_json
 from .model import DiffusionModel
 from .worlds import resolve_model_source, world_for
@@ -41,6 +42,24 @@ def concept_data(config: StudyConfig, model: DiffusionModel | None = None, split
     return prepare_concept_data(config, model or (lambda: load_model(config)), split,
                                 RunLayout.of(config).data_root(), progress=progress,
                                 log=print if progress else (lambda *_: None))
+
+
+def preflight(config: StudyConfig, unlearns: bool = True) -> None:
+    """What later stages read, checked before the first one (a mistake found after hours of training
+    would lose them): the evaluation prompts and their files, each metric's own inputs (FID's reference
+    folders), and, when models are unlearned, the forget rate a method that judges its edits needs."""
+    from . import methods, metrics  # noqa: F401  (their plugins register themselves)
+    from .metrics.evaluate import evaluation_entries
+    from .registry import METHODS, METRICS
+    from .unlearn import JUDGE_NEEDS_RATE
+
+    world = world_for(config.model)
+    evaluation_entries(config, world)
+    for name in config.evaluation.metrics:
+        METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
+    if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits \
+            and "concept_rate" not in config.evaluation.metrics:
+        raise ConfigError(JUDGE_NEEDS_RATE)
 
 
 def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:

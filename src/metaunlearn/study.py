@@ -175,6 +175,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
     """Run (or resume) the study; a failing stage is recorded, never fatal to the others."""
     from tqdm.auto import tqdm
 
+    stages.preflight(config)
     steps = [*plan(config, lambda text: book.log(text)), report_stage(config)]
     book = Book(config, len(steps))
     bar = tqdm(steps, desc="study", unit="stage", disable=not progress, dynamic_ncols=True)

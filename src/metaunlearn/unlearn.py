@@ -22,6 +22,8 @@ from .params import make_trainable
 from .worlds import world_for
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
+JUDGE_NEEDS_RATE = ("a method that chooses between candidate edits judges them by the forget rate: add "
+                    "concept_rate to evaluation.metrics")
 HELD_OUT_SEEDS = 500_000_000  # added to the evaluation seeds: the noise a method's own choices are judged on
 
 
@@ -29,11 +31,17 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
     """judge() -> the forget rate of `model` as it stands: the forget prompts sampled with seeds that
     no evaluation uses (a closed-form method choosing between candidate edits must not see those)."""
     from .config import RoleConfig
+    from .metrics.evaluate import evaluation_entries
     from .stages import evaluator
+    from .worlds import world_for
 
     ev = config.evaluation
+    # the forget prompts as plain text: a prompt file's own seeds (I2P's evaluation_seed) would give the judge
+    # exactly the samples the evaluation reports
+    forget = [e.prompt for e in evaluation_entries(config, world_for(config.model)).get("forget", [])]
     held_out = config.model_copy(update={
-        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS}),
+        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
+                                            "prompts": {"forget": forget} if forget else {}}),
         "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
     made = []
 
@@ -41,9 +49,8 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
         if not made:
             made.append(evaluator(held_out))
             if FORGET_RATE not in {v.key for v in made[0].values}:  # not the first metric's first value: it
-                raise ConfigError(  # may be a distance (FID) whose minimum is the edit that erased least
-                    "a method that chooses between candidate edits judges them by the forget rate: add "
-                    "concept_rate to evaluation.metrics")
+                # not the first metric's first value: it may be a distance (FID) whose minimum is the edit
+                raise ConfigError(JUDGE_NEEDS_RATE)  # that erased least
         results, _ = made[0].evaluate(model, progress=False)
         rate = results["values"][FORGET_RATE]
         if rate is None:

@@ -33,6 +33,7 @@ class Method:
     closed_form: ClassVar[bool] = False  # True: `edit` does the unlearning, no training steps of its own
     needs_meta: ClassVar[bool] = False  # True: nothing to do without the meta objective ('none')
     has_target: ClassVar[bool] = False  # True: `target` is implemented
+    judges_edits: ClassVar[bool] = False  # True: `edit` chooses between candidates by the forget rate (RECE)
     default_params: ClassVar[str] = "noxattn"  # the trained weights `params: auto` stands for
 
     def __init__(self, config: MethodConfig, guide: str = ""):

@@ -41,6 +41,7 @@ def adversarial_keys(edited: list[torch.Tensor], original: list[torch.Tensor], k
 
 @METHODS.register("rece", ReceOptions, help="RECE: UCE plus closed-form adversarial embeddings erased in rounds")
 class ReceMethod(UceMethod):
+    judges_edits = True  # its rounds, by the forget rate of held-out samples
     def edit(self, model, data, judge=None) -> None:
         keys = self.keys(model, data)
         self.apply(model, keys)  # round 0: UCE

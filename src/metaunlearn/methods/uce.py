@@ -162,8 +162,12 @@ class UceMethod(Method):
         return Terms(terms)
 
     def finish(self, model, data) -> None:
-        """Route 'reapply': solve again on the weights the meta stage left, toward the first edit's targets."""
-        if self.options.meta_route == "reapply" and hasattr(self, "solved_keys"):
+        """Route 'reapply': solve again on the weights the meta stage left, toward the first edit's targets;
+        only after a stage that trained the projections (the edit is no fixed point of its own solve: a
+        second solve on unchanged weights would erase further, and a base model would not be UCE's)."""
+        trained = getattr(self, "trainable", {})
+        if self.options.meta_route == "reapply" and hasattr(self, "solved_keys") and \
+                any(n in trained for n in self.targets):
             keys, opts = self.solved_keys, self.options
             with torch.no_grad():
                 for name, module in projections(model.unet).items():

@@ -91,5 +91,10 @@ class Metric:
     def __init__(self, options: Options, context: Context):
         self.options, self.context = options, context
 
+    @classmethod
+    def check(cls, options: Options, config, world) -> None:
+        """Raise MetaunlearnError for inputs this metric will read that are missing (reference folders,
+        files): run before a study's first stage, so no training is spent before the mistake shows."""
+
     def compute(self, samples: Samples, model: DiffusionModel) -> Result:
         raise NotImplementedError

@@ -67,9 +67,16 @@ class Fid(Metric):
         self._references: dict[str, torch.Tensor] = {}
 
     def reference_of(self, role: str) -> str:
-        given = self.options.reference
-        ref = given.get(role, "auto") if isinstance(given, dict) else given
-        return ("world" if self.context.world is not None else "original") if ref == "auto" else ref
+        return _reference(self.options, role, self.context.world)
+
+    @classmethod
+    def check(cls, options: FidOptions, config, world) -> None:
+        for role in options.roles:
+            ref = _reference(options, role, world)
+            if ref == "world":
+                _world_classes(world, getattr(config.concepts, role).classes, role)
+            elif ref != "original":
+                _image_paths(ref, limit=2)
 
     def compute(self, samples: Samples, model=None) -> Result:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -144,13 +151,34 @@ class Fid(Metric):
             return source.of_role(role)
         size = samples.images.shape[-1]
         if ref == "world":
-            world = self.context.world
-            classes = getattr(self.context.config.concepts, role).classes
-            if world is None or not classes:
-                raise MetaunlearnError(f"FID reference 'world' for role {role} needs a built-in world and "
-                                       f"concepts.{role}.classes")
+            world, classes = self.context.world, getattr(self.context.config.concepts, role).classes
+            _world_classes(world, classes, role)
             return world.reference_images(classes, size)
         return folder_images(ref, size, self.options.reference_limit)
+
+
+def _reference(options: FidOptions, role: str, world) -> str:
+    given = options.reference
+    ref = given.get(role, "auto") if isinstance(given, dict) else given
+    return ("world" if world is not None else "original") if ref == "auto" else ref
+
+
+def _world_classes(world, classes: list[str], role: str) -> None:
+    if world is None or not classes:
+        raise MetaunlearnError(f"FID reference 'world' for role {role} needs a built-in world and "
+                               f"concepts.{role}.classes")
+
+
+def _image_paths(folder: str, limit: int) -> list[Path]:
+    """The first `limit` images of a reference folder (recursively, sorted by path); at least 2."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise MetaunlearnError(f"FID reference folder '{folder}' does not exist; give a folder of real images "
+                               "(e.g. COCO val2014), 'original' or 'world'")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if len(paths) < 2:
+        raise MetaunlearnError(f"FID reference folder '{folder}' has {len(paths)} image(s); it needs at least 2")
+    return paths
 
 
 class _Given(torch.nn.Module):
@@ -169,14 +197,8 @@ def folder_images(folder: str, size: int, limit: int) -> torch.Tensor:
     and resized to size x size, in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise MetaunlearnError(f"FID reference folder '{folder}' does not exist; give a folder of real images "
-                               "(e.g. COCO val2014), 'original' or 'world'")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if len(paths) < 2:
-        raise MetaunlearnError(f"FID reference folder '{folder}' has {len(paths)} image(s); it needs at least 2")
     images = []
+    paths = _image_paths(folder, limit)
     for path in paths:
         try:
             image = Image.open(path).convert("RGB")
