@@ -228,3 +228,18 @@ def test_the_judge_of_rece_rounds_never_draws_a_prompt_file_s_evaluation_seeds(t
     assert 0 <= forget_judge(config, tiny_model)() <= 1
     assert len(drawn) == 1 and len(drawn[0]) == 4  # both prompts, two samples each
     assert not set(drawn[0]) & {5, 6, 9, 10}  # the evaluation's own samples of these prompts
+
+
+def test_a_resumed_rece_run_replays_its_verdicts_and_keeps_its_round(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import metaunlearn.unlearn as unlearn_module
+
+    verdicts = {"first": iter([0.5, 0.2, 0.4]), "again": iter([0.0, 0.9, 0.9])}  # a second judging would keep 0
+    runs = iter(["first", "again"])
+    monkeypatch.setattr(unlearn_module, "forget_judge", lambda config, model: (lambda it: lambda: next(it))(
+        verdicts[next(runs)]))
+    config = make_config(tiny_pipeline_dir, "method.name=rece", "method.rece.rounds=2", "method.params=full",
+                         "meta.enabled=true", "method.lr=1e-4")
+    crash_then_resume(config, tiny_pipeline_dir, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "done" and record["rece"] == {"forget_rate_by_round": [0.5, 0.2, 0.4], "kept_round": 1}
+    assert next(verdicts["again"]) == 0.0  # the resumed run judged nothing

@@ -273,7 +273,8 @@ class MetaConfig(_Section):
         "regresses to the base method's target instead; 'capped' stops ascending past `cap`."))
     cap: float = Field(4.0, gt=0, description=(
         "With target 'capped': an ascent term stops (no gradient) once the post-attack loss exceeds cap x the "
-        "original model's denoising loss on that role, measured at setup; so it means the same at every scale."))
+        "denoising loss on that role of the model training starts from (the original; a closed-form method's "
+        "edit), measured at setup; so it means the same at every scale."))
     retain: Literal["denoise", "distill"] = Field("distill", description=(
         "How the terms that keep related and unrelated concepts intact measure them: their denoising loss, or "
         "the distance to the original model's predictions on the same noised images (distillation)."))
@@ -289,8 +290,8 @@ class MetaConfig(_Section):
     unrelated_before: float = Field(1.0, description="d (gamma1_1): weight of +L(θ; unrelated) before the attack.")
     unrelated_after: float = Field(0.0, description="e (gamma2_3): weight of −L(θ'; unrelated), reference code.")
     forget_sharpness: float = Field(1.0, ge=0, description=(
-        "Weight of max(0, r² − sharpness_cap²), r = ||∇L(θ; forget)|| over the original model's (measured at "
-        "setup): the term of the paper's first-order analysis that first-order meta drops. It keeps the forget "
+        "Weight of max(0, r² − sharpness_cap²), r = ||∇L(θ; forget)|| over the starting model's (measured at "
+        "setup, as `cap`): the term of the paper's first-order analysis that first-order meta drops. It keeps the forget "
         "loss a plateau, not a cliff: finetuning steps on the concept stay small instead of wrecking the model "
         "(one extra forward/backward)."))
     sharpness_cap: float = Field(4.0, ge=0, description="The gradient-norm ratio r allowed before the penalty acts.")

@@ -7,6 +7,7 @@ objective, trained by the engine into a run folder that resumes after a kill.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import StudyConfig
@@ -61,6 +62,19 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
     return judge
 
 
+def recorded_judge(judge: Callable[[], float], replay: list[float] | None) -> tuple[Callable[[], float], list]:
+    """`judge`, its verdicts recorded in the list returned with it; the first ones taken from `replay` (an
+    interrupted run's) instead of judged again."""
+    verdicts: list[float] = []
+
+    def recorded() -> float:
+        k = len(verdicts)
+        verdicts.append(replay[k] if replay is not None and k < len(replay) else judge())
+        return verdicts[-1]
+
+    return recorded, verdicts
+
+
 def preservation_data(data: ConceptData) -> RoleData | None:
     parts = [r for r in (data.related, data.unrelated) if r is not None and len(r)]
     return RoleData.concat(parts, role="benign") if parts else None
@@ -105,11 +119,19 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
     write_text(out_dir / "config.yaml", config.to_yaml())
     running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
-    write_json(out_dir / RUN_STATUS, {**running, **({"released": done} if done else {})})
+    # an interrupted run's verdicts on candidate edits: replayed, so the resumed run keeps the edit its
+    # checkpoints were trained from (sampling on a GPU need not repeat bit for bit), without sampling again
+    judged = status.get("judged") if status.get("fingerprint") == fingerprint else None
+    released = {"released": done} if done else {}
+    write_json(out_dir / RUN_STATUS, {**running, **released})
 
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it)
-    method.edit(model, data, forget_judge(config, model))
+    judge, verdicts = recorded_judge(forget_judge(config, model), judged)
+    method.edit(model, data, judge)
+    if verdicts:
+        running["judged"] = verdicts
+        write_json(out_dir / RUN_STATUS, {**running, **released})
     steps, earlier = 0, {}
     if not method.closed_form or config.meta.enabled or extra:
         trainable = make_trainable(model.unet, method.trained_params(cfg))
