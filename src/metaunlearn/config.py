@@ -291,9 +291,9 @@ class MetaConfig(_Section):
     unrelated_after: float = Field(0.0, description="e (gamma2_3): weight of −L(θ'; unrelated), reference code.")
     forget_sharpness: float = Field(1.0, ge=0, description=(
         "Weight of max(0, r² − sharpness_cap²), r = ||∇L(θ; forget)|| over the starting model's (measured at "
-        "setup, as `cap`): the term of the paper's first-order analysis that first-order meta drops. It keeps the forget "
-        "loss a plateau, not a cliff: finetuning steps on the concept stay small instead of wrecking the model "
-        "(one extra forward/backward)."))
+        "setup, as `cap`): the term of the paper's first-order analysis that first-order meta drops. It keeps "
+        "the forget loss a plateau, not a cliff: finetuning steps on the concept stay small instead of wrecking "
+        "the model (one extra forward/backward)."))
     sharpness_cap: float = Field(4.0, ge=0, description="The gradient-norm ratio r allowed before the penalty acts.")
     unrelated_kept: float = Field(1.0, ge=0, description=(
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
