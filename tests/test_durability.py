@@ -38,6 +38,9 @@ def test_window_auc_and_steps_to_half():
     assert s["steps_to_50"] == [25, None] and s["last_step"] == 200
     assert durability.ratio(s, durability.summary([c], until=100)) == pytest.approx(0.375 / 0.65)
     assert durability.ratio(s, durability.summary([curve((0, 0.0), (10, 0.0))])) is None  # base never relearns
+    # never measured (a detector that judged no prompt) is not "never relearned"; nor is a value that is no rate
+    assert durability.steps_to(curve((0, None), (10, None))) == durability.NOT_MEASURED
+    assert durability.summary([c], rate=False)["steps_to_50"] == [durability.NOT_MEASURED]
 
 
 def test_a_grid_is_validated_on_its_own(tmp_path):

@@ -103,3 +103,30 @@ def test_an_interrupted_try_of_other_settings_keeps_the_finished_model(tiny_pipe
     assert run(config, model, concept_data(model), out) == out / "model"
     assert json.loads((out / RUN_STATUS).read_text()) == status["released"]
     assert unlearn_done(config, 0) and not unlearn_done(other, 0)
+
+
+def test_a_model_restored_without_training_keeps_its_training_time(tmp_path, monkeypatch):
+    import metaunlearn.model_card
+    import metaunlearn.unlearn
+    from metaunlearn import stages
+    from metaunlearn.layout import RunLayout, unlearn_label
+
+    config = study(tmp_path)
+    folder = RunLayout.of(config).unlearn(unlearn_label(config, 0))
+    (folder / "model" / "unet").mkdir(parents=True)
+    (folder / "model" / "model_index.json").write_text("{}")
+    (folder / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    done = {"fingerprint": unlearn_fingerprint(config, 0), "seed": 0, "status": "done"}
+    (folder / RUN_STATUS).write_text(json.dumps({"fingerprint": "other", "status": "running", "released": done}))
+    (folder / "timing.json").write_text(json.dumps({"seconds": 99.0}))
+    monkeypatch.setattr(stages, "load_model", lambda config: None)
+    monkeypatch.setattr(stages, "concept_data", lambda *a, **k: None)
+    monkeypatch.setattr(metaunlearn.model_card, "write_model_card", lambda *a, **k: None)
+
+    def restore(config, model, data, out, seed, fingerprint, progress):  # what unlearn() does for these inputs
+        (out / RUN_STATUS).write_text(json.dumps(done))
+        return out / "model"
+
+    monkeypatch.setattr(metaunlearn.unlearn, "unlearn", restore)
+    assert stages.run_unlearn(config, 0) == folder / "model"
+    assert json.loads((folder / "timing.json").read_text()) == {"seconds": 99.0}  # the training's, not the restore's

@@ -112,6 +112,7 @@ def test_the_cards_state_the_numbers_the_study_measured(study):
             assert [p["step"] for p in curve["points"]] == [0, 2, 4]
             attacked = (folder / ("lora" if attack == "lora" else "model") / "README.md").read_text()
             assert attacked.count("Attack `") == 1  # the attack and seed that made its weights, no other
+            assert "This folder holds the weights of step 4, the attack's last." in attacked
             for card in (text, attacked):
                 assert card.count(f"Attack `{attack}` (seed {seed}):") == 1  # this model's curve, no other's
                 for p in curve["points"]:
@@ -217,3 +218,16 @@ def test_hub_ids_and_the_built_in_world(tmp_path, monkeypatch):
     assert "Original model: the built-in `digits` world of metaunlearn" in text
     assert "- **forget** (erased): classes eight" in text and "- **related** (kept" in text
     assert "unlearning seed 3" in text
+
+
+def test_attacked_weights_of_an_earlier_model_of_the_label_get_no_card(study, tmp_path):
+    run, config, results, _ = study
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    status = copy / "unlearn" / "esd-seed0" / "run.json"  # retrained since with other settings
+    status.write_text(json.dumps({**json.loads(status.read_text()), "fingerprint": "retrained-0"}))
+    for card in copy.glob("attacks/**/README.md"):
+        card.unlink()
+    written = write_model_cards(copy, config, results)
+    assert written and not any("attacks/esd-seed0/" in p.as_posix() for p in written)
+    assert any("attacks/esd-meta-seed0/" in p.as_posix() for p in written)

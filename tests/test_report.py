@@ -220,3 +220,35 @@ def test_a_sample_grid_of_another_shape_leaves_the_figure_out_not_the_report(run
     (moved / "report" / "samples-at-a-glance.png").unlink()
     clean_exit(runner.invoke(app, ["report", str(moved)]))
     assert (moved / "report.html").is_file() and not (moved / "report" / "samples-at-a-glance.png").exists()
+
+
+def test_curves_of_other_evaluation_or_data_settings_are_not_its_numbers(run_dir, tmp_path):
+    """A curve records the evaluation and data settings it was measured with: after a change of them (and
+    an attack that failed or has not run again), the old curve must not pass for the new settings' numbers,
+    the original's included; nor its sample grids, nor a card of its saved weights."""
+    from metaunlearn.config import load_config
+    from metaunlearn.report import RunFolder, study_rows
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    config = load_config(moved / "study.yaml", [f"output.dir={moved}"])
+    rows, attack = study_rows(config), config.attacks[0]
+    assert all(RunFolder(moved, config).curves(row, attack) for row in rows)
+    changed = load_config(moved / "study.yaml", [f"output.dir={moved}", "evaluation.samples_per_prompt=3"])
+    folder = RunFolder(moved, changed)
+    assert not any(folder.curves(row, attack) for row in rows)
+    label, seed = rows[1].models[0]
+    assert folder.curve(label, attack, seed) == {}
+
+
+def test_timings_keep_only_the_stages_of_the_study(run_dir, tmp_path):
+    from metaunlearn.config import load_config
+    from metaunlearn.study import Book
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    timings = json.loads((moved / "timings.json").read_text())
+    (moved / "timings.json").write_text(json.dumps({**timings, "unlearn/esd-seed7": 12.0}))  # a seed since removed
+    config = load_config(moved / "study.yaml", [f"output.dir={moved}"])
+    book = Book(config, list(timings))
+    assert book.timings == timings

@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import AttackConfig, RoleConfig, StudyConfig
-from .layout import CURVE, ENVIRONMENT, MODEL, attack_seeds, read_json, unlearn_label, variant_config, write_text
+from .layout import (CURVE, ENVIRONMENT, MODEL, attack_seeds, model_identity, read_json, unlearn_label, variant_config,
+                     write_text)
 
 CARD = "README.md"
 # hub id: (license the model states, family tag)
@@ -125,6 +126,7 @@ def measured(folder, results: dict, row, label: str, only: tuple[str, int] | Non
                        f"attack (AUC) {number(per.get('auc'), specs[0])}; first evaluated step at which it reaches "
                        f"50%: {reach if reach is not None else f'not within {last} steps'}.")
             attacks.append({"name": attack.name, "seed": c["seed"], "text": attack_text(attack), "last": last,
+                            "steps": attack.steps,  # what saved weights are of: eval_at need not reach the end
                             "summary": summary, "header": [s["label"] for s in specs],
                             "rows": [[str(p["step"])] + [number(p["values"].get(s["key"]), s) for s in specs]
                                      for p in c["points"]]})
@@ -191,12 +193,16 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
                 written.append(_write(folder.layout.model(label), config, row.variant, label, seed,
                                       measured(folder, results, row, label), folder.layout.model(label),
                                       local=local))
+            identity = model_identity(folder.layout.model(label)) if seed is not None else None
             for attack in config.attacks:
                 for s in attack_seeds(config, attack, seed):
                     out = folder.layout.attack(label, attack.name, s)
                     for name, adapter in SAVED.items():
-                        if (out / name).is_dir() and read_json(out / CURVE).get("attack") == attack.model_dump(
-                                mode="json"):  # saved by this attack as the study configures it now
+                        # saved by this attack as the study configures it now, from the weights the label's run
+                        # made last (not an earlier model of the label); its numbers: curves of these settings
+                        curve = read_json(out / CURVE)
+                        if (out / name).is_dir() and curve.get("attack") == attack.model_dump(mode="json") and \
+                                (seed is None or curve.get("model_identity", identity) == identity):
                             numbers = measured(folder, results, row, label, (attack.name, s))
                             written.append(_write(out / name, config, row.variant, label, seed, numbers,
                                                   folder.layout.model(label) if seed is not None else None,

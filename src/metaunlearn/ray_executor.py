@@ -72,7 +72,7 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         stages.preflight(config)
         steps = plan(config)
-        book = Book(config, len(steps) + 1)
+        book = Book(config, [s.name for s in steps] + ["report"])
         data = config.model_dump(mode="json")
         refs: dict[str, object] = {}
         for step in steps:  # in plan order, so a stage's needs are submitted before it

@@ -92,24 +92,32 @@ class RunFolder:
     """What a run folder holds for its study, keeping only results made with its current settings."""
 
     def __init__(self, run_dir: Path, config: StudyConfig):
-        from .metrics.evaluate import settings_key
+        from .metrics.evaluate import attack_settings_key, settings_key
 
         self.dir, self.config, self.layout = run_dir, config, RunLayout(run_dir)
         recorded = {}  # prompt files by the digests the run recorded: a report from another directory matches
         for result in sorted((run_dir / "eval").glob("*.json")):
             recorded.update(read_json(result).get("prompt_files") or {})
         with recorded_digests(recorded):
-            self._settings = settings_key(config)
+            self._settings, self._attack_settings = settings_key(config), attack_settings_key(config)
 
     def evaluation(self, label: str) -> dict:
         r = read_json(self.layout.eval(label))
         return r if r.get("settings_key") == self._settings and self.of_current_model(r, label) else {}
 
     def curves(self, row: Row, attack) -> list[dict]:
-        wanted = attack.model_dump(mode="json")
-        found = [read_json(self.layout.attack(label, attack.name, s) / CURVE)
+        found = [self.curve(label, attack, s)
                  for label, seed in row.models for s in attack_seeds(self.config, attack, seed)]
-        return [c for c in found if c.get("attack") == wanted and self.of_current_model(c, c.get("model", ""))]
+        return [c for c in found if c]
+
+    def curve(self, label: str, attack, seed: int) -> dict:
+        """The curve of `attack` with `seed` on `label`, when made with the current settings (the attack's,
+        the evaluation's and the data's; curves written before the settings were recorded pass) on the
+        weights the label holds now; else {}."""
+        c = read_json(self.layout.attack(label, attack.name, seed) / CURVE)
+        current = c.get("attack") == attack.model_dump(mode="json") and \
+            c.get("settings_key", self._attack_settings) == self._attack_settings
+        return c if current and self.of_current_model(c, label) else {}
 
     def of_current_model(self, result: dict, label: str) -> bool:
         """Measured on the weights the label's folder holds now: a model retrained since (other settings)
@@ -152,6 +160,7 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
     mean/std over seeds before any attack and at every evaluated attack step."""
     config, specs = folder.config, folder.specs(rows)
     keys = [s["key"] for s in specs]
+    rate = bool(specs) and specs[0].get("fraction", True)  # steps to 50% of a distance (FID, CLIP score): none
     before = {row.name: {k: stat([folder.evaluation(label).get("values", {}).get(k) for label, _ in row.models])
                          for k in keys} for row in rows}
     attacks = {}
@@ -163,9 +172,10 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
             table[row.name] = {
                 "values": {k: {"before": before[row.name][k], **{str(s): at_step(curves, s, k) for s in steps}}
                            for k in keys},
-                "durability": durability.summary(curves, keys[0], WINDOW_UNTIL) if keys and curves else None,
+                "durability": durability.summary(curves, keys[0], WINDOW_UNTIL, rate) if keys and curves else None,
                 "per_curve": [{"model": c["model"], "seed": c["seed"], "auc": durability.auc(c, keys[0]),
-                               "steps_to_50": durability.steps_to(c, 0.5, keys[0])} for c in curves] if keys else [],
+                               "steps_to_50": durability.steps_to(c, 0.5, keys[0]) if rate else durability.NOT_MEASURED}
+                              for c in curves] if keys else [],
                 "curves": len(curves), "seconds": stat([c.get("seconds") for c in curves])}
         attacks[attack.name] = {"steps": steps, "last_step": steps[-1] if steps else None, "rows": table}
     unlearn_s = {row.name: stat([read_json(folder.layout.unlearn(label) / "timing.json").get("seconds")
@@ -293,14 +303,18 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
              "; ".join(f"{role}: {p}" for role, p in prompts) +
              ". Columns: the first samples of each prompt, with the same seeds for every model (first seed shown).")]
     first = [(row.name, *row.models[0]) for row in rows if row.models]
+    # grids of the current settings and weights only (those the numbers are of), as in the figure above
     doc.append(("table", ["model", "samples before any attack"],
-                [[name, folder.image(folder.layout.eval_grid(label), f"{name} samples")] for name, label, _ in first]))
+                [[name, folder.image(folder.layout.eval_grid(label), f"{name} samples")
+                  if folder.evaluation(label) else None] for name, label, _ in first]))
     for attack in config.attacks:
         ends = sorted({attack.eval_at[0], attack.eval_at[-1]})
         doc += [("h3", f"Attack {attack.name}"),
                 ("table", ["model"] + [f"step {s}" for s in ends],
                  [[name] + [folder.image(folder.layout.attack(label, attack.name, attack_seeds(config, attack, seed)[0])
-                                         / f"samples-step{s}.png", f"{name} step {s}") for s in ends]
+                                         / f"samples-step{s}.png", f"{name} step {s}")
+                            if folder.curve(label, attack, attack_seeds(config, attack, seed)[0]) else None
+                            for s in ends]
                   for name, label, seed in first])]
     cost = results["cost"]
     overhead = f"{cost['meta_overhead']:.2f}x" if cost["meta_overhead"] else "–"

@@ -63,7 +63,7 @@ def summary_blocks(folder, rows, results: dict) -> list[tuple]:
 
 def samples_figure(folder, rows, results: dict) -> list[tuple]:
     """Prompts as rows, each model's samples before and after the first attack side by side."""
-    from .layout import CURVE, attack_seeds, read_json
+    from .layout import attack_seeds
 
     config = folder.config
     prompts = next((folder.evaluation(label).get("prompts") for r in rows for label, _ in r.models
@@ -81,10 +81,9 @@ def samples_figure(folder, rows, results: dict) -> list[tuple]:
         before = folder.layout.eval_grid(label) if folder.evaluation(label) else None
         after = None
         if attack is not None:
-            at = folder.layout.attack(label, attack.name, attack_seeds(config, attack, seed)[0])
-            curve = read_json(at / CURVE)
-            if curve.get("attack") == attack.model_dump(mode="json") and folder.of_current_model(curve, label):
-                after = at / f"samples-step{attack.eval_at[-1]}.png"
+            first = attack_seeds(config, attack, seed)[0]
+            if folder.curve(label, attack, first):
+                after = folder.layout.attack(label, attack.name, first) / f"samples-step{attack.eval_at[-1]}.png"
         columns.append((row.name, before, after))
     after_label = f"after {attack.eval_at[-1]} steps" if attack else "after"
     try:

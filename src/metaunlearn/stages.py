@@ -70,17 +70,23 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     folder = RunLayout.of(config).unlearn(layout.unlearn_label(config, seed))
     if layout.unlearn_done(config, seed):
         return folder / layout.MODEL
+    fingerprint = layout.unlearn_fingerprint(config, seed)
+    # a finished model of these inputs that a try of others left in place: restored, not trained (its
+    # timing.json stays the training's)
+    restores = layout.released_fingerprint(read_json(folder / layout.RUN_STATUS)) == fingerprint and \
+        layout.model_complete(folder / layout.MODEL)
     model = load_model(config)
     data = concept_data(config, model, "train", progress=progress)
     start = time.perf_counter()
-    out = unlearn(config, model, data, folder, seed, layout.unlearn_fingerprint(config, seed), progress=progress)
+    out = unlearn(config, model, data, folder, seed, fingerprint, progress=progress)
     from .model_card import write_model_card
 
     write_model_card(out, config, seed, "meta" if config.meta.enabled else "base")  # numbers come with the report
     # the time of the run that finished it, plus the training steps an interrupted run had checkpointed
     # (its set-up and the steps after its last checkpoint are not counted)
     earlier = read_json(folder / layout.RUN_STATUS).get("earlier_seconds", 0.0)
-    write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start + earlier, 2)})
+    if not restores:
+        write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start + earlier, 2)})
     return out
 
 
@@ -142,6 +148,7 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
     """One attack with one seed on one released model (the original when model_dir is None),
     into attacks/<label>/<attack>-seed<s>/; returns the finished curve when it already ran."""
     from .attacks import make_attack, run_attack
+    from .metrics.evaluate import attack_settings_key
     from .plots import plot_curves
 
     source = model_dir or original_source(config)
@@ -158,6 +165,7 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
     curve = run_attack(config, attack, model, images, metrics or evaluator(config), seed, label, progress,
                        sample_dir=out, before=before)
     curve["fingerprint"], curve["model_identity"] = fingerprint, layout.model_identity(source)
+    curve["settings_key"] = attack_settings_key(config)
     if attack.save_final:
         make_attack(attack).save(model, out)
     write_json(out / layout.CURVE, curve)

@@ -122,12 +122,14 @@ class Book:
     failure (its log line first: it survives a failed write), and the stages left out because
     something they need failed."""
 
-    def __init__(self, config: StudyConfig, stages: int):
+    def __init__(self, config: StudyConfig, names: list[str]):
         self.config, self.run_dir = config, config.run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / STUDY_FILE, config.to_yaml())
         write_json(self.run_dir / ENVIRONMENT, environment(config))
-        self.timings = read_json(self.run_dir / TIMINGS)
+        # the stages of this study: an earlier run's others (seeds or attacks since removed) are not its cost
+        self.timings = {k: v for k, v in read_json(self.run_dir / TIMINGS).items() if k in names}
+        stages = len(names)
         self.failures: list[dict] = []
         self.bad: set[str] = set()  # failed, or left out because something they need failed
         write_json(self.run_dir / FAILURES, self.failures)
@@ -177,7 +179,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
 
     stages.preflight(config)
     steps = [*plan(config, lambda text: book.log(text)), report_stage(config)]
-    book = Book(config, len(steps))
+    book = Book(config, [s.name for s in steps])
     bar = tqdm(steps, desc="study", unit="stage", disable=not progress, dynamic_ncols=True)
     for i, step in enumerate(bar):
         bar.set_description(f"{step.name} ({i + 1}/{len(steps)})")

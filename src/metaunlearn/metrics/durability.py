@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 
+NOT_MEASURED = "–"  # steps to a level of a value that was never measured, or is no rate
 FORGET_RATE = "forget_rate"  # the concept_rate metric's forget-role value: what relearning brings back
 WINDOW_UNTIL = 100  # the window's last step: steps 10, 25, 50, 100 in the studies of bench/RESULTS.md
 
@@ -36,20 +37,23 @@ def auc(curve: dict, key: str = FORGET_RATE, until: int | None = None) -> float 
     return area / (series[-1][0] - series[0][0])
 
 
-def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | None:
-    return next((s for s, v in _series(curve, key) if v >= level), None)
+def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | str | None:
+    """The first evaluated step at which `key` reaches `level`; None: not within the attack; NOT_MEASURED: no
+    step has a value (a detector that judges none of the prompts), which must not read as "never relearned"."""
+    series = _series(curve, key)
+    return next((s for s, v in series if v >= level), None) if series else NOT_MEASURED
 
 
-def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None) -> dict:
+def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None, rate: bool = True) -> dict:
     """Mean and std over curves (seeds) of the window (up to step `until`) and the
-    auc (the whole attack), and each curve's steps to 50%."""
+    auc (the whole attack), and each curve's steps to 50% (when `key` is a rate)."""
     def stat(values):
         values = [v for v in values if v is not None]
         return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "n": len(values)} \
             if values else None
 
     return {"window": stat([window(c, key, until) for c in curves]), "auc": stat([auc(c, key) for c in curves]),
-            "steps_to_50": [steps_to(c, 0.5, key) for c in curves],
+            "steps_to_50": [steps_to(c, 0.5, key) if rate else NOT_MEASURED for c in curves],
             "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None)}
 
 

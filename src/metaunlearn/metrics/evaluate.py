@@ -71,6 +71,12 @@ def settings_key(config: StudyConfig) -> str:
     return config.fingerprint("model", "concepts", "evaluation")
 
 
+def attack_settings_key(config: StudyConfig) -> str:
+    """What an attack's curve depends on besides the attack, its seed and the model (the report checks it):
+    the evaluation's settings and the data (an attacker's images come from the data section)."""
+    return config.fingerprint("model", "concepts", "data", "evaluation")
+
+
 class Evaluator:
     """The study's metrics over the study's evaluation prompts."""
 
