@@ -2,13 +2,16 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# where torch comes from: pip's configured index by default (this project's machines serve the CPU build);
+# elsewhere on Linux, TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" avoids the CUDA wheels
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(TORCH_INDEX)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,nudenet,ray]"
 	touch $(STAMP)
 

@@ -2,7 +2,7 @@
 (`FEATURES`) so the metric runs offline in tests and on what a study trusts:
 
 - 'inception': the InceptionV3 of FID as torchmetrics and torch-fidelity
-  compute it (2048-d pool features; needs `pip install torchmetrics[image]`
+  compute it (2048-d pool features; needs `pip install 'metaunlearn[inception]'`
   and its weights, downloaded once or given as a file);
 - 'clip': a CLIP image encoder's embeddings (FD on CLIP features, which
   tracks human judgement of generated images better than Inception's);
@@ -59,8 +59,9 @@ class InceptionFeatures(Features):
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=options.weights).to(available_device("auto"))
         except (ImportError, ModuleNotFoundError):
-            raise MetaunlearnError("FID's Inception features need torch-fidelity: pip install 'torchmetrics[image]'; "
-                                   "or set the fid metric's features to 'clip' or a world's own") from None
+            raise MetaunlearnError("FID's Inception features need torch-fidelity: pip install "
+                                   "'metaunlearn[inception]'; or set the fid metric's features to 'clip' or a "
+                                   "world's own") from None
         except Exception as err:  # a failed weights download comes in many types
             raise MetaunlearnError(f"cannot load FID's Inception weights ({str(err).splitlines()[0]}); give them as "
                                    "evaluation.fid.inception.weights") from None
