@@ -139,3 +139,25 @@ def test_bad_attack_config_fails_with_its_key(attack_, message):
 
     with pytest.raises(ConfigError, match=message):
         study(**attack_)
+
+
+def test_a_saved_lora_adapter_loads_at_the_strength_it_was_trained_with(tiny_pipeline_dir, tmp_path):
+    """alpha != rank: a loader that finds no alpha in the file takes alpha = rank."""
+    from test_export import _unet_out
+
+    from metaunlearn import DiffusionModel
+    from metaunlearn.attacks import make_attack
+
+    config = study(kind="lora", lora={"rank": 2, "alpha": 8})
+    model, lora = DiffusionModel.load(tiny_pipeline_dir), make_attack(config.attacks[0])
+    lora.trainable(model)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    attacked = _unet_out(model)
+    lora.save(model, tmp_path)
+    loaded = DiffusionModel.load(tiny_pipeline_dir)
+    loaded.pipe.load_lora_weights(tmp_path / "lora")
+    assert not torch.allclose(attacked, _unet_out(DiffusionModel.load(tiny_pipeline_dir)), atol=1e-4)
+    torch.testing.assert_close(_unet_out(loaded), attacked, rtol=1e-4, atol=1e-5)

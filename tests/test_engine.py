@@ -139,3 +139,10 @@ def test_training_values_reach_accelerate_trackers():
     steps = tracker.logged[1:]
     assert [s for s, _ in steps] == [1, 2, 3, 4]
     assert {"loss", "mse", "seen", "grad_norm", "lr"} <= set(steps[0][1])
+
+
+def test_float16_weights_are_refused_before_any_step():
+    module = torch.nn.Linear(3, 1).half()
+    with pytest.raises(TrainingError, match="float16 weights cannot be trained.*model.mixed_precision fp16"):
+        Engine(module, dict(module.named_parameters()), {"toy": lambda ctx: Terms()},
+               OptimizerSettings(steps=2, batch_size=1), 3, Accelerator(cpu=True))

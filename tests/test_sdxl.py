@@ -106,3 +106,12 @@ def test_the_sdxl_nudity_config_unlearns_and_evaluates_a_tiny_sdxl(sdxl_dir, tmp
     values = results["values"]
     assert values["forget_rate"] is not None and values["forget_rate@0.45"] is not None
     assert values["clip_score_unrelated"] is not None and values["fid_unrelated"] is not None
+
+
+def test_esd_u_leaves_sdxl_s_added_conditioning_embedding_alone(sdxl_dir):
+    from metaunlearn.params import select_names
+
+    unet = DiffusionModel.load(sdxl_dir).unet
+    added = [n for n, _ in unet.named_parameters() if n.startswith("add_embedding.")]
+    assert added and not set(added) & set(select_names(unet, "noxattn"))
+    assert set(added) <= set(select_names(unet, "full"))

@@ -114,7 +114,11 @@ class ModelConfig(PluginSection):
 
     source: str = Field("digits", description=(
         "A built-in world ('digits'), else a local diffusers pipeline folder or a hub id."))
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Dtype of the loaded weights.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description=(
+        "Dtype of the loaded weights, which training updates in that dtype: float32 with `mixed_precision` is the "
+        "way to train in half precision. float16 weights sample but are not trained (AdamW's eps underflows), and "
+        "bfloat16 weights lose updates below their resolution (an attack at lr 1e-5 moves most weights by less), "
+        "so an attack on them understates relearning."))
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU) or a torch device ('cuda:1').")
 

@@ -185,6 +185,10 @@ class Engine:
                  objectives: Mapping[str, Objective], settings: OptimizerSettings, seed: int, accelerator,
                  stateful: tuple[Stateful, ...] = (), hint: str = "lower the learning rate"):
         self.module, self.params, self.objectives = module, dict(params), dict(objectives)
+        if any(p.dtype == torch.float16 for p in self.params.values()):  # before any step, not NaN at step 2
+            raise TrainingError("float16 weights cannot be trained (AdamW's eps underflows to 0/0, and fp16 mixed "
+                                "precision cannot unscale fp16 gradients): set model.dtype float32 and "
+                                "model.mixed_precision fp16")
         self.settings, self.seed, self.accelerator, self.stateful, self.hint = settings, seed, accelerator, \
             stateful, hint
         optimizer, self.scheduler = make_optimizer(list(self.params.values()), settings)

@@ -2,9 +2,10 @@
 
 The selections follow ESD's naming: ESD-x trains cross-attention only, ESD-u
 ("noxattn") everything except cross-attention and, as the ESD code does, the
-time embedding and the output layers. Selections are lists of parameter names
-in module order, so the meta objective can build an ordered name -> tensor
-mapping for `torch.func.functional_call`.
+time embedding (SDXL's added conditioning embedding with it) and the output
+layers. Selections are lists of parameter names in module order, so the meta
+objective can build an ordered name -> tensor mapping for
+`torch.func.functional_call`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 
 from .errors import MetaunlearnError
 
-_OUTPUT_LAYERS = ("time_embedding.", "conv_out.", "conv_norm_out.")
+# SDXL's add_embedding (its pooled text and size conditioning, added to the time embedding) is the time
+# embedding's part there
+_OUTPUT_LAYERS = ("time_embedding.", "add_embedding.", "conv_out.", "conv_norm_out.")
 
 SELECTIONS: dict[str, Callable[[str], bool]] = {
     "full": lambda name: True,

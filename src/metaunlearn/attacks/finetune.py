@@ -51,5 +51,9 @@ class LoraFinetune(Attack):
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
+        # loaders take a file without alpha as alpha = rank (scale 1): B is saved times alpha / rank, so the
+        # adapter loads at the strength it was trained and evaluated with
+        scale = self.options.alpha / self.options.rank
+        layers = {k: v * scale if "lora_B" in k else v for k, v in get_peft_model_state_dict(model.unet).items()}
         with atomic_dir(out / "lora") as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(model.unet))
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers)
