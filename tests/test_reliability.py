@@ -287,3 +287,10 @@ def test_written_files_and_folders_get_the_umask_s_modes_not_private_ones(tmp_pa
     finally:
         os.umask(mask)
     assert file.stat().st_mode & 0o777 == 0o644 and (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    weights = {"w": torch.zeros(2)}
+    for step in (999_999, 1_000_000):
+        save_checkpoint(tmp_path, step, weights, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-999999", "step-1000000"]

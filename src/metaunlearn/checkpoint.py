@@ -66,7 +66,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are ignored)."""
     if not Path(folder).is_dir():
         return []
-    return sorted(p for p in Path(folder).iterdir() if p.name.startswith(PREFIX) and (p / "step.json").is_file())
+    found = [p for p in Path(folder).iterdir() if p.name.startswith(PREFIX) and (p / "step.json").is_file()]
+    return sorted(found, key=lambda p: (len(p.name), p.name))  # by step: past 999999 the names grow a digit
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
