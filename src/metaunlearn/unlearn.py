@@ -49,9 +49,10 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
     def judge() -> float:
         if not made:
             made.append(evaluator(held_out))
-            if FORGET_RATE not in {v.key for v in made[0].values}:  # not the first metric's first value: it
-                # not the first metric's first value: it may be a distance (FID) whose minimum is the edit
-                raise ConfigError(JUDGE_NEEDS_RATE)  # that erased least
+            # the forget rate, not the first metric's first value: that may be a distance (FID), whose
+            # minimum is the edit that erased least
+            if FORGET_RATE not in {v.key for v in made[0].values}:
+                raise ConfigError(JUDGE_NEEDS_RATE)
         results, _ = made[0].evaluate(model, progress=False)
         rate = results["values"][FORGET_RATE]
         if rate is None:
