@@ -371,9 +371,11 @@ class MetaObjective:
         ctx.generator.set_state(state)
         with self._attackable():
             self._stream(self._loss(forget, None, ctx), theta, shift)
-        def add(i, p, g, aside):  # the multiplier on the parameters' float32 gradients, as the first pass's: a
-            aside[i] = g.mul_(scale) if aside[i] is None else aside[i].add_(g, alpha=scale)  # loss times it
-            # would scale fp16 activation gradients by ~1e3 past the loss scale's overflow margin
+
+        # the multiplier goes on the parameters' gradients, as in the first pass: the loss times it would
+        # scale fp16 activation gradients by ~1e3, past the loss scale's overflow margin
+        def add(i, p, g, aside):
+            aside[i] = g.mul_(scale) if aside[i] is None else aside[i].add_(g, alpha=scale)
 
         ctx.generator.set_state(state)
         self._stream(self._loss(forget, None, ctx), theta[:n], add)
