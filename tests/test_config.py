@@ -154,11 +154,14 @@ def test_override_value_is_validated():
         load_config(EXAMPLE, ["attacks.0.eval_at=[0, 300]"])
 
 
-@pytest.mark.parametrize(("seeds", "message"), [("[1, 1]", "attacks.0.seeds has duplicates: [1, 1]"),
-                                                ("[]", "attacks.0.seeds")])
-def test_attack_seeds_are_distinct_and_some(seeds, message):
+@pytest.mark.parametrize(("key", "seeds", "message"), [
+    ("attacks.0.seeds", "[1, 1]", "attacks.0.seeds has duplicates: [1, 1]"),
+    ("attacks.0.seeds", "[]", "attacks.0.seeds"),
+    ("attacks.0.seeds", "[-1]", "attacks.0.seeds has [-1]; seeds are whole numbers from 0 to 1,000,000,000"),
+    ("seeds", "[200000000000]", "seeds has [200000000000]; seeds are whole numbers from 0 to 1,000,000,000")])
+def test_seeds_are_distinct_some_and_in_range(key, seeds, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(EXAMPLE, [f"attacks.0.seeds={seeds}"])
+        load_config(EXAMPLE, [f"{key}={seeds}"])
 
 
 def test_empty_forget_role_fails_clearly(tmp_path):

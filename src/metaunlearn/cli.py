@@ -147,10 +147,32 @@ def evaluate(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, lab
 
     cfg = _config(config, set_)
     preflight(cfg, unlearns=False)
-    results, path = run_evaluate(cfg, model, label)
+    results, path = run_evaluate(cfg, model, _label(cfg, model, label))
     for spec in results["specs"]:
         typer.echo(f"{spec['label']:>24}: {_value(results['values'].get(spec['key']), spec)}")
     typer.echo(f"results: {path}")
+
+
+def _label(cfg, model: Optional[Path], label: Optional[str]) -> str:
+    """The name a model's results get in the run folder (--label, else from --model), checked: it names
+    files there, and the original's or one of the study's own models' names would overwrite their results."""
+    import re
+
+    from .config import NAME_PATTERN
+    from .layout import ORIGINAL, RunLayout, model_label, unlearned_models
+
+    name = label or model_label(model)
+    if not re.match(NAME_PATTERN, name):
+        raise MetaunlearnError(f"the label '{name}' is not a name (letters, digits, '_', '.', '-'): it names files "
+                               "in the run folder; give --label")
+    if model is None:
+        return name
+    if name == ORIGINAL:
+        raise MetaunlearnError("the label 'original' is the study's original model's; give this model another --label")
+    own = {m.label for m in unlearned_models(cfg)}
+    if name in own and Path(model).resolve() != RunLayout.of(cfg).model(name).resolve():
+        raise MetaunlearnError(f"the label '{name}' is one of this study's models, not {model}; give another --label")
+    return name
 
 
 def _value(value, spec: dict) -> str:
@@ -170,7 +192,7 @@ def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label
     if not cfg.attacks:
         raise MetaunlearnError("the study lists no attacks; add an 'attacks:' section")
     preflight(cfg, unlearns=False)
-    for curve in run_attacks(cfg, model, label):
+    for curve in run_attacks(cfg, model, _label(cfg, model, label)):
         spec = curve["specs"][0]
         steps = "  ".join(f"{p['step']}:{_value(p['values'].get(spec['key']), spec)}" for p in curve["points"])
         typer.echo(f"{curve['attack']['name']} seed {curve['seed']}: {spec['label']} by step  {steps}")

@@ -361,7 +361,7 @@ class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, 
     def _unique_seeds(cls, value: Optional[list[int]]) -> Optional[list[int]]:
         if value is not None and len(set(value)) != len(value):  # one curve would count as two in mean and std
             raise ValueError(f"has duplicates: {value}")
-        return value
+        return _seeds_in_range(value)
 
     @field_validator("eval_at")
     @classmethod
@@ -393,7 +393,7 @@ class EvaluationConfig(PluginSection):
     steps: int = Field(20, gt=0, description="Sampling steps for evaluation images.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance for evaluation images.")
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
-    seed_offset: int = Field(3_000_000_000, ge=0, description=(
+    seed_offset: int = Field(3_000_000_000, ge=0, le=10**15, description=(
         "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split). Prompts "
         "from a file with an evaluation_seed column use the file's seeds instead."))
     prompts: dict[Literal["forget", "related", "unrelated"], Union[str, list[str]]] = Field({}, description=(
@@ -484,6 +484,11 @@ class StudyConfig(_Section):
         if len(set(value)) != len(value):
             raise ValueError(f"has duplicates: {value}")
         return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        return _seeds_in_range(value)
 
     @field_validator("attacks")
     @classmethod
@@ -584,6 +589,16 @@ class StudyConfig(_Section):
                 dumped[section].pop(key, None)
         text = json.dumps({s: dumped[s] for s in sections or dumped}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+MAX_SEED = 10**9  # step generators mix a seed with the step and process: torch takes seeds below 2**64
+
+
+def _seeds_in_range(value):
+    bad = [s for s in value or [] if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"has {bad}; seeds are whole numbers from 0 to {MAX_SEED:,}")
+    return value
 
 
 # Settings of how a run is carried out, not of what it computes: left out of every fingerprint, so a run
