@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from metaunlearn.cli import app
 from metaunlearn.config import ModelConfig
-from metaunlearn.durability import GridConfig, load_grid
+from metaunlearn.durability import GridConfig, load_grid, table
 from metaunlearn.errors import ConfigError
 from metaunlearn.metrics import durability
 from metaunlearn.worlds import world_for
@@ -38,6 +38,13 @@ def test_window_auc_and_steps_to_half():
     assert s["steps_to_50"] == [25, None] and s["last_step"] == 200
     assert durability.ratio(s, durability.summary([c], until=100)) == pytest.approx(0.375 / 0.65)
     assert durability.ratio(s, durability.summary([curve((0, 0.0), (10, 0.0))])) is None  # base never relearns
+    assert s["spread"] is None  # curves of no named model: one model
+    # two models, two attack seeds each: how much is the model's, how much the attack's
+    runs = [dict(curve((0, 0.0), (10, w)), model=m) for m, w in (("a", 0.2), ("a", 0.4), ("b", 0.6), ("b", 0.6))]
+    spread = durability.summary(runs)["spread"]
+    assert spread["by_model"] == pytest.approx({"a": 0.3, "b": 0.6})
+    assert spread["between_models"] == pytest.approx(0.15) and spread["within_model"] == pytest.approx(0.05)
+    assert durability.spread(runs[::2])["within_model"] is None  # one attack per model
     # never measured (a detector that judged no prompt) is not "never relearned"; nor is a value that is no rate
     assert durability.steps_to(curve((0, None), (10, None))) == durability.NOT_MEASURED
     assert durability.summary([c], rate=False)["steps_to_50"] == [durability.NOT_MEASURED]
@@ -126,6 +133,12 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert summary["worst_up_to_default"] == {"attacker": "ref", "ratio": pytest.approx(0.375)}
     assert summary["worst_stronger"]["attacker"] == "strong" and summary["worst"]["attacker"] == "strong"
     assert summary["benign_extra_cost"]["unrelated_accuracy"] == pytest.approx(0.1)
+    assert "by unlearned model" not in table(summary)  # one model per variant: no spread to show
+    # two unlearned models of the meta variant, two attack seeds each, under the reference attacker
+    curves["g.v2.ref"]["meta"] = [dict(c, model=m) for m, f in (("m0", 0.2), ("m0", 0.4), ("m1", 0.6), ("m1", 0.6))
+                                  for c in run([0, f, f], keep)]
+    assert ("meta window under ref by unlearned model: m0 30.0, m1 60.0 (std between models 15.0; between attack "
+            "seeds on one model 5.0)") in table(summarise(grid, curves, "forget_rate"))
 
 
 def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one():

@@ -223,6 +223,10 @@ def table(summary: dict) -> str:
         lines.append(f"| {r['attacker']}{mark} | {_num(r['strength'])} | {pct(v.get('base', {}).get('window'))} | "
                      f"{pct(v.get('meta', {}).get('window'))} | {_num(r['ratio'])} | {steps['base']} | "
                      f"{steps['meta']} | {after['unrelated_accuracy']} | {after['related_accuracy']} |")
+    reference = next((r for r in summary["rows"] if r["attacker"] == summary["reference"]), None)
+    for variant, s in (reference["variants"].items() if reference else []):
+        if s.get("spread"):
+            lines.append(f"\n{variant} window under {reference['attacker']} by unlearned model: {_spread(s['spread'])}")
     for name in ("worst_up_to_default", "worst_stronger", "worst"):
         w = summary[name]
         lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
@@ -233,6 +237,13 @@ def table(summary: dict) -> str:
         lines.append("\nbenign finetuning, the most it costs the meta model beyond what it costs the base (points): "
                      + ", ".join(f"{k.split('_')[0]} {100 * v:+.1f}" for k, v in extra.items() if v is not None))
     return "\n".join(lines) + "\n"
+
+
+def _spread(s: dict) -> str:
+    within = s["within_model"]
+    return (", ".join(f"{m} {100 * w:.1f}" for m, w in s["by_model"].items())
+            + f" (std between models {100 * s['between_models']:.1f}; between attack seeds on one model "
+            + (f"{100 * within:.1f})" if within is not None else "not measured: one attack per model)"))
 
 
 def _num(x: float | None) -> str:

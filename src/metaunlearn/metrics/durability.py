@@ -7,7 +7,9 @@ For a curve of value v (the forget rate by default) at evaluated attack steps:
 - auc: the area under v over [0, last step], trapezoidal, divided by the last
   step: the time-averaged value over the attack;
 - steps_to: the first evaluated step at which v reaches a level (50%), None
-  when it never does within the attack ("not within N steps").
+  when it never does within the attack ("not within N steps");
+- spread: with several unlearned models (seeds) and attack seeds, how much the
+  window varies between models and between attacks on one model.
 """
 
 from __future__ import annotations
@@ -54,7 +56,25 @@ def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None
 
     return {"window": stat([window(c, key, until) for c in curves]), "auc": stat([auc(c, key) for c in curves]),
             "steps_to_50": [steps_to(c, 0.5, key) if rate else NOT_MEASURED for c in curves],
-            "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None)}
+            "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None),
+            "spread": spread(curves, key, until)}
+
+
+def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None) -> dict | None:
+    """Each unlearned model's mean window over its attack seeds, the std of those means (between models:
+    what the unlearning run's own draws decide) and the mean std over one model's attack seeds (what the
+    attack's draws decide; None with one attack per model). None for fewer than two models."""
+    by_model: dict[str, list[float]] = {}
+    for c in curves:
+        w = window(c, key, until)
+        if w is not None:
+            by_model.setdefault(c.get("model", ""), []).append(w)
+    if len(by_model) < 2:
+        return None
+    means = {m: statistics.mean(ws) for m, ws in by_model.items()}
+    within = [statistics.pstdev(ws) for ws in by_model.values() if len(ws) > 1]
+    return {"by_model": means, "between_models": statistics.pstdev(means.values()),
+            "within_model": statistics.mean(within) if within else None}
 
 
 def ratio(model: dict | None, reference: dict | None) -> float | None:
