@@ -263,6 +263,17 @@ def test_every_shipped_config_validates(path):
     assert config.concepts.forget.prompts and config.attacks
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "grids").glob("*.yaml")))
+def test_every_shipped_grid_loads_with_its_world(path):
+    from metaunlearn.config import ModelConfig
+    from metaunlearn.durability import load_grid
+    from metaunlearn.worlds import world_for
+
+    grid = load_grid(path)
+    attacks = grid.attacks(world_for(ModelConfig(source="digits")))
+    assert f"{grid.name}.{grid.reference}" in {a.name for a in attacks}
+
+
 def test_method_none_has_one_variant_the_meta_objective_alone(tmp_path):
     none = {**MINIMAL, "method": {"name": "none"}, "meta": {"enabled": True}}
     assert load_config(write(tmp_path, none)).variants == ["meta"]  # not the default [base, meta]: one label

@@ -38,6 +38,11 @@ def test_the_optimizer_and_its_settings():
     assert isinstance(inner[0], torch.optim.AdamW) and inner[0].defaults["weight_decay"] == 0.01
     assert isinstance(inner[1], torch.optim.SGD) and inner[1].defaults["momentum"] == 0.5
     assert inner[1].defaults["weight_decay"] == 0.02
+    module, adafactor = toy({"optimizer": "adafactor", "lr": 0.05, "weight_decay": 0.0})
+    assert isinstance(adafactor.optimizer.optimizer, torch.optim.Adafactor)
+    before = flat(module)
+    losses = adafactor.run(progress=False)
+    assert not torch.equal(flat(module), before) and losses[-1] < losses[0]  # it trains
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.01])

@@ -222,23 +222,31 @@ def test_a_sample_grid_of_another_shape_leaves_the_figure_out_not_the_report(run
     assert (moved / "report.html").is_file() and not (moved / "report" / "samples-at-a-glance.png").exists()
 
 
-def test_curves_of_other_evaluation_or_data_settings_are_not_its_numbers(run_dir, tmp_path):
+@pytest.mark.parametrize("change", ["evaluation.samples_per_prompt=3", "data.images_per_prompt=3"])
+def test_curves_of_other_evaluation_or_data_settings_are_not_its_numbers(run_dir, tmp_path, change):
     """A curve records the evaluation and data settings it was measured with: after a change of them (and
     an attack that failed or has not run again), the old curve must not pass for the new settings' numbers,
-    the original's included; nor its sample grids, nor a card of its saved weights."""
+    the original's included, nor its sample grids."""
+    import yaml
+
     from metaunlearn.config import load_config
-    from metaunlearn.report import RunFolder, study_rows
+    from metaunlearn.report import RunFolder, study_rows, write_report
 
     moved = tmp_path / "run"
     shutil.copytree(run_dir, moved)
     config = load_config(moved / "study.yaml", [f"output.dir={moved}"])
     rows, attack = study_rows(config), config.attacks[0]
     assert all(RunFolder(moved, config).curves(row, attack) for row in rows)
-    changed = load_config(moved / "study.yaml", [f"output.dir={moved}", "evaluation.samples_per_prompt=3"])
+    assert "samples-step" in (moved / "report.md").read_text()
+    changed = load_config(moved / "study.yaml", [f"output.dir={moved}", change])
     folder = RunFolder(moved, changed)
     assert not any(folder.curves(row, attack) for row in rows)
     label, seed = rows[1].models[0]
     assert folder.curve(label, attack, seed) == {}
+    if change.startswith("data."):  # the evaluations still count (they do not depend on the data): a report
+        (moved / "study.yaml").write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+        write_report(moved)
+        assert "samples-step" not in (moved / "report.md").read_text()  # the attacks' grids: the old curves'
 
 
 def test_timings_keep_only_the_stages_of_the_study(run_dir, tmp_path):

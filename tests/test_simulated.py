@@ -105,18 +105,29 @@ def test_unrelated_kept_is_a_post_attack_term_that_pulls_toward_the_original(tin
     assert "meta_after" not in evaluate(objective(tiny_model, trainable, data, **only_kept))
 
 
-def test_a_linear_trajectory_weights_every_inner_step(tiny_model):
-    """First order: the collected gradient is the weighted sum of each point's gradient."""
+def test_a_linear_trajectory_weights_every_inner_step(tiny_model, monkeypatch):
+    """First order: the collected gradient (and the objective) is the weighted sum of each point's. Each
+    point alone is one weight ~1 and the other ~0, not 0: a zero-weight point is skipped, which would
+    change the batches drawn after it."""
+    import metaunlearn.meta as meta_module
+
     data, trainable = concept_data(tiny_model), subset(tiny_model)
-    args = dict(mode="first_order", inner_steps=2, inner_lr=0.5, related_before=0.0, unrelated_before=0.0)
-    last = evaluate(objective(tiny_model, trainable, data, trajectory="last", **args))
-    linear = evaluate(objective(tiny_model, trainable, data, trajectory="linear", **args))
-    # the linear trajectory also evaluates the post-attack terms after step 1: more draws, other batches,
-    # and its objective mixes both points (1/3, 2/3) where 'last' takes the second only
-    assert linear["meta/inner_steps"] == last["meta/inner_steps"] == 2.0
-    assert linear["meta/after_objective"] != pytest.approx(last["meta/after_objective"])
-    g = torch.autograd.grad(linear["meta_after"], list(trainable.values()))
-    assert all(torch.isfinite(x).all() for x in g) and BATCH == 2
+    args = dict(mode="first_order", inner_steps=2, inner_lr=0.5, related_before=0.0, unrelated_before=0.0,
+                trajectory="linear")
+
+    def run(weights):
+        monkeypatch.setattr(meta_module, "trajectory_weights", lambda steps, how: weights)
+        out = evaluate(objective(tiny_model, trainable, data, **args))
+        assert out["meta/inner_steps"] == 2.0
+        return out["meta/after_objective"], torch.autograd.grad(out["meta_after"], list(trainable.values()))
+
+    (first, g1), (second, g2) = run([1.0, 1e-12]), run([1e-12, 1.0])
+    w = trajectory_weights(2, "linear")
+    both, g = run(w)
+    assert any(not torch.allclose(a, b) for a, b in zip(g1, g2))  # the two points' gradients differ
+    assert both == pytest.approx(w[0] * first + w[1] * second, rel=1e-5)
+    for got, a, b in zip(g, g1, g2):
+        torch.testing.assert_close(got, w[0] * a + w[1] * b, rtol=1e-4, atol=1e-8)
 
 
 def test_sharpness_is_the_gradient_of_the_squared_forget_gradient_norm(double_model):  # noqa: F811
