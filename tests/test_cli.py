@@ -166,6 +166,13 @@ def test_evaluate_and_attack_in_process_with_a_role_the_detector_leaves_unjudged
     result = clean_exit(runner.invoke(app, ["attack", study, "--set", "evaluation.concept_rate.detector=coin-related"]))
     unjudged = "not measured (the metric cannot judge this role)"
     assert f"full seed 0: forget rate by step  0:{unjudged}  2:{unjudged}\n" in result.stdout
+    # another model, under a label of its own: its own files, the original's stay
+    original = (tmp_path / "run" / "eval" / "original.json").read_text()
+    result = clean_exit(runner.invoke(app, ["evaluate", study, "--model", str(tiny_pipeline_dir), "--label", "other"]))
+    assert f"results: {tmp_path / 'run' / 'eval' / 'other.json'}" in result.stdout
+    assert (tmp_path / "run" / "eval" / "original.json").read_text() == original
+    clean_exit(runner.invoke(app, ["attack", study, "--model", str(tiny_pipeline_dir), "--label", "other"]))
+    assert (tmp_path / "run" / "attacks" / "other" / "full-seed0" / "curve.json").is_file()
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
