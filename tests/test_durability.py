@@ -40,11 +40,16 @@ def test_window_auc_and_steps_to_half():
     assert durability.ratio(s, durability.summary([curve((0, 0.0), (10, 0.0))])) is None  # base never relearns
     assert s["spread"] is None  # curves of no named model: one model
     # two models, two attack seeds each: how much is the model's, how much the attack's
-    runs = [dict(curve((0, 0.0), (10, w)), model=m) for m, w in (("a", 0.2), ("a", 0.4), ("b", 0.6), ("b", 0.6))]
+    runs = [dict(curve((0, 0.0), (10, w)), model=m, seed=s)
+            for m, s, w in (("a", 1, 0.4), ("a", 0, 0.2), ("b", 0, 0.6), ("b", 1, 0.6))]
     spread = durability.summary(runs)["spread"]
     assert spread["by_model"] == pytest.approx({"a": 0.3, "b": 0.6})
     assert spread["between_models"] == pytest.approx(0.15) and spread["within_model"] == pytest.approx(0.05)
-    assert durability.spread(runs[::2])["within_model"] is None  # one attack per model
+    # releasing the best: chosen on attack seed 0 (a: 0.2), judged on the held-out seed 1 (0.4), not on 0.2
+    assert spread["best_of"] == {"models": 2, "chosen": "a", "chosen_on": pytest.approx(0.2),
+                                 "held_out": pytest.approx(0.4)}
+    one = durability.spread(runs[1:3])  # one attack per model
+    assert one["within_model"] is None and one["best_of"] is None
     # never measured (a detector that judged no prompt) is not "never relearned"; nor is a value that is no rate
     assert durability.steps_to(curve((0, None), (10, None))) == durability.NOT_MEASURED
     assert durability.summary([c], rate=False)["steps_to_50"] == [durability.NOT_MEASURED]
@@ -135,10 +140,12 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert summary["benign_extra_cost"]["unrelated_accuracy"] == pytest.approx(0.1)
     assert "by unlearned model" not in table(summary)  # one model per variant: no spread to show
     # two unlearned models of the meta variant, two attack seeds each, under the reference attacker
-    curves["g.v2.ref"]["meta"] = [dict(c, model=m) for m, f in (("m0", 0.2), ("m0", 0.4), ("m1", 0.6), ("m1", 0.6))
+    curves["g.v2.ref"]["meta"] = [dict(c, model=m, seed=s) for m, s, f in (("m0", 0, 0.2), ("m0", 1, 0.4),
+                                                                           ("m1", 0, 0.6), ("m1", 1, 0.6))
                                   for c in run([0, f, f], keep)]
     assert ("meta window under ref by unlearned model: m0 30.0, m1 60.0 (std between models 15.0; between attack "
-            "seeds on one model 5.0)") in table(summarise(grid, curves, "forget_rate"))
+            "seeds on one model 5.0); the best of 2 on the first attack seed, m0 (20.0), under the other attack "
+            "seeds: 40.0") in table(summarise(grid, curves, "forget_rate"))
 
 
 def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one():

@@ -240,10 +240,14 @@ def table(summary: dict) -> str:
 
 
 def _spread(s: dict) -> str:
-    within = s["within_model"]
-    return (", ".join(f"{m} {100 * w:.1f}" for m, w in s["by_model"].items())
+    within, best = s["within_model"], s.get("best_of")
+    text = (", ".join(f"{m} {100 * w:.1f}" for m, w in s["by_model"].items())
             + f" (std between models {100 * s['between_models']:.1f}; between attack seeds on one model "
             + (f"{100 * within:.1f})" if within is not None else "not measured: one attack per model)"))
+    if best:
+        text += (f"; the best of {best['models']} on the first attack seed, {best['chosen']} "
+                 f"({100 * best['chosen_on']:.1f}), under the other attack seeds: {100 * best['held_out']:.1f}")
+    return text
 
 
 def _num(x: float | None) -> str:

@@ -63,18 +63,28 @@ def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None
 def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None) -> dict | None:
     """Each unlearned model's mean window over its attack seeds, the std of those means (between models:
     what the unlearning run's own draws decide) and the mean std over one model's attack seeds (what the
-    attack's draws decide; None with one attack per model). None for fewer than two models."""
-    by_model: dict[str, list[float]] = {}
+    attack's draws decide; None with one attack per model). None for fewer than two models.
+
+    With two or more attack seeds per model, also what releasing the best of the models would give: the
+    model with the lowest window under the first attack seed, judged on the others only (held out, so the
+    choice does not flatter its own number)."""
+    by_model: dict[str, list[tuple[int, float]]] = {}
     for c in curves:
         w = window(c, key, until)
         if w is not None:
-            by_model.setdefault(c.get("model", ""), []).append(w)
+            by_model.setdefault(c.get("model", ""), []).append((c.get("seed", 0), w))
     if len(by_model) < 2:
         return None
-    means = {m: statistics.mean(ws) for m, ws in by_model.items()}
-    within = [statistics.pstdev(ws) for ws in by_model.values() if len(ws) > 1]
-    return {"by_model": means, "between_models": statistics.pstdev(means.values()),
-            "within_model": statistics.mean(within) if within else None}
+    runs = {m: [w for _, w in sorted(ws)] for m, ws in by_model.items()}
+    means = {m: statistics.mean(ws) for m, ws in runs.items()}
+    within = [statistics.pstdev(ws) for ws in runs.values() if len(ws) > 1]
+    out = {"by_model": means, "between_models": statistics.pstdev(means.values()),
+           "within_model": statistics.mean(within) if within else None, "best_of": None}
+    if all(len(ws) > 1 for ws in runs.values()):
+        best = min(runs, key=lambda m: runs[m][0])
+        out["best_of"] = {"models": len(runs), "chosen": best, "chosen_on": runs[best][0],
+                          "held_out": statistics.mean(runs[best][1:])}
+    return out
 
 
 def ratio(model: dict | None, reference: dict | None) -> float | None:
