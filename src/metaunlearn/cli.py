@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -298,4 +297,10 @@ def _finish(outcome, printed: bool = False) -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+    from .engine import leave
+
+    try:
+        app()
+    except SystemExit as done:  # typer ends with one, whatever the outcome
+        leave(done.code)
+    leave(0)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -175,6 +178,24 @@ def _destroy_process_group() -> None:
     on a normal end, SystemExit and uncaught exceptions alike."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def leave(code: int | str | None = 0) -> None:
+    """Exit with `code`. A process of a multi-process run destroys its process group and then skips
+    interpreter finalization (os._exit): the atexit teardown above was not always enough, and a rank of
+    a finished run still aborted there now and then (SIGABRT, "terminate called without an active
+    exception", its results already written), which made the whole launch fail."""
+    if isinstance(code, str):  # SystemExit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    code = 0 if code is None else code
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 class Engine:

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from metaunlearn.config import OptimizerSettings
-from metaunlearn.engine import Engine, Terms, step_generator
+from metaunlearn.engine import Engine, Terms, leave, step_generator
 
 mode, out, steps, stop = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)
@@ -57,8 +57,13 @@ accelerator = Accelerator(cpu=True, log_with=[tracker])
 settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0,
                              lr_schedule="linear")  # one schedule step per step, whatever the processes
 engine = Engine(model, dict(model.named_parameters()), {"fit": objective}, settings, SEED, accelerator)
-engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at, progress=False)
-accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
-if accelerator.is_main_process:
-    torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
-    (out / "processes.txt").write_text(str(accelerator.num_processes))
+try:
+    engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at,
+               progress=False)
+    accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
+    if accelerator.is_main_process:
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
+        (out / "processes.txt").write_text(str(accelerator.num_processes))
+except SystemExit as done:  # as the CLI's main ends
+    leave(done.code)
+leave(0)
