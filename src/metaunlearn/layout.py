@@ -226,6 +226,15 @@ def released_fingerprint(status: dict) -> str | None:
         "fingerprint")
 
 
+def released_record(folder: Path) -> dict | None:
+    """The done record of the model an unlearning folder's model/ holds (see released_fingerprint), or None
+    when model/ is no complete model."""
+    status = read_json(Path(folder) / RUN_STATUS)
+    if not model_complete(Path(folder) / MODEL):
+        return None
+    return (status if status.get("status") == "done" else status.get("released")) or None
+
+
 def model_complete(folder: Path) -> bool:
     """A saved pipeline folder with its index and its UNet's weights (what unlearning changes):
     a folder whose weights were deleted or never finished writing is not a model."""

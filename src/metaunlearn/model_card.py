@@ -16,8 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import AttackConfig, RoleConfig, StudyConfig
-from .layout import (CURVE, ENVIRONMENT, MODEL, attack_seeds, model_identity, read_json, unlearn_label, variant_config,
-                     write_text)
+from .layout import CURVE, ENVIRONMENT, MODEL, attack_seeds, read_json, unlearn_label, variant_config, write_text
 
 CARD = "README.md"
 # hub id: (license the model states, family tag)
@@ -193,7 +192,6 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
                 written.append(_write(folder.layout.model(label), config, row.variant, label, seed,
                                       measured(folder, results, row, label), folder.layout.model(label),
                                       local=local))
-            identity = model_identity(folder.layout.model(label)) if seed is not None else None
             for attack in config.attacks:
                 for s in attack_seeds(config, attack, seed):
                     out = folder.layout.attack(label, attack.name, s)
@@ -202,7 +200,7 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
                         # made last (not an earlier model of the label); its numbers: curves of these settings
                         curve = read_json(out / CURVE)
                         if (out / name).is_dir() and curve.get("attack") == attack.model_dump(mode="json") and \
-                                (seed is None or curve.get("model_identity", identity) == identity):
+                                folder.same_weights(curve, label):
                             numbers = measured(folder, results, row, label, (attack.name, s))
                             written.append(_write(out / name, config, row.variant, label, seed, numbers,
                                                   folder.layout.model(label) if seed is not None else None,

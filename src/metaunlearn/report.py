@@ -123,8 +123,11 @@ class RunFolder:
         """Measured on the weights the label's folder holds now: a model retrained since (other settings)
         keeps its label, so an evaluation or a curve of the earlier one must not pass for its numbers.
         Results written before the identity was recorded pass."""
-        if not self.layout.released(label):
-            return False
+        return self.layout.released(label) and self.same_weights(result, label)
+
+    def same_weights(self, result: dict, label: str) -> bool:
+        """Made from the weights the label's run made last (whether or not released now): the original's
+        always, and results written before the identity was recorded."""
         if label == ORIGINAL or "model_identity" not in result:
             return True
         return result["model_identity"] == model_identity(self.layout.model(label))

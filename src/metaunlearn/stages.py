@@ -73,8 +73,7 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     fingerprint = layout.unlearn_fingerprint(config, seed)
     # a finished model of these inputs that a try of others left in place: restored, not trained (its
     # timing.json stays the training's)
-    restores = layout.released_fingerprint(read_json(folder / layout.RUN_STATUS)) == fingerprint and \
-        layout.model_complete(folder / layout.MODEL)
+    restores = (layout.released_record(folder) or {}).get("fingerprint") == fingerprint
     model = load_model(config)
     data = concept_data(config, model, "train", progress=progress)
     start = time.perf_counter()

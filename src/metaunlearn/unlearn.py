@@ -14,8 +14,7 @@ from .config import StudyConfig
 from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import ConfigError, TrainingError
-from .layout import (MODEL, RUN_STATUS, atomic_dir, model_complete, read_json, released_fingerprint,
-                     write_json, write_text)
+from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, released_record, write_json, write_text
 from .methods import make_method
 from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
@@ -31,24 +30,13 @@ HELD_OUT_SEEDS = 500_000_000  # added to the evaluation seeds: the noise a metho
 def forget_judge(config: StudyConfig, model: DiffusionModel):
     """judge() -> the forget rate of `model` as it stands: the forget prompts sampled with seeds that
     no evaluation uses (a closed-form method choosing between candidate edits must not see those)."""
-    from .config import RoleConfig
-    from .metrics.evaluate import evaluation_entries
     from .stages import evaluator
-    from .worlds import world_for
 
-    ev = config.evaluation
-    # the forget prompts as plain text: a prompt file's own seeds (I2P's evaluation_seed) would give the judge
-    # exactly the samples the evaluation reports
-    forget = [e.prompt for e in evaluation_entries(config, world_for(config.model)).get("forget", [])]
-    held_out = config.model_copy(update={
-        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
-                                            "prompts": {"forget": forget} if forget else {}}),
-        "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
     made = []
 
     def judge() -> float:
-        if not made:
-            made.append(evaluator(held_out))
+        if not made:  # built on the first verdict: most methods never ask for one
+            made.append(evaluator(held_out_config(config)))
             # the forget rate, not the first metric's first value: that may be a distance (FID), whose
             # minimum is the edit that erased least
             if FORGET_RATE not in {v.key for v in made[0].values}:
@@ -61,6 +49,20 @@ def forget_judge(config: StudyConfig, model: DiffusionModel):
         return rate
 
     return judge
+
+
+def held_out_config(config: StudyConfig) -> StudyConfig:
+    """The study's evaluation of the forget prompts alone, with seeds no evaluation uses; the prompts as
+    plain text, since a prompt file's own seeds (I2P's evaluation_seed) are the samples the evaluation reports."""
+    from .config import RoleConfig
+    from .metrics.evaluate import evaluation_entries
+
+    ev = config.evaluation
+    forget = [e.prompt for e in evaluation_entries(config, world_for(config.model)).get("forget", [])]
+    return config.model_copy(update={
+        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
+                                            "prompts": {"forget": forget} if forget else {}}),
+        "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
 
 
 def recorded_judge(judge: Callable[[], float], replay: list[float] | None) -> tuple[Callable[[], float], list]:
@@ -101,9 +103,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     cfg = config.method
     status = read_json(out_dir / RUN_STATUS)
     # model/'s own done record: the run's, or the one a try of other inputs keeps while under way
-    done = (status if status.get("status") == "done" else status.get("released")) \
-        if model_complete(out_dir / MODEL) else None
-    if done and released_fingerprint(status) == fingerprint:
+    done = released_record(out_dir)
+    if done and done.get("fingerprint") == fingerprint:
         if status.get("status") != "done":  # back to the inputs of the finished model a try of others left
             write_json(out_dir / RUN_STATUS, done)
         return out_dir / MODEL
