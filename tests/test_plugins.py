@@ -140,6 +140,14 @@ def test_a_closed_form_method_judges_its_edits_by_the_forget_rate_whatever_metri
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match="add concept_rate to evaluation.metrics"):
         forget_judge(load_config(path), model)()
+    # checked up front as at run time: by the forget rate a metric declares, not by the metric's name
+    from metaunlearn.stages import preflight
+
+    rece = load_config(path, ["method.name=rece"])
+    with pytest.raises(ConfigError, match="add concept_rate to evaluation.metrics"):
+        preflight(rece)
+    registered(METRICS, "own-rate", type("OwnRate", (Brightness,), {"values": [Value("forget_rate", "rate")]}))
+    preflight(load_config(path, ["method.name=rece", "evaluation.metrics=[brightness, own-rate]"]))
 
 
 def test_a_metric_plugin(registered, tiny_pipeline_dir, tmp_path):

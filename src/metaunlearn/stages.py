@@ -51,14 +51,18 @@ def preflight(config: StudyConfig, unlearns: bool = True) -> None:
     from . import methods, metrics  # noqa: F401  (their plugins register themselves)
     from .metrics.evaluate import evaluation_entries
     from .registry import METHODS, METRICS
+    from .metrics.durability import FORGET_RATE
     from .unlearn import JUDGE_NEEDS_RATE
 
     world = world_for(config.model)
     evaluation_entries(config, world)
     for name in config.evaluation.metrics:
         METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
-    if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits \
-            and "concept_rate" not in config.evaluation.metrics:
+    # a metric's class declares the values it always returns (the forget rate among them for concept_rate
+    # and plugins like it); the run-time check (unlearn.forget_judge) asks the built metrics the same
+    rates = any(FORGET_RATE in {v.key for v in METRICS.get(name, "evaluation.metrics").impl.values}
+                for name in config.evaluation.metrics)
+    if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits and not rates:
         raise ConfigError(JUDGE_NEEDS_RATE)
 
 
