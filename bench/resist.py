@@ -17,6 +17,7 @@ from pathlib import Path
 
 from metaunlearn.config import load_config
 from metaunlearn.durability import attack_grid, load_grid, summarise, table
+from metaunlearn.worlds import world_for
 
 
 def before(curves: dict, variant: str, reference: str) -> dict:
@@ -46,7 +47,7 @@ def main() -> None:
                                                                  f"output.dir={args.out}/{name}"])
         meta = attack_grid(config, grid, progress=False, log=lambda _: None)
         curves = {a: {**base[a], **meta[a]} for a in base}
-        summary = summarise(grid, curves, key="forget_rate")
+        summary = summarise(grid, curves, key="forget_rate", world=world_for(config.model))
         ref = f"{grid.name}.{grid.reference}"
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})

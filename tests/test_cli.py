@@ -61,6 +61,7 @@ BAD_INPUT = [
     (["evaluate", "{study}", "--model", "{tmp}/esd-seed0"], "the label 'esd-seed0' is one of this study's models"),
     (["attack", "{study}"], "the study lists no attacks"),
     (["durability", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
+    (["select", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
     (["run", "{tmp}/no-study.yaml"], "cannot read config file"),
     (["run", "{study}", "--set", "output.dir={file}"], "is a file, not a folder"),
     (["report", "{tmp}/no-run"], "no-run' is not a folder"),

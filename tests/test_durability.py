@@ -146,6 +146,13 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert ("meta window under ref by unlearned model: m0 30.0, m1 60.0 (std between models 15.0; between attack "
             "seeds on one model 5.0); the best of 2 on the first attack seed, m0 (20.0), under the other attack "
             "seeds: 40.0") in table(summarise(grid, curves, "forget_rate"))
+    # an attacker with classes of its own (the shipped grid's new concept) is summarised with the study's world
+    own = GridConfig.model_validate({**grid.model_dump(), "attackers": [
+        {"name": "ref"}, {"name": "honest", "data": {"classes": ["two"]}}]})
+    honest = {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], keep)}
+    rows = summarise(own, {"g.v2.ref": curves["g.v2.strong"], "g.v2.honest": honest}, "forget_rate",
+                     world=world_for(ModelConfig(source="digits")))["rows"]
+    assert rows[1]["benign"] and rows[1]["settings"]["data"]["classes"] == ["two"]
 
 
 def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one():

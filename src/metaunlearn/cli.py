@@ -218,6 +218,34 @@ def durability(config: ConfigArg,
 
 @app.command()
 @user_errors
+def select(config: ConfigArg,
+           grid: Annotated[Path, typer.Argument(help="Selection grid YAML file: attackers the durability grid "
+                                                     "you report does not hold (configs/grids/digits-select.yaml).",
+                                                show_default=False)],
+           set_: SetOpt = None,
+           variant: Annotated[str, typer.Option(help="Which of the study's variants to choose from.")] = "meta",
+           tolerance: Annotated[float, typer.Option(help="Before-attack quality (as a share) a model may lose "
+                                                         "against the best of them and still be chosen.")] = 0.05,
+           to: Annotated[Optional[Path], typer.Option(help="Copy the chosen model to this new folder.")] = None):
+    """Attack each seed's unlearned model with a selection grid and name the one to release: the lowest
+    relearning window among those as good as the best before any attack (unlearns what is missing first)."""
+    from .durability import load_grid
+    from .selection import run_select, table
+
+    cfg, spec = _config(config, set_), load_grid(grid)
+    selection = run_select(cfg, spec, variant=variant, tolerance=tolerance, to=to, log=lambda _: None)
+    typer.echo(table(selection))
+    typer.echo(f"selection: {cfg.run_dir() / f'selection-{variant}-{spec.name}.json'}")
+    if to is not None and selection["chosen"] and not selection["failed"]:
+        typer.echo(f"released: {to}")
+    elif to is not None:
+        typer.echo(f"nothing copied to {to}: the selection is incomplete", err=True)
+    if selection["failed"] or not selection["chosen"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def run(config: ConfigArg, set_: SetOpt = None,
         progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show the study's progress bar.")] = True,
         executor: Annotated[str, typer.Option(help="'sequential' (one process), or 'ray': the stage graph as Ray "

@@ -101,8 +101,12 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
     failed: list[dict] = []
     curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
-    summary = {**summarise(grid, curves, key=key), "failed": failed}
     runs = RunLayout.of(config)
+    # a model chosen on this very grid (`metaunlearn select`) is not judged on held-out attacks here
+    chosen_here = [f.name for f in (runs.file(f"selection-{v}-{grid.name}.json") for v in ("base", "meta"))
+                   if f.is_file()]
+    summary = {**summarise(grid, curves, key=key, world=world_for(config.model)), "failed": failed,
+               "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
     return summary
@@ -166,11 +170,12 @@ def _cost(curves: list[dict], key: str) -> float | None:
     return before["mean"] - after["mean"] if before and after else None
 
 
-def summarise(grid: GridConfig, curves: dict, key: str) -> dict:
+def summarise(grid: GridConfig, curves: dict, key: str, world=None) -> dict:
     """Per attacker: each variant's durability over its curves, meta/base, the accuracies after the
-    attack; and the worst cases over the grid, up to the reference's strength and beyond it."""
+    attack; and the worst cases over the grid, up to the reference's strength and beyond it. `world`:
+    the study's built-in world, which a grid attacker's own classes need (GridConfig.attacks)."""
     rows = []
-    for attack in grid.attacks():
+    for attack in grid.attacks(world):
         by_variant = curves[attack.name]
         summaries = {v: durability.summary(c, key, grid.window_until) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
@@ -232,6 +237,8 @@ def table(summary: dict) -> str:
         lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
     for f in summary.get("failed", []):
         lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
+    for name in summary.get("selected_on_this_grid", []):
+        lines.append(f"\nnote: {name} chose a model on this grid: its numbers here are not held out")
     extra = summary.get("benign_extra_cost") or {}
     if any(v is not None for v in extra.values()):
         lines.append("\nbenign finetuning, the most it costs the meta model beyond what it costs the base (points): "

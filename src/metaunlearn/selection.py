@@ -1,0 +1,177 @@
+"""`metaunlearn select STUDY GRID`: which of a study's unlearned models to release.
+
+A meta model's resistance depends on its training seed far more than on the
+attack's draw (bench/RESULTS.md: between models a std of 12 window points,
+between attack seeds on one model 3). A publisher can turn that spread into
+resistance: train several seeds, attack each with a selection grid, release
+the one that relearns slowest. The rule:
+
+1. a model may not win by being broken, before or by the attacks: it is out
+   when another model is at least as good, within `tolerance`, on every rate
+   it is judged on and better by more than `tolerance` on one. The rates:
+   before any attack (step 0 of its curves) the grid's key (the forget rate)
+   and related and unrelated accuracy, and its collateral, the unrelated
+   accuracy the attacks cost it (mean over its attacks: a self-destruct that
+   spills onto unrelated concepts wins windows by wrecking the model);
+2. of the others, the lowest mean relearning window over the grid's
+   relearning attackers (each attacker weighs the same, averaged over its
+   attack seeds); ties go to the least collateral, then to the first in the
+   study's seed order.
+
+The choice must then be judged on attacks it never saw: a selection grid
+should share no attacker and no seed with the durability grid it is reported
+on (configs/grids/digits-select.yaml against digits.yaml; `durability` notes
+a grid a selection was made on). Attacks are ordinary, cached attack stages
+(attacks/<model>/<grid>.<attacker>-seed<s>/).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from .config import StudyConfig
+from .durability import QUALITY, GridConfig, attack_grid, relearning_key
+from .errors import ConfigError
+from .layout import RunLayout, atomic_dir, unlearned_models, write_json, write_text
+from .metrics import durability
+from .worlds import world_for
+
+TOLERANCE = 0.05  # rates a model may trail another by and still be chosen
+COLLATERAL = "collateral"  # unrelated accuracy lost in the attacks: the self-destruct must stay on the concept
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _at(curve: dict, key: str, step: int | None) -> float | None:
+    """`key` at attack step `step` (None: the last evaluated step)."""
+    points = [p for p in curve["points"] if step is None or p["step"] == step]
+    return points[-1]["values"].get(key) if points else None
+
+
+def _rates(models: dict, keys: tuple[str, ...]) -> dict[str, bool]:
+    """The keys that are rates (a tolerance in points means something for them), each with whether higher
+    is better, as the curves' own value declarations say (without any: the forget rate lower, others higher)."""
+    specs = {s.get("key"): s for by in models.values() for cs in by.values() for c in cs for s in c.get("specs", [])}
+    return {k: specs.get(k, {}).get("higher_is_better", k != durability.FORGET_RATE) for k in keys
+            if specs.get(k, {}).get("fraction", True)}
+
+
+def _dominates(a: dict, b: dict, better: dict[str, bool], tolerance: float) -> list[str]:
+    """The rates on which model a is better than b by more than `tolerance`, when it is at least as good
+    within `tolerance` on every measured rate; else []. With tolerance 0 this is Pareto dominance; with more,
+    two models close on all rates dominate neither."""
+    gains = {k: (a[k] - b[k]) * (1 if up else -1) for k, up in better.items() if None not in (a[k], b[k])}
+    slack = tolerance + 1e-9  # rates are shares of samples: 1.0 - 0.95 is 0.05000000000000004, not "more"
+    if not gains or min(gains.values()) < -slack:
+        return []
+    return [k for k, g in gains.items() if g > slack]
+
+
+def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, tolerance: float = TOLERANCE) -> dict:
+    """models: label -> relearning attacker -> its curves on that model (one per attack seed). Per model
+    its window under each attacker, their mean, before-attack rates, collateral and whether it may be
+    chosen; and the chosen label (None when no model was attacked by every attacker as often as the others)."""
+    attackers = list(dict.fromkeys(a for by in models.values() for a in by))
+    full = {a: max(len(by.get(a, [])) for by in models.values()) for a in attackers}  # attack seeds each
+    rows = {}
+    for label, by_attacker in models.items():
+        curves = [c for cs in by_attacker.values() for c in cs]
+        windows = {a: _mean(durability.window(c, key, until) for c in by_attacker.get(a, [])) for a in full}
+        before = {k: _mean(_at(c, k, 0) for c in curves) for k in (key, *QUALITY)}
+        lost = _mean(None if None in (_at(c, "unrelated_accuracy", 0), _at(c, "unrelated_accuracy", None))
+                     else _at(c, "unrelated_accuracy", 0) - _at(c, "unrelated_accuracy", None) for c in curves)
+        short = [a for a, n in full.items() if len(by_attacker.get(a, [])) < n or windows[a] is None]
+        rows[label] = {"windows": windows, "window": None if short else _mean(windows.values()), "before": before,
+                       "collateral": lost, "eligible": not short and bool(full),
+                       "why": f"not measured under every attack: {', '.join(short)}" if short else None}
+    # the rates a model is judged on besides its window: before any attack, and unrelated accuracy lost in them
+    better = {**_rates(models, (key, *QUALITY)), COLLATERAL: False}
+    measured = {label: r for label, r in rows.items() if r["eligible"]}
+    judged = {label: {**r["before"], COLLATERAL: r["collateral"]} for label, r in measured.items()}
+
+    def beaten_by(label: str, slack: float) -> dict[str, list[str]]:
+        return {o: by for o in measured if o != label and (by := _dominates(judged[o], judged[label], better, slack))}
+
+    slack = tolerance if any(not beaten_by(m, tolerance) for m in measured) else 0.0  # a cycle: plain Pareto
+    for label, row in measured.items():
+        if beaten := beaten_by(label, slack):
+            row.update(eligible=False, why="worse before or in the attacks than " + ", ".join(
+                f"{o} ({', '.join(by)})" for o, by in beaten.items()))
+    eligible = [(r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
+                for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
+    return {"key": key, "tolerance": tolerance, "models": rows, "chosen": min(eligible)[3] if eligible else None}
+
+
+def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tolerance: float = TOLERANCE,
+               to: Path | None = None, progress: bool = True, log=print) -> dict:
+    """Unlearn what is missing, attack each seed's `variant` model with the selection grid's relearning
+    attackers, write selection-<variant>-<grid>.json/.md into the run folder, copy the chosen model to
+    `to` (when given and every attack ran) and return the selection."""
+    from . import stages
+
+    if variant not in config.variants:
+        raise ConfigError(f"variant '{variant}' is not one of the study's variants ({', '.join(config.variants)})")
+    if len(config.seeds) < 2:
+        raise ConfigError(f"selecting a model needs several unlearning seeds; the study has {config.seeds} "
+                          "(e.g. --set 'seeds=[0, 1, 2, 3, 4]')")
+    if not 0 <= tolerance < 1:
+        raise ConfigError(f"tolerance must be from 0 to 1 (a share of the rates), got {tolerance}")
+    if to is not None and to.exists() and (not to.is_dir() or any(to.iterdir())):  # before the attacks
+        raise ConfigError(f"'{to}' exists and is not {'empty' if to.is_dir() else 'a folder'}; choose a new folder")
+    attacks = grid.attacks(world_for(config.model))
+    relearning = [spec for spec, a in zip(grid.attackers, attacks) if a.data == "forget"]
+    if not relearning:
+        raise ConfigError(f"grid '{grid.name}' has no relearning attacker (data: forget) to choose by")
+    # honest finetunes and the original model choose nothing: not run
+    grid = grid.model_copy(update={"attackers": relearning, "original": False})
+    config = config.model_copy(update={"variants": [variant]})
+    stages.preflight(config)
+    metrics = stages.evaluator(config)
+    key = relearning_key(grid, [v.key for v in metrics.values])
+    failed: list[dict] = []
+    curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
+    names = [a.name for a in grid.attacks(world_for(config.model))]
+    models = {m.label: {n[len(grid.name) + 1:]: [c for c in curves[n].get(variant, []) if c.get("model") == m.label]
+                        for n in names} for m in unlearned_models(config)}
+    selection = {**rank(models, key, grid.window_until, tolerance), "grid": grid.name, "variant": variant,
+                 "failed": failed}
+    runs = RunLayout.of(config)
+    chosen = selection["chosen"]
+    selection["model"] = str(runs.model(chosen)) if chosen else None
+    name = f"selection-{variant}-{grid.name}"
+    write_json(runs.file(f"{name}.json"), selection)
+    write_text(runs.file(f"{name}.md"), table(selection))
+    if chosen and to is not None and not failed:  # a release from an incomplete selection is none
+        with atomic_dir(to) as tmp:  # all or nothing: a copy cut short leaves no folder that looks like a model
+            shutil.copytree(runs.model(chosen), tmp, dirs_exist_ok=True)
+            write_json(tmp / "selection.json", selection)
+    return selection
+
+
+def table(selection: dict) -> str:
+    """The selection as Markdown: one row per model, the chosen one marked."""
+    models = selection["models"]
+    attackers = list(next(iter(models.values()))["windows"]) if models else []
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| model | " + " | ".join(attackers) + " | mean window | before: key / related / unrelated | "
+             "unrelated lost in the attacks | chosen |", "|" + "---|" * (len(attackers) + 5)]
+    for label, r in models.items():
+        b = r["before"]
+        mark = "**chosen**" if label == selection["chosen"] else (r["why"] or "")
+        lines.append(f"| {label} | " + " | ".join(pct(r["windows"][a]) for a in attackers) +
+                     f" | {pct(r['window'])} | {pct(b[selection['key']])} / {pct(b.get('related_accuracy'))} / "
+                     f"{pct(b.get('unrelated_accuracy'))} | {pct(r['collateral'])} | {mark} |")
+    for f in selection.get("failed", []):
+        lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
+    lines.append(f"\nkey: {selection['key']}; chosen: "
+                 + (selection["chosen"] or "none (no model was measured under every attack)"))
+    return "\n".join(lines) + "\n"
