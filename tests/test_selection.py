@@ -106,6 +106,9 @@ def test_the_select_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
     assert not (run / "unlearn/esd-seed0").exists()  # the base variant is never trained for a selection
     assert (run / f"attacks/{selection['chosen']}/s.full-seed7/curve.json").is_file()
     assert (out / "model_index.json").is_file() and json.loads((out / "selection.json").read_text()) == selection
+    card = (out / "README.md").read_text()  # the unlearning run's card, and how the model was chosen
+    assert card.startswith("---") and "## How this model was chosen" in card and "among 2 unlearned models" in card
+    assert f"| {selection['chosen']} |" in card
     again = CliRunner().invoke(app, ["select", str(study), str(grid)])  # cached: the same choice
     assert again.exit_code == 0 and json.loads((run / "selection-meta-s.json").read_text()) == selection
     for args, message in (([], "'" + str(out) + "' exists and is not empty"),

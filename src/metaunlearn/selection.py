@@ -37,6 +37,7 @@ from .durability import QUALITY, GridConfig, attack_grid, relearning_key
 from .errors import ConfigError
 from .layout import RunLayout, atomic_dir, unlearned_models, write_json, write_text
 from .metrics import durability
+from .model_card import CARD
 from .worlds import world_for
 
 TOLERANCE = 0.05  # rates a model may trail another by and still be chosen
@@ -151,6 +152,9 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
         with atomic_dir(to) as tmp:  # all or nothing: a copy cut short leaves no folder that looks like a model
             shutil.copytree(runs.model(chosen), tmp, dirs_exist_ok=True)
             write_json(tmp / "selection.json", selection)
+            card = tmp / CARD  # the model card says how the model was chosen, beside what it is
+            if card.is_file():
+                write_text(card, card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + card_section(selection))
     return selection
 
 
@@ -175,3 +179,14 @@ def table(selection: dict) -> str:
     lines.append(f"\nkey: {selection['key']}; chosen: "
                  + (selection["chosen"] or "none (no model was measured under every attack)"))
     return "\n".join(lines) + "\n"
+
+
+def card_section(selection: dict) -> str:
+    """What a released model's card says of its selection."""
+    return (f"## How this model was chosen\n\n`metaunlearn select` chose it among {len(selection['models'])} "
+            f"unlearned models of the study (variant '{selection['variant']}', one per unlearning seed), each "
+            f"attacked by the relearning attackers of the selection grid '{selection['grid']}'. A model was ruled "
+            f"out when another was at least as good on every rate below and better by more than "
+            f"{100 * selection['tolerance']:g} points on one; of the rest, the lowest mean relearning window "
+            f"(mean {selection['key']} over the evaluated attack steps) was chosen. Windows and rates in %; "
+            "judge the model on attacks this choice never saw.\n\n" + table(selection))
