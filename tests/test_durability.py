@@ -33,6 +33,10 @@ def test_window_auc_and_steps_to_half():
     assert durability.auc(c) == pytest.approx(area / 200)
     assert durability.steps_to(c) == 25 and durability.steps_to(c, 0.9) == 100
     assert durability.steps_to(curve((0, 0.0), (10, 0.4))) is None  # not within the attack
+    # before the attack is step 0, not the first evaluated step: an eval_at without 0 has no before
+    late = curve((10, 0.3), (100, 0.9))
+    assert durability.value_at(late, "forget_rate", 0) is None and durability.value_at(late, "forget_rate", None) == 0.9
+    assert durability.value_at(c, "forget_rate", 25) == 0.6
     s = durability.summary([c, curve((0, 0.0), (10, 0.0), (25, 0.0), (50, 0.0), (100, 0.4))], until=100)
     assert s["window"]["n"] == 2 and s["window"]["mean"] == pytest.approx((0.65 + 0.1) / 2)
     assert s["steps_to_50"] == [25, None] and s["last_step"] == 200

@@ -49,10 +49,10 @@ def _mean(values) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _at(curve: dict, key: str, step: int | None) -> float | None:
-    """`key` at attack step `step` (None: the last evaluated step)."""
-    points = [p for p in curve["points"] if step is None or p["step"] == step]
-    return points[-1]["values"].get(key) if points else None
+def _lost(curve: dict, key: str) -> float | None:
+    """How much an attack lowered `key`: before it minus at its last evaluated step."""
+    before, after = durability.value_at(curve, key, 0), durability.value_at(curve, key, None)
+    return None if None in (before, after) else before - after
 
 
 def _rates(models: dict, keys: tuple[str, ...]) -> dict[str, bool]:
@@ -84,9 +84,8 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     for label, by_attacker in models.items():
         curves = [c for cs in by_attacker.values() for c in cs]
         windows = {a: _mean(durability.window(c, key, until) for c in by_attacker.get(a, [])) for a in full}
-        before = {k: _mean(_at(c, k, 0) for c in curves) for k in (key, *QUALITY)}
-        lost = _mean(None if None in (_at(c, "unrelated_accuracy", 0), _at(c, "unrelated_accuracy", None))
-                     else _at(c, "unrelated_accuracy", 0) - _at(c, "unrelated_accuracy", None) for c in curves)
+        before = {k: _mean(durability.value_at(c, k, 0) for c in curves) for k in (key, *QUALITY)}
+        lost = _mean(_lost(c, "unrelated_accuracy") for c in curves)
         short = [a for a, n in full.items() if len(by_attacker.get(a, [])) < n or windows[a] is None]
         rows[label] = {"windows": windows, "window": None if short else _mean(windows.values()), "before": before,
                        "collateral": lost, "eligible": not short and bool(full),

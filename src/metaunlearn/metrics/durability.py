@@ -26,6 +26,13 @@ def _series(curve: dict, key: str, until: int | None = None) -> list[tuple[int, 
             if p["values"].get(key) is not None and (until is None or p["step"] <= until)]
 
 
+def value_at(curve: dict, key: str, step: int | None) -> float | None:
+    """`key` at attack step `step`: 0 is before the attack, None the last evaluated step. None when that step
+    was not evaluated (an `eval_at` without 0 has no before) or the value not measured."""
+    points = [p for p in curve["points"] if step is None or p["step"] == step]
+    return points[-1]["values"].get(key) if points else None
+
+
 def window(curve: dict, key: str = FORGET_RATE, until: int | None = None) -> float | None:
     after = [v for s, v in _series(curve, key, until) if s > 0]
     return statistics.mean(after) if after else None
