@@ -472,3 +472,10 @@ def test_gradient_checkpointing_leaves_the_in_place_meta_step_unchanged(tiny_mod
     with pytest.raises(Exception, match="gradient_checkpointing works with first-order meta in place only"):
         StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "method": {"gradient_checkpointing": True},
                                "meta": {"enabled": True, "mode": "second_order"}})
+    # a study's meta variant turns meta on by itself (`run`, `durability`, `select`): refused there too
+    for meta in ({"mode": "second_order"}, {"in_place": False}):
+        with pytest.raises(Exception, match="gradient_checkpointing works with first-order meta in place only"):
+            StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},
+                                   "method": {"gradient_checkpointing": True}, "meta": meta})
+    StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "variants": ["base"],
+                           "method": {"gradient_checkpointing": True}, "meta": {"mode": "second_order"}})

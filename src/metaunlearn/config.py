@@ -533,8 +533,9 @@ class StudyConfig(_Section):
     def _checkpointing_needs_own_weights(self) -> StudyConfig:
         """Recomputing activations in the backward pass reads the UNet's own weights: a functional call on
         other tensors (second-order meta, or first order not in place) would be recomputed with the wrong ones."""
-        meta = self.meta
-        if self.method.gradient_checkpointing and meta.enabled and (meta.mode == "second_order" or not meta.in_place):
+        meta = self.meta  # a study's meta variant turns meta on without validation (layout.variant_config)
+        if self.method.gradient_checkpointing and (meta.enabled or "meta" in self.variants) and \
+                (meta.mode == "second_order" or not meta.in_place):
             raise ValueError("method.gradient_checkpointing works with first-order meta in place only "
                              "(meta.mode first_order, meta.in_place true)")
         return self
