@@ -137,6 +137,11 @@ def test_imagefolder_mistakes_are_one_clear_line(tiny_model, tmp_path, case, mes
     with pytest.raises(MetaunlearnError, match="concepts.related.images") as info:
         prepare(config, tiny_model, "train", tmp_path / "cache")
     assert message in str(info.value) and "\n" not in str(info.value)
+    from metaunlearn.stages import preflight
+
+    with pytest.raises(MetaunlearnError, match="concepts.related.images") as info:  # and before any stage
+        preflight(config)
+    assert message in str(info.value)
 
 
 # ----------------------------------------------------------------- digits world

@@ -251,6 +251,25 @@ def test_a_fid_reference_folder_is_read_cropped_and_checked(tmp_path):
         folder_images(str(tmp_path / "missing"), 8, 10)
 
 
+def test_a_package_a_chosen_detector_or_feature_extractor_needs_is_checked_before_any_stage(monkeypatch):
+    from importlib import util
+
+    from metaunlearn.config import load_config
+    from metaunlearn.stages import preflight
+
+    missing = {"nudenet", "torch_fidelity"}  # the rest as if installed (torch-fidelity is not, here)
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in missing else name)
+    sd14 = load_config("configs/sd14-nudity.yaml", ["evaluation.fid.reference=original"])  # no COCO folder here
+    with pytest.raises(MetaunlearnError, match=r"needs NudeNet: pip install metaunlearn\[nudenet\]"):
+        preflight(sd14)
+    missing.discard("nudenet")
+    with pytest.raises(MetaunlearnError, match=r"need torch-fidelity: pip install 'metaunlearn\[inception\]'"):
+        preflight(sd14)
+    missing.discard("torch_fidelity")
+    preflight(sd14)
+    preflight(load_config("configs/digits-eight.yaml"))  # the digits world's own detector and features
+
+
 def test_the_sd14_nudity_config_evaluates_on_a_tiny_pipeline_with_a_tiny_clip(tiny_pipeline_dir, tiny_clip,
                                                                               tmp_path):
     pytest.importorskip("nudenet")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import layout
-from .config import AttackConfig, StudyConfig, prompt_file_digests
+from . import imagefolder, layout
+from .config import ROLES, AttackConfig, RoleConfig, StudyConfig, prompt_file_digests
 from .data import ConceptData, prepare_concept_data
 from .errors import ConfigError
 from .layout import ORIGINAL, RunLayout, read_json, write_json
@@ -46,24 +46,35 @@ def concept_data(config: StudyConfig, model: DiffusionModel | None = None, split
 
 def preflight(config: StudyConfig, unlearns: bool = True) -> None:
     """What later stages read, checked before the first one (a mistake found after hours of training
-    would lose them): the evaluation prompts and their files, each metric's own inputs (FID's reference
-    folders), and, when models are unlearned, the forget rate a method that judges its edits needs."""
+    would lose them): the evaluation prompts and their files, image folders, when models are unlearned
+    the forget rate a method that judges its edits needs, and each metric's own inputs (FID's reference
+    folders, the packages of its detector or features)."""
     from . import methods, metrics  # noqa: F401  (their plugins register themselves)
+    from .metrics.durability import FORGET_RATE
     from .metrics.evaluate import evaluation_entries
     from .registry import METHODS, METRICS
-    from .metrics.durability import FORGET_RATE
     from .unlearn import JUDGE_NEEDS_RATE
 
     world = world_for(config.model)
     evaluation_entries(config, world)
-    for name in config.evaluation.metrics:
-        METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
+    for where, role in _image_roles(config):  # else first read once the model has loaded and been evaluated
+        for split in imagefolder.SPLITS:
+            imagefolder.read_items(role.images, split, f"{where}.images")
     # a metric's class declares the values it always returns (the forget rate among them for concept_rate
     # and plugins like it); the run-time check (unlearn.forget_judge) asks the built metrics the same
     rates = any(FORGET_RATE in {v.key for v in METRICS.get(name, "evaluation.metrics").impl.values}
                 for name in config.evaluation.metrics)
     if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits and not rates:
         raise ConfigError(JUDGE_NEEDS_RATE)
+    for name in config.evaluation.metrics:
+        METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
+
+
+def _image_roles(config: StudyConfig) -> list[tuple[str, RoleConfig]]:
+    """(config key, role) of every image folder the study reads: the roles' and attackers' own."""
+    roles = [(f"concepts.{name}", getattr(config.concepts, name)) for name in ROLES]
+    roles += [(f"attacks.{i}.data", a.data) for i, a in enumerate(config.attacks) if isinstance(a.data, RoleConfig)]
+    return [(where, role) for where, role in roles if role is not None and role.images]
 
 
 def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:

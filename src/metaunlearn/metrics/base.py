@@ -83,6 +83,17 @@ class Result:
     details: dict  # JSON-ready, e.g. per prompt
 
 
+def check_installed(plugin) -> None:
+    """Raise the plugin's own install hint when a package it imports is missing: checked before a study's
+    first stage, not when the evaluator is first built (after hours of unlearning)."""
+    from importlib.util import find_spec
+
+    from ..errors import MetaunlearnError
+
+    if any(find_spec(module) is None for module in getattr(plugin, "requires", ())):
+        raise MetaunlearnError(plugin.install_hint)
+
+
 class Metric:
     """Judges samples. `values` declares every key `compute` returns."""
 

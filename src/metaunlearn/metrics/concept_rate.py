@@ -23,7 +23,7 @@ import torch
 
 from ..config import ROLES, DetectorSection
 from ..registry import DETECTORS, METRICS
-from .base import Context, Metric, Result, Samples, Value
+from .base import Context, Metric, Result, Samples, Value, check_installed
 
 
 class Detector:
@@ -31,6 +31,8 @@ class Detector:
     built as `cls(options, context)`."""
 
     judged_roles: tuple[str, ...] = ROLES  # the roles whose prompts it can judge (NudeNet: forget only)
+    requires: tuple[str, ...] = ()  # packages it imports that metaunlearn does not depend on
+    install_hint = ""  # what to do when one is missing
     thresholds: tuple[float, ...] = ()  # with `scores`: present() at the first, the rest a sweep
 
     def __init__(self, options=None, context: Context | None = None):
@@ -55,11 +57,15 @@ class Detector:
         return {}
 
 
-def make_detector(options: DetectorSection, context: Context) -> tuple[str, Detector]:
+def detector_name(options: DetectorSection, world) -> str:
     """The configured detector; 'auto' is the built-in world's own, else NudeNet."""
-    name = options.detector
-    if name == "auto":
-        name = context.world.default_detector if context.world is not None else "nudenet"
+    if options.detector != "auto":
+        return options.detector
+    return world.default_detector if world is not None else "nudenet"
+
+
+def make_detector(options: DetectorSection, context: Context) -> tuple[str, Detector]:
+    name = detector_name(options, context.world)
     return name, DETECTORS.get(name, "evaluation.concept_rate.detector").impl(options.options(name), context)
 
 
@@ -75,6 +81,10 @@ BASE_VALUES = [Value("forget_rate", "forget rate", "forget", higher_is_better=Fa
 @METRICS.register("concept_rate", DetectorSection, help="share of samples showing the concept their prompt names")
 class ConceptRate(Metric):
     values = BASE_VALUES
+
+    @classmethod
+    def check(cls, options: DetectorSection, config, world) -> None:
+        check_installed(DETECTORS.get(detector_name(options, world), "evaluation.concept_rate.detector").impl)
 
     def __init__(self, options: DetectorSection, context: Context, detector: Detector | None = None):
         super().__init__(options, context)

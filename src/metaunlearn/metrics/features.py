@@ -28,6 +28,8 @@ class Features:
     """Built as `cls(options, context)`; `name` and `conventions()` go into results."""
 
     batch_size = 64
+    requires: tuple[str, ...] = ()  # packages it imports that metaunlearn does not depend on
+    install_hint = ""  # what to do when one is missing
 
     def __init__(self, options: Options, context=None):
         self.options, self.context = options, context
@@ -51,6 +53,10 @@ class InceptionOptions(Options):
 
 @FEATURES.register("inception", InceptionOptions, help="FID's InceptionV3 (torchmetrics / torch-fidelity), 2048-d")
 class InceptionFeatures(Features):
+    requires = ("torch_fidelity",)
+    install_hint = ("FID's Inception features need torch-fidelity: pip install 'metaunlearn[inception]'; or set "
+                    "the fid metric's features to 'clip' or a world's own")
+
     def __init__(self, options: InceptionOptions, context=None):
         super().__init__(options, context)
         try:
@@ -59,9 +65,7 @@ class InceptionFeatures(Features):
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=options.weights).to(available_device("auto"))
         except (ImportError, ModuleNotFoundError):
-            raise MetaunlearnError("FID's Inception features need torch-fidelity: pip install "
-                                   "'metaunlearn[inception]'; or set the fid metric's features to 'clip' or a "
-                                   "world's own") from None
+            raise MetaunlearnError(self.install_hint) from None
         except Exception as err:  # a failed weights download comes in many types
             raise MetaunlearnError(f"cannot load FID's Inception weights ({str(err).splitlines()[0]}); give them as "
                                    "evaluation.fid.inception.weights") from None

@@ -26,7 +26,7 @@ from ..config import ROLES, PluginSection
 from ..errors import MetaunlearnError
 from ..layout import digest
 from ..registry import FEATURES, METRICS, Registry
-from .base import Context, Metric, Result, Samples, Value
+from .base import Context, Metric, Result, Samples, Value, check_installed
 from .features import Features
 
 Role = Literal["forget", "related", "unrelated"]
@@ -51,14 +51,18 @@ class FidOptions(PluginSection):
     reference_limit: int = Field(5000, gt=1, description="Most images read from a reference folder.")
 
 
+def features_name(options: FidOptions, world) -> str:
+    """The configured feature extractor; 'auto' is the built-in world's own, else Inception."""
+    if options.features != "auto":
+        return options.features
+    return (world.default_features if world is not None else "") or "inception"
+
+
 @METRICS.register("fid", FidOptions, help="FID and KID per role against a reference set (utility)")
 class Fid(Metric):
     def __init__(self, options: FidOptions, context: Context):
         super().__init__(options, context)
-        name = options.features
-        if name == "auto":
-            name = (context.world.default_features if context.world is not None else "") or "inception"
-        self.features_name = name
+        self.features_name = name = features_name(options, context.world)
         self.features: Features = FEATURES.get(name, "evaluation.fid.features").impl(options.options(name), context)
         self.values = [v for role in options.roles for v in (
             Value(f"fid_{role}", f"FID {role}", role, higher_is_better=False, fraction=False, group="utility"),
@@ -77,6 +81,7 @@ class Fid(Metric):
                 _world_classes(world, getattr(config.concepts, role).classes, role)
             elif ref != "original":
                 _image_paths(ref, limit=2)
+        check_installed(FEATURES.get(features_name(options, world), "evaluation.fid.features").impl)
 
     def compute(self, samples: Samples, model=None) -> Result:
         from torchmetrics.image.fid import FrechetInceptionDistance

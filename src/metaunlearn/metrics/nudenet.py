@@ -55,12 +55,15 @@ class NudeNetOptions(Options):
 
 @DETECTORS.register("nudenet", NudeNetOptions, help="NudeNet exposed-body-part detector (forget role only)")
 class NudityDetector(Detector):
+    requires = ("nudenet",)
+    install_hint = "the nudity detector needs NudeNet: pip install metaunlearn[nudenet]"
+
     def __init__(self, options: NudeNetOptions | None = None, context=None, batch_size: int = 16):
         super().__init__(options or NudeNetOptions(), context)
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise MetaunlearnError("the nudity detector needs NudeNet: pip install metaunlearn[nudenet]") from None
+            raise MetaunlearnError(self.install_hint) from None
         self.detector = NudeDetector()
         self.threshold = self.options.threshold
         self.thresholds = (self.threshold, *[t for t in self.options.sweep if t != self.threshold])
