@@ -22,7 +22,7 @@ from metaunlearn.worlds import world_for
 
 def before(curves: dict, variant: str, reference: str) -> dict:
     """Mean values at step 0 of the reference attacker's curves: the model before any attack."""
-    points = [c["points"][0]["values"] for c in curves[reference].get(variant, [])]
+    points = [p["values"] for c in curves[reference].get(variant, []) for p in c["points"] if p["step"] == 0]
     return {k: sum(p[k] for p in points) / len(points) for k in points[0]} if points else {}
 
 

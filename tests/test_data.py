@@ -102,6 +102,20 @@ def test_imagefolder_role_loads_captions_and_splits(tiny_model, tmp_path, monkey
     attack = prepare(config, tiny_model, "attack", tmp_path / "cache")
     assert attack.forget.sources == ["folder:attack/c.png"] and attack.forget.prompts == ["a handwritten 8"]
     assert attack.related is None  # a flat folder is train data only
+    from metaunlearn.stages import preflight
+
+    preflight(StudyConfig.from_dict({**config.model_dump(), "attacks": [{"name": "a", "data": "forget"}]}))
+    flat_related = {**config.model_dump(), "attacks": [{"name": "a", "data": "related"}]}
+    with pytest.raises(MetaunlearnError, match=r"concepts.related's attack split, but its image folder .* has no "
+                                               r"attack/ subfolder"):  # found before any stage, not after training
+        preflight(StudyConfig.from_dict(flat_related))
+    # an attacker's own folder: flat, all of it is the attacker's; with split subfolders, its attack/ one
+    write_folder(tmp_path / "no-attack" / "train", {"a.png": EIGHT})
+    own = [{"name": "flat", "data": {"images": str(flat)}}, {"name": "split", "data": {"images": str(split)}}]
+    preflight(StudyConfig.from_dict({**config.model_dump(), "attacks": own}))
+    own = [{"name": "b", "data": {"images": str(tmp_path / "no-attack")}}]
+    with pytest.raises(MetaunlearnError, match=r"attacks.b.data.images: .* has split subfolders but no attack/"):
+        preflight(StudyConfig.from_dict({**config.model_dump(), "attacks": own}))
     assert prepare(config, tiny_model, "train", tmp_path / "cache").forget.sources == [
         "folder:train/a.png", "folder:train/b.png"]
 
@@ -142,6 +156,7 @@ def test_imagefolder_mistakes_are_one_clear_line(tiny_model, tmp_path, case, mes
     with pytest.raises(MetaunlearnError, match="concepts.related.images") as info:  # and before any stage
         preflight(config)
     assert message in str(info.value)
+    preflight(config, unlearns=False, attacks=[])  # evaluating a model reads no image folder
 
 
 # ----------------------------------------------------------------- digits world

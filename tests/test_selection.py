@@ -111,6 +111,12 @@ def test_the_select_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
     assert f"| {selection['chosen']} |" in card
     again = CliRunner().invoke(app, ["select", str(study), str(grid)])  # cached: the same choice
     assert again.exit_code == 0 and json.loads((run / "selection-meta-s.json").read_text()) == selection
+    late = tmp_path / "late.yaml"  # no evaluation before the attack: nothing to rule a broken model out by
+    late.write_text(yaml.safe_dump({"name": "s", "reference": "full", "defaults": {"steps": 2, "eval_at": [1, 2]},
+                                    "attackers": [{"name": "full", "lr": 1e-3}]}))
+    bad = CliRunner().invoke(app, ["select", str(study), str(late)])
+    assert bad.exit_code == 1 and "must evaluate at step 0" in bad.output and "add 0 to the eval_at of s.full" \
+        in bad.output, bad.output
     for args, message in (([], "'" + str(out) + "' exists and is not empty"),
                           (["--variant", "meta", "--set", "seeds=[0]"], "needs several unlearning seeds"),
                           (["--set", "variants=[base]"], "variant 'meta' is not one of the study's variants"),

@@ -145,7 +145,7 @@ def evaluate(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, lab
     from .stages import preflight, run_evaluate
 
     cfg = _config(config, set_)
-    preflight(cfg, unlearns=False)
+    preflight(cfg, unlearns=False, attacks=[])
     results, path = run_evaluate(cfg, model, _label(cfg, model, label))
     for spec in results["specs"]:
         typer.echo(f"{spec['label']:>24}: {_value(results['values'].get(spec['key']), spec)}")
@@ -190,7 +190,7 @@ def attack(config: ConfigArg, set_: SetOpt = None, model: ModelOpt = None, label
     cfg = _config(config, set_)
     if not cfg.attacks:
         raise MetaunlearnError("the study lists no attacks; add an 'attacks:' section")
-    preflight(cfg, unlearns=False)
+    preflight(cfg, unlearns=False)  # the study's attacks
     for curve in run_attacks(cfg, model, _label(cfg, model, label)):
         spec = curve["specs"][0]
         steps = "  ".join(f"{p['step']}:{_value(p['values'].get(spec['key']), spec)}" for p in curve["points"])

@@ -96,7 +96,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
     from . import stages
 
-    stages.preflight(config)
+    stages.preflight(config, attacks=grid.attacks(world_for(config.model)))  # the grid's, not the study's
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
     failed: list[dict] = []

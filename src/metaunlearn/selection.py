@@ -98,14 +98,15 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     def beaten_by(label: str, slack: float) -> dict[str, list[str]]:
         return {o: by for o in measured if o != label and (by := _dominates(judged[o], judged[label], better, slack))}
 
-    slack = tolerance if any(not beaten_by(m, tolerance) for m in measured) else 0.0  # a cycle: plain Pareto
+    slack = tolerance if not measured or any(not beaten_by(m, tolerance) for m in measured) else 0.0  # a cycle
     for label, row in measured.items():
         if beaten := beaten_by(label, slack):
             row.update(eligible=False, why="worse before or in the attacks than " + ", ".join(
                 f"{o} ({', '.join(by)})" for o, by in beaten.items()))
     eligible = [(r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
-    return {"key": key, "tolerance": tolerance, "models": rows, "chosen": min(eligible)[3] if eligible else None}
+    # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model
+    return {"key": key, "tolerance": slack, "models": rows, "chosen": min(eligible)[3] if eligible else None}
 
 
 def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tolerance: float = TOLERANCE,
@@ -122,16 +123,19 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
                           "(e.g. --set 'seeds=[0, 1, 2, 3, 4]')")
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance must be from 0 to 1 (a share of the rates), got {tolerance}")
-    if to is not None and to.exists() and (not to.is_dir() or any(to.iterdir())):  # before the attacks
-        raise ConfigError(f"'{to}' exists and is not {'empty' if to.is_dir() else 'a folder'}; choose a new folder")
+    _check_release_folder(to)  # before the attacks
     attacks = grid.attacks(world_for(config.model))
     relearning = [spec for spec, a in zip(grid.attackers, attacks) if a.data == "forget"]
     if not relearning:
         raise ConfigError(f"grid '{grid.name}' has no relearning attacker (data: forget) to choose by")
     # honest finetunes and the original model choose nothing: not run
     grid = grid.model_copy(update={"attackers": relearning, "original": False})
+    without_before = [a.name for a in grid.attacks(world_for(config.model)) if 0 not in a.eval_at]
+    if without_before:  # the rule compares models before any attack: step 0
+        raise ConfigError(f"selection attackers must evaluate at step 0 (before the attack): add 0 to the eval_at "
+                          f"of {', '.join(without_before)}")
     config = config.model_copy(update={"variants": [variant]})
-    stages.preflight(config)
+    stages.preflight(config, attacks=grid.attacks(world_for(config.model)))
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])
     failed: list[dict] = []
@@ -148,6 +152,7 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
     write_json(runs.file(f"{name}.json"), selection)
     write_text(runs.file(f"{name}.md"), table(selection))
     if chosen and to is not None and not failed:  # a release from an incomplete selection is none
+        _check_release_folder(to)  # again: atomic_dir replaces whatever appeared there during the attacks
         with atomic_dir(to) as tmp:  # all or nothing: a copy cut short leaves no folder that looks like a model
             shutil.copytree(runs.model(chosen), tmp, dirs_exist_ok=True)
             write_json(tmp / "selection.json", selection)
@@ -155,6 +160,11 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
             if card.is_file():
                 write_text(card, card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + card_section(selection))
     return selection
+
+
+def _check_release_folder(to: Path | None) -> None:
+    if to is not None and to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise ConfigError(f"'{to}' exists and is not {'empty' if to.is_dir() else 'a folder'}; choose a new folder")
 
 
 def table(selection: dict) -> str:

@@ -44,11 +44,12 @@ def concept_data(config: StudyConfig, model: DiffusionModel | None = None, split
                                 log=print if progress else (lambda *_: None))
 
 
-def preflight(config: StudyConfig, unlearns: bool = True) -> None:
+def preflight(config: StudyConfig, unlearns: bool = True, attacks: list[AttackConfig] | None = None) -> None:
     """What later stages read, checked before the first one (a mistake found after hours of training
     would lose them): the evaluation prompts and their files, image folders, when models are unlearned
     the forget rate a method that judges its edits needs, and each metric's own inputs (FID's reference
-    folders, the packages of its detector or features)."""
+    folders, the packages of its detector or features). `attacks`: those that will run (default: the
+    study's own)."""
     from . import methods, metrics  # noqa: F401  (their plugins register themselves)
     from .metrics.durability import FORGET_RATE
     from .metrics.evaluate import evaluation_entries
@@ -57,9 +58,7 @@ def preflight(config: StudyConfig, unlearns: bool = True) -> None:
 
     world = world_for(config.model)
     evaluation_entries(config, world)
-    for where, role in _image_roles(config):  # else first read once the model has loaded and been evaluated
-        for split in imagefolder.SPLITS:
-            imagefolder.read_items(role.images, split, f"{where}.images")
+    _check_image_folders(config, unlearns, config.attacks if attacks is None else attacks)
     # a metric's class declares the values it always returns (the forget rate among them for concept_rate
     # and plugins like it); the run-time check (unlearn.forget_judge) asks the built metrics the same
     rates = any(FORGET_RATE in {v.key for v in METRICS.get(name, "evaluation.metrics").impl.values}
@@ -70,11 +69,29 @@ def preflight(config: StudyConfig, unlearns: bool = True) -> None:
         METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
 
 
-def _image_roles(config: StudyConfig) -> list[tuple[str, RoleConfig]]:
-    """(config key, role) of every image folder the study reads: the roles' and attackers' own."""
-    roles = [(f"concepts.{name}", getattr(config.concepts, name)) for name in ROLES]
-    roles += [(f"attacks.{i}.data", a.data) for i, a in enumerate(config.attacks) if isinstance(a.data, RoleConfig)]
-    return [(where, role) for where, role in roles if role is not None and role.images]
+def _check_image_folders(config: StudyConfig, unlearns: bool, attacks: list[AttackConfig]) -> None:
+    """The image folders the stages to come read, split by split (else first read once the model has loaded
+    and been evaluated): the roles' train split when models are unlearned, their attack split when an
+    attacker finetunes on a role, and an attacker's own folder."""
+    splits = ["train"] * unlearns + ["attack"] * layout.needs_attack_split(attacks)
+    for name in ROLES:
+        role = getattr(config.concepts, name)
+        for split in splits if role.images else []:
+            imagefolder.read_items(role.images, split, f"concepts.{name}.images")
+    for name in sorted({a.data for a in attacks if isinstance(a.data, str)}):
+        role = getattr(config.concepts, name)
+        if role.images and not role.classes and \
+                not imagefolder.read_items(role.images, "attack", f"concepts.{name}.images"):
+            raise ConfigError(f"attacks finetune on concepts.{name}'s attack split, but its image folder "
+                              f"'{role.images}' has no attack/ subfolder (a folder without train/, test/, attack/ "
+                              "subfolders is train data only)")
+    for attack in attacks:
+        own, where = attack.data, f"attacks.{attack.name}.data.images"
+        if isinstance(own, RoleConfig) and own.images:
+            whole = not imagefolder.has_split_folders(Path(own.images))  # a flat folder is all the attacker's data
+            if not imagefolder.read_items(own.images, "train" if whole else "attack", where) and not own.classes:
+                raise ConfigError(f"{where}: '{own.images}' has split subfolders but no attack/ one; the "
+                                  "attacker finetunes on its attack split")
 
 
 def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:

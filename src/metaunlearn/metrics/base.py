@@ -90,8 +90,16 @@ def check_installed(plugin) -> None:
 
     from ..errors import MetaunlearnError
 
-    if any(find_spec(module) is None for module in getattr(plugin, "requires", ())):
-        raise MetaunlearnError(plugin.install_hint)
+    def missing(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except (ImportError, ValueError):  # a dotted name whose parent package is missing
+            return True
+
+    absent = [m for m in getattr(plugin, "requires", ()) if missing(m)]
+    if absent:
+        raise MetaunlearnError(getattr(plugin, "install_hint", "") or f"{plugin.__name__} needs the package "
+                               f"{absent[0]}: pip install it")
 
 
 class Metric:
