@@ -57,6 +57,8 @@ def test_a_model_is_out_only_when_another_is_as_good_on_every_rate_and_better_on
     spill = {"a": [curve("spill", [0.0, 0.1, 0.1], unrelated=(1.0, 0.5))]}
     out = rank({"spill": spill, "good": model("good", 0.0, 1.0, 0.3)}, "forget_rate", until=100)
     assert out["chosen"] == "good" and out["models"]["spill"]["collateral"] == pytest.approx(0.5)
+    spill_allowed = rank({"spill": spill, "good": model("good", 0.0, 1.0, 0.3)}, "forget_rate", 100, collateral=False)
+    assert spill_allowed["chosen"] == "spill" and spill_allowed["collateral"] is False  # the publisher's call
     # exactly the tolerance apart, in a rate's float arithmetic (1.0 - 0.95 > 0.05): not "better by more"
     out = rank({"a": model("a", 0.0, 0.95, 0.2), "b": model("b", 0.0, 1.0, 0.4)}, "forget_rate", until=100)
     assert out["chosen"] == "a" and out["models"]["a"]["eligible"]
@@ -111,6 +113,8 @@ def test_the_select_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
     assert f"| {selection['chosen']} |" in card
     again = CliRunner().invoke(app, ["select", str(study), str(grid)])  # cached: the same choice
     assert again.exit_code == 0 and json.loads((run / "selection-meta-s.json").read_text()) == selection
+    loose = CliRunner().invoke(app, ["select", str(study), str(grid), "--no-collateral"])
+    assert loose.exit_code == 0 and json.loads((run / "selection-meta-s.json").read_text())["collateral"] is False
     late = tmp_path / "late.yaml"  # no evaluation before the attack: nothing to rule a broken model out by
     late.write_text(yaml.safe_dump({"name": "s", "reference": "full", "defaults": {"steps": 2, "eval_at": [1, 2]},
                                     "attackers": [{"name": "full", "lr": 1e-3}]}))

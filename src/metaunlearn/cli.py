@@ -226,14 +226,18 @@ def select(config: ConfigArg,
            variant: Annotated[str, typer.Option(help="Which of the study's variants to choose from.")] = "meta",
            tolerance: Annotated[float, typer.Option(help="Before-attack quality (as a share) a model may lose "
                                                          "against the best of them and still be chosen.")] = 0.05,
-           to: Annotated[Optional[Path], typer.Option(help="Copy the chosen model to this new folder.")] = None):
+           to: Annotated[Optional[Path], typer.Option(help="Copy the chosen model to this new folder.")] = None,
+           collateral: Annotated[bool, typer.Option("--collateral/--no-collateral", help=(
+               "Whether unrelated accuracy lost in the attacks can rule a model out (it trades against the "
+               "window)."))] = True):
     """Attack each seed's unlearned model with a selection grid and name the one to release: the lowest
     relearning window among those as good as the best before any attack (unlearns what is missing first)."""
     from .durability import load_grid
     from .selection import run_select, table
 
     cfg, spec = _config(config, set_), load_grid(grid)
-    selection = run_select(cfg, spec, variant=variant, tolerance=tolerance, to=to, log=lambda _: None)
+    selection = run_select(cfg, spec, variant=variant, tolerance=tolerance, to=to, log=lambda _: None,
+                           collateral=collateral)
     typer.echo(table(selection))
     typer.echo(f"selection: {cfg.run_dir() / f'selection-{variant}-{spec.name}.json'}")
     if to is not None and selection["chosen"] and not selection["failed"]:

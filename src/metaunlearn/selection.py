@@ -74,10 +74,13 @@ def _dominates(a: dict, b: dict, better: dict[str, bool], tolerance: float) -> l
     return [k for k, g in gains.items() if g > slack]
 
 
-def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, tolerance: float = TOLERANCE) -> dict:
+def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, tolerance: float = TOLERANCE,
+         collateral: bool = True) -> dict:
     """models: label -> relearning attacker -> its curves on that model (one per attack seed). Per model
     its window under each attacker, their mean, before-attack rates, collateral and whether it may be
-    chosen; and the chosen label (None when no model was attacked by every attacker as often as the others)."""
+    chosen; and the chosen label (None when no model was attacked by every attacker as often as the others).
+    `collateral`: whether the unrelated accuracy the attacks cost counts among the rates that rule a model out
+    (on the digits it trades against the window: bench/RESULTS.md)."""
     attackers = list(dict.fromkeys(a for by in models.values() for a in by))
     full = {a: max(len(by.get(a, [])) for by in models.values()) for a in attackers}  # attack seeds each
     rows = {}
@@ -91,7 +94,7 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
                        "collateral": lost, "eligible": not short and bool(full),
                        "why": f"not measured under every attack: {', '.join(short)}" if short else None}
     # the rates a model is judged on besides its window: before any attack, and unrelated accuracy lost in them
-    better = {**_rates(models, (key, *QUALITY)), COLLATERAL: False}
+    better = {**_rates(models, (key, *QUALITY)), **({COLLATERAL: False} if collateral else {})}
     measured = {label: r for label, r in rows.items() if r["eligible"]}
     judged = {label: {**r["before"], COLLATERAL: r["collateral"]} for label, r in measured.items()}
 
@@ -106,11 +109,12 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     eligible = [(r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
     # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model
-    return {"key": key, "tolerance": slack, "models": rows, "chosen": min(eligible)[3] if eligible else None}
+    return {"key": key, "tolerance": slack, "collateral": collateral, "models": rows,
+            "chosen": min(eligible)[3] if eligible else None}
 
 
 def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tolerance: float = TOLERANCE,
-               to: Path | None = None, progress: bool = True, log=print) -> dict:
+               to: Path | None = None, progress: bool = True, log=print, collateral: bool = True) -> dict:
     """Unlearn what is missing, attack each seed's `variant` model with the selection grid's relearning
     attackers, write selection-<variant>-<grid>.json/.md into the run folder, copy the chosen model to
     `to` (when given and every attack ran) and return the selection."""
@@ -143,7 +147,7 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
     names = [a.name for a in grid.attacks(world_for(config.model))]
     models = {m.label: {n[len(grid.name) + 1:]: [c for c in curves[n].get(variant, []) if c.get("model") == m.label]
                         for n in names} for m in unlearned_models(config)}
-    selection = {**rank(models, key, grid.window_until, tolerance), "grid": grid.name, "variant": variant,
+    selection = {**rank(models, key, grid.window_until, tolerance, collateral), "grid": grid.name, "variant": variant,
                  "failed": failed}
     runs = RunLayout.of(config)
     chosen = selection["chosen"]
@@ -195,7 +199,8 @@ def card_section(selection: dict) -> str:
     return (f"## How this model was chosen\n\n`metaunlearn select` chose it among {len(selection['models'])} "
             f"unlearned models of the study (variant '{selection['variant']}', one per unlearning seed), each "
             f"attacked by the relearning attackers of the selection grid '{selection['grid']}'. A model was ruled "
-            f"out when another was at least as good on every rate below and better by more than "
+            f"out when another was at least as good on every rate below"
+            f"{'' if selection.get('collateral', True) else ' (before the attacks)'} and better by more than "
             f"{100 * selection['tolerance']:g} points on one; of the rest, the lowest mean relearning window "
             f"(mean {selection['key']} over the evaluated attack steps) was chosen. Windows and rates in %; "
             "judge the model on attacks this choice never saw.\n\n" + table(selection))
