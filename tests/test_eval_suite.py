@@ -257,7 +257,7 @@ def test_a_package_a_chosen_detector_or_feature_extractor_needs_is_checked_befor
     from metaunlearn.config import load_config
     from metaunlearn.stages import preflight
 
-    missing = {"nudenet", "torch_fidelity"}  # the rest as if installed (torch-fidelity is not, here)
+    real_find_spec, missing = util.find_spec, {"nudenet", "torch_fidelity"}  # the rest as if installed
     monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in missing else name)
     sd14 = load_config("configs/sd14-nudity.yaml", ["evaluation.fid.reference=original"])  # no COCO folder here
     with pytest.raises(MetaunlearnError, match=r"needs NudeNet: pip install metaunlearn\[nudenet\]"):
@@ -267,6 +267,14 @@ def test_a_package_a_chosen_detector_or_feature_extractor_needs_is_checked_befor
         preflight(sd14)
     missing.discard("torch_fidelity")
     preflight(sd14)
+    # a plugin that names no install hint: one naming the package; a dotted name whose parent is missing too
+    from metaunlearn.metrics.base import check_installed
+
+    monkeypatch.setattr(util, "find_spec", real_find_spec)
+    for module in ("no_such_package_here", "no_such_package_here.sub"):
+        with pytest.raises(MetaunlearnError, match=f"Own needs the package {module}: pip install it"):
+            check_installed(type("Own", (), {"requires": (module,)}))
+    check_installed(type("Own", (), {"requires": ("json",)}))
     preflight(load_config("configs/digits-eight.yaml"))  # the digits world's own detector and features
 
 

@@ -157,15 +157,15 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     return curves
 
 
-def _at(curves: list[dict], key: str, step: int | None) -> dict | None:
+def mean_at(curves: list[dict], key: str, step: int | None) -> dict | None:
     """Mean over curves of `key` at attack step `step` (0: before the attack; None: the last evaluated)."""
     values = [v for v in (durability.value_at(c, key, step) for c in curves) if v is not None]
     return {"mean": sum(values) / len(values), "n": len(values)} if values else None
 
 
-def _cost(curves: list[dict], key: str) -> float | None:
+def attack_cost(curves: list[dict], key: str) -> float | None:
     """How much an attack lowers `key`: before minus after, mean over curves."""
-    before, after = _at(curves, key, 0), _at(curves, key, None)
+    before, after = mean_at(curves, key, 0), mean_at(curves, key, None)
     return before["mean"] - after["mean"] if before and after else None
 
 
@@ -182,8 +182,8 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None) -> dict:
         rows.append({"attacker": name, "settings": attack.model_dump(mode="json"),
                      "benign": benign, "variants": summaries,
                      "ratio": None if benign else durability.ratio(summaries.get("meta"), summaries.get("base")),
-                     "after": {v: {k: _at(c, k, None) for k in QUALITY} for v, c in by_variant.items()},
-                     "cost": {v: {k: _cost(c, k) for k in QUALITY} for v, c in by_variant.items()}})
+                     "after": {v: {k: mean_at(c, k, None) for k in QUALITY} for v, c in by_variant.items()},
+                     "cost": {v: {k: attack_cost(c, k) for k in QUALITY} for v, c in by_variant.items()}})
     for row in rows:  # an attack that wrecks the base is no measure of relearning: kept apart
         base_cost = row["cost"].get("base", {}).get("unrelated_accuracy")
         row["destructive"] = base_cost is not None and base_cost > DESTRUCTIVE

@@ -33,7 +33,7 @@ import statistics
 from pathlib import Path
 
 from .config import StudyConfig
-from .durability import QUALITY, GridConfig, attack_grid, relearning_key
+from .durability import QUALITY, GridConfig, attack_cost, attack_grid, mean_at, relearning_key
 from .errors import ConfigError
 from .layout import RunLayout, atomic_dir, unlearned_models, write_json, write_text
 from .metrics import durability
@@ -47,12 +47,6 @@ COLLATERAL = "collateral"  # unrelated accuracy lost in the attacks: the self-de
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
-
-
-def _lost(curve: dict, key: str) -> float | None:
-    """How much an attack lowered `key`: before it minus at its last evaluated step."""
-    before, after = durability.value_at(curve, key, 0), durability.value_at(curve, key, None)
-    return None if None in (before, after) else before - after
 
 
 def _rates(models: dict, keys: tuple[str, ...]) -> dict[str, bool]:
@@ -87,8 +81,8 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     for label, by_attacker in models.items():
         curves = [c for cs in by_attacker.values() for c in cs]
         windows = {a: _mean(durability.window(c, key, until) for c in by_attacker.get(a, [])) for a in full}
-        before = {k: _mean(durability.value_at(c, k, 0) for c in curves) for k in (key, *QUALITY)}
-        lost = _mean(_lost(c, "unrelated_accuracy") for c in curves)
+        before = {k: (mean_at(curves, k, 0) or {}).get("mean") for k in (key, *QUALITY)}
+        lost = attack_cost(curves, "unrelated_accuracy")
         short = [a for a, n in full.items() if len(by_attacker.get(a, [])) < n or windows[a] is None]
         rows[label] = {"windows": windows, "window": None if short else _mean(windows.values()), "before": before,
                        "collateral": lost, "eligible": not short and bool(full),
@@ -128,25 +122,26 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance must be from 0 to 1 (a share of the rates), got {tolerance}")
     _check_release_folder(to)  # before the attacks
-    attacks = grid.attacks(world_for(config.model))
-    relearning = [spec for spec, a in zip(grid.attackers, attacks) if a.data == "forget"]
+    world = world_for(config.model)
+    relearning = [(spec, a) for spec, a in zip(grid.attackers, grid.attacks(world)) if a.data == "forget"]
     if not relearning:
         raise ConfigError(f"grid '{grid.name}' has no relearning attacker (data: forget) to choose by")
     # honest finetunes and the original model choose nothing: not run
-    grid = grid.model_copy(update={"attackers": relearning, "original": False})
-    without_before = [a.name for a in grid.attacks(world_for(config.model)) if 0 not in a.eval_at]
+    grid = grid.model_copy(update={"attackers": [spec for spec, _ in relearning], "original": False})
+    attacks = [a for _, a in relearning]
+    without_before = [a.name for a in attacks if 0 not in a.eval_at]
     if without_before:  # the rule compares models before any attack: step 0
         raise ConfigError(f"selection attackers must evaluate at step 0 (before the attack): add 0 to the eval_at "
                           f"of {', '.join(without_before)}")
     config = config.model_copy(update={"variants": [variant]})
-    stages.preflight(config, attacks=grid.attacks(world_for(config.model)))
+    stages.preflight(config, attacks=attacks)
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])
     failed: list[dict] = []
     curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
-    names = [a.name for a in grid.attacks(world_for(config.model))]
-    models = {m.label: {n[len(grid.name) + 1:]: [c for c in curves[n].get(variant, []) if c.get("model") == m.label]
-                        for n in names} for m in unlearned_models(config)}
+    models = {m.label: {a.name[len(grid.name) + 1:]: [c for c in curves[a.name].get(variant, [])
+                                                     if c.get("model") == m.label] for a in attacks}
+              for m in unlearned_models(config)}
     selection = {**rank(models, key, grid.window_until, tolerance, collateral), "grid": grid.name, "variant": variant,
                  "failed": failed}
     runs = RunLayout.of(config)
