@@ -43,6 +43,8 @@ def test_prompt_role_is_generated_per_split_deterministic_and_cached(tiny_model,
     assert forget.sources[0].startswith("generated:seed=") and len(set(forget.sources)) == 4
     assert torch.allclose(forget.cond.hidden, tiny_model.encode_prompts([EIGHT, DOG]).hidden)
     assert len(train.unrelated) == 2 and train.unrelated.prompts == ["a cat"]
+    # each role from its own noise: images drawn from one noise share their layout
+    assert not set(train.unrelated.sources) & set(forget.sources)
     assert "concept data (train): forget 4, unrelated 2" in capsys.readouterr().out
     assert (tmp_path / "a" / "train" / "forget.png").is_file()
 

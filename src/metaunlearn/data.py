@@ -30,9 +30,13 @@ from .model import DiffusionModel
 from .worlds import Chunks, world_for
 
 SPLITS = ("train", "test", "attack")  # train: unlearning + meta; test: held out; attack: the attacker's only
-# Generated images: seed = base(split) + prompt_number * SEEDS_PER_PROMPT + i. Bases 1e9 apart
-# (not 1e6) keep the splits disjoint for up to 100k prompts, not just 100.
+# Generated images: seed = base(role) + base(split) + prompt_number * SEEDS_PER_PROMPT + i. Split bases
+# 1e9 apart (not 1e6) keep the splits disjoint for up to 100k prompts, not just 100; role bases keep the
+# roles apart, so a forget prompt and a related one never start from the same noise (images drawn from
+# one noise share their layout, which would tie the roles' data together).
 SPLIT_SEED_BASE = {"train": 0, "test": 1_000_000_000, "attack": 2_000_000_000}
+ROLE_SEED_BASE = {"forget": 0, "related": 3_000_000_000, "unrelated": 6_000_000_000}
+OTHER_ROLE_SEED_BASE = 9_000_000_000  # an attacker's own concept
 SEEDS_PER_PROMPT = 10_000
 
 
@@ -110,11 +114,13 @@ def _folder_feed(items: list[imagefolder.FolderItem], size: int, batch: int) -> 
     return len(items), chunks
 
 
-def _generated_feed(prompts: list[str], split: str, config: StudyConfig, model: DiffusionModel) -> tuple[int, Chunks]:
+def _generated_feed(name: str, prompts: list[str], split: str, config: StudyConfig,
+                    model: DiffusionModel) -> tuple[int, Chunks]:
     data = config.data
     if data.images_per_prompt > SEEDS_PER_PROMPT:
         raise MetaunlearnError(f"data.images_per_prompt is at most {SEEDS_PER_PROMPT}")
-    jobs = [(p, SPLIT_SEED_BASE[split] + k * SEEDS_PER_PROMPT + i)
+    base = ROLE_SEED_BASE.get(name, OTHER_ROLE_SEED_BASE) + SPLIT_SEED_BASE[split]
+    jobs = [(p, base + k * SEEDS_PER_PROMPT + i)
             for k, p in enumerate(prompts) for i in range(data.images_per_prompt)]
 
     def chunks() -> Chunks:
@@ -142,7 +148,7 @@ def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: Diffusi
         items = imagefolder.read_items(role.images, "train" if whole else split, f"{where}.images")
         feeds.append(_folder_feed(items, model.image_size, batch))
     if (role.prompts or role.prompt_file) and not (role.classes or role.images):  # else captions only
-        feeds.append(_generated_feed(role.all_prompts(), split, config, model))
+        feeds.append(_generated_feed(name, role.all_prompts(), split, config, model))
 
     latents, captions, origins, shown = [], [], [], []
     with tqdm(total=sum(n for n, _ in feeds), desc=f"{name} ({split})", unit="img", disable=not progress,

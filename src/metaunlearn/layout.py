@@ -35,7 +35,7 @@ from .config import AttackConfig, StudyConfig, with_prompt_file_digest
 STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
     "environment.json"
 RUN_STATUS, MODEL, CURVE, MANIFEST = "run.json", "model", "curve.json", "manifest.json"
-DATA_FORMAT = 1  # bump when the cached concept data change meaning
+DATA_FORMAT = 2  # bump when the cached concept data change meaning (2: generated roles' own seeds)
 ORIGINAL = "original"
 
 
