@@ -17,7 +17,7 @@ from metaunlearn.config import MetaConfig, MethodConfig, StudyConfig
 from metaunlearn.errors import MetaunlearnError
 from metaunlearn.engine import StepContext
 from metaunlearn.layout import unlearn_fingerprint
-from metaunlearn.meta import MetaObjective, inner_direction, linear_surrogate, make_meta
+from metaunlearn.meta import REFERENCE_BATCHES, MetaObjective, inner_direction, linear_surrogate, make_meta
 from metaunlearn.methods import make_method, trained_params
 from metaunlearn.params import make_trainable, select_names
 from metaunlearn.unlearn import unlearn
@@ -302,6 +302,40 @@ def test_a_sampled_inner_lr_is_drawn_log_uniformly_inside_its_range():
     state = gen.get_state()
     assert draw(MetaConfig(inner_lr=3e-4, inner_steps=1, inner_step="sgd", low_rank=0.0), gen).lr == 3e-4
     assert torch.equal(gen.get_state(), state)  # a fixed attacker leaves the step's randomness as it was
+
+
+def test_the_simulated_attacker_takes_its_own_batch_size(tiny_model):
+    """meta.inner_batch: the inner steps' forget batch (and the sharpness term's unit, measured on batches
+    of that size); the post-attack terms keep the method's batch."""
+    data = concept_data(tiny_model)
+    sizes, sample = [], data.forget.sample
+    data.forget.sample = lambda n, gen: sizes.append(n) or sample(n, gen)
+    meta = objective(tiny_model, subset(tiny_model), data, inner_batch=5, forget_sharpness=1.0)
+    assert sizes == [BATCH] * REFERENCE_BATCHES + [5] * REFERENCE_BATCHES  # at setup: the cap's levels, then
+    # the sharpness unit
+    sizes.clear()
+    evaluate(meta)
+    assert sizes[0] == 5 and BATCH in sizes[1:]  # the attacker's batch, then the post-attack forget term's
+    default = objective(tiny_model, subset(tiny_model), data)
+    assert default.inner_batch == BATCH
+
+
+def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprint():
+    """meta.inner_batch came after runs were made: left at None, a config fingerprints as it did without it."""
+    import hashlib
+    import json
+
+    from metaunlearn.config import RUN_ONLY
+
+    config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}})
+    dumped = config.model_dump(mode="json")["meta"]
+    del dumped["inner_batch"]
+    for key in RUN_ONLY["meta"]:
+        dumped.pop(key)
+    before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
+    assert config.fingerprint("meta") == before.hexdigest()[:16]
+    other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": {"inner_batch": 16}})
+    assert other.fingerprint("meta") != config.fingerprint("meta")
 
 
 # ----------------------------------------------------------------- in the training loop

@@ -256,6 +256,9 @@ class MetaConfig(_Section):
         ["sgd", "adam"], description=(
             "Inner update: plain gradient step, gradient scaled to unit norm, an Adam-like step, or the "
             "gradient's direction at an Adam step's size ('rms'); a list: each outer step draws one."))
+    inner_batch: Optional[int] = Field(None, gt=0, description=(
+        "Forget images per simulated attacker step (None: method.batch_size). A larger batch follows the "
+        "cleaner gradient a large-batch finetuner follows (bench/RESULTS.md, issue 10)."))
     attacked: Literal["trained", "all"] = Field("trained", description=(
         "Which weights the simulated attacker moves: the 'trained' ones (the reference code), or 'all' UNet "
         "weights, as a real finetuner does, also those the base method leaves frozen (ESD-u's cross-attention, "
@@ -588,6 +591,10 @@ class StudyConfig(_Section):
         for section, keys in RUN_ONLY.items():
             for key in keys:
                 dumped[section].pop(key, None)
+        for section, settings in ADDED_NEUTRAL.items():
+            for key, neutral in settings.items():
+                if dumped[section].get(key, neutral) == neutral:
+                    dumped[section].pop(key, None)
         text = json.dumps({s: dumped[s] for s in sections or dumped}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -607,6 +614,10 @@ def _seeds_in_range(value):
 # memory keeps its checkpoints and what is done (first-order meta computes the same in place or not).
 RUN_ONLY = {"model": ("device",), "method": ("checkpoint_every", "log_every", "gradient_checkpointing"),
             "meta": ("in_place",)}
+
+# Settings added after runs were made, with the value that computes what those runs computed: left out of the
+# fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
+ADDED_NEUTRAL = {"meta": {"inner_batch": None}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

@@ -78,6 +78,7 @@ class MetaObjective:
         self.attacked = [trainable[n] for n in self.names] + list(frozen.values())
         self.n_trained = len(self.names)
         self.batch_size = batch_size
+        self.inner_batch = config.inner_batch or batch_size  # the simulated attacker's forget batch
         self.cap_levels = self._cap_levels() if config.target == "capped" else {}
         if config.target == "unlearn_target" and not method.has_target:
             raise MetaunlearnError(f"meta.target 'unlearn_target' needs a base method with a target, "
@@ -144,16 +145,16 @@ class MetaObjective:
         """This outer step's attacker, forget batch and LoRA-like A (a running episode's own attacker and A)."""
         episode = self.episode
         if episode is not None and episode.depth > 0:
-            return episode.attacker, self._batch(self.data.forget, ctx), episode.a
+            return episode.attacker, self._batch(self.data.forget, ctx, self.inner_batch), episode.a
         attacker = draw(self.config, ctx.generator)
-        forget = self._batch(self.data.forget, ctx)
+        forget = self._batch(self.data.forget, ctx, self.inner_batch)
         a = self.low_rank.draw(ctx.generator, self.model.device) if attacker.low_rank else None
         if episode is not None:
             episode.attacker, episode.a = attacker, a
         return attacker, forget, a
 
-    def _batch(self, role, ctx):
-        return None if role is None or len(role) == 0 else role.sample(self.batch_size, ctx.generator)
+    def _batch(self, role, ctx, size: int | None = None):
+        return None if role is None or len(role) == 0 else role.sample(size or self.batch_size, ctx.generator)
 
     def _loss(self, batch, params, ctx) -> torch.Tensor:
         latents, cond = batch
@@ -191,7 +192,8 @@ class MetaObjective:
         gen, norms = torch.Generator().manual_seed(0), []
         for _ in range(REFERENCE_BATCHES):
             with self._attackable():  # over what the attacker moves, as the ratio's numerator
-                loss = self.model.denoising_loss(*self.data.forget.sample(self.batch_size, gen), generator=gen)
+                # the inner steps' batch size: a gradient's norm shrinks with the batch it is averaged over
+                loss = self.model.denoising_loss(*self.data.forget.sample(self.inner_batch, gen), generator=gen)
                 norms.append(self._stream(loss, self.attacked, lambda *_: None))  # the norm only, never whole
         return sum(norms) / len(norms)
 
