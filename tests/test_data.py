@@ -32,6 +32,23 @@ def refuse_sampling(model, monkeypatch):
 
 
 # ----------------------------------------------------------------- generated roles
+def test_generated_seed_ranges_are_apart_from_each_other_and_from_evaluation():
+    """Images drawn from one noise share their layout: no two roles or splits of generated data, and no
+    evaluation sample (the default seed_offset, the held-out judge's above it), may start from one seed."""
+    from metaunlearn.config import EvaluationConfig
+    from metaunlearn.data import OTHER_ROLE_SEED_BASE, ROLE_SEED_BASE, SEEDS_PER_PROMPT, SPLIT_SEED_BASE
+    from metaunlearn.metrics.evaluate import SEED_STRIDE
+    from metaunlearn.unlearn import HELD_OUT_SEEDS
+
+    prompts = 100_000  # what the split bases are spaced for
+    ranges = [(r + s, r + s + prompts * SEEDS_PER_PROMPT) for r in [*ROLE_SEED_BASE.values(), OTHER_ROLE_SEED_BASE]
+              for s in SPLIT_SEED_BASE.values()]
+    offset = EvaluationConfig().seed_offset
+    ranges.append((offset, offset + HELD_OUT_SEEDS + prompts * SEED_STRIDE))
+    ranges.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+
+
 def test_prompt_role_is_generated_per_split_deterministic_and_cached(tiny_model, tmp_path, monkeypatch, capsys):
     config = study({"forget": {"prompts": [EIGHT, DOG]}, "unrelated": {"prompts": ["a cat"]}})
     train = prepare_concept_data(config, tiny_model, "train", tmp_path / "a", progress=False)

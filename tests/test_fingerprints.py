@@ -23,9 +23,28 @@ def study(tmp_path, **concepts) -> StudyConfig:
                                   "output": {"dir": str(tmp_path / "run")}})
 
 
-def test_prompt_only_studies_keep_their_fingerprints(tmp_path):
-    config = study(tmp_path)
+def test_studies_of_real_images_keep_their_fingerprints(tmp_path):
+    config = StudyConfig.from_dict({"model": {"source": "digits", "device": "cpu"},
+                                    "concepts": {"forget": {"classes": ["eight"], "prompts": ["the number eight"]}},
+                                    "output": {"dir": str(tmp_path / "run")}})
     assert unlearn_fingerprint(config, 3) == f"{config.fingerprint('model', 'concepts', 'data', 'method')}-3"
+
+
+def test_generated_images_count_by_how_they_are_seeded(tmp_path, monkeypatch):
+    """A model trained on images the original model drew depends on the seeds they were drawn with: a
+    change of that scheme (DATA_FORMAT) makes the runs on generated data stale, and only those."""
+    from metaunlearn import layout
+
+    config, teach = study(tmp_path), AttackConfig(name="teach", data={"prompts": ["a dog"]})
+    real = StudyConfig.from_dict({"model": {"source": "digits", "device": "cpu"},
+                                  "concepts": {"forget": {"classes": ["eight"]}}})
+    stages = lambda: (unlearn_fingerprint(config, 0), evaluation_fingerprint(config, "m"),  # noqa: E731
+                      attack_fingerprint(config, teach, 0, "m"), attack_fingerprint(real, teach, 0, "m"),
+                      unlearn_fingerprint(real, 0), attack_fingerprint(real, AttackConfig(name="full"), 0, "m"))
+    before = stages()
+    monkeypatch.setattr(layout, "DATA_FORMAT", layout.DATA_FORMAT + 1)
+    after = stages()
+    assert [b != a for b, a in zip(before, after)] == [True] * 4 + [False] * 2
 
 
 @pytest.mark.parametrize("setting", ["model.device=auto", "method.checkpoint_every=7", "method.log_every=5",

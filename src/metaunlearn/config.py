@@ -158,6 +158,10 @@ class RoleConfig(_Section):
     def given(self) -> bool:
         return bool(self.prompts or self.classes or self.images or self.prompt_file)
 
+    def generated(self) -> bool:
+        """Whether its images are drawn by the model from its prompts (no classes or image folder)."""
+        return bool(self.prompts or self.prompt_file) and not (self.classes or self.images)
+
     def entries(self) -> list:
         """`prompts`, then the prompt file's entries (with their seeds and columns), as PromptEntry."""
         from .prompt_files import PromptEntry, read_prompt_file
@@ -397,8 +401,9 @@ class EvaluationConfig(PluginSection):
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance for evaluation images.")
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
     seed_offset: int = Field(3_000_000_000, ge=0, le=10**15, description=(
-        "Added to evaluation seeds; above the data-generation seed ranges (0, 1e9, 2e9 per split). Prompts "
-        "from a file with an evaluation_seed column use the file's seeds instead."))
+        "Added to evaluation seeds; apart from the data-generation seed ranges (0, 1e9, 2e9 per split, plus "
+        "1e11, 2e11, 3e11 for the related, unrelated and an attacker's own concept). Prompts from a file with an "
+        "evaluation_seed column use the file's seeds instead."))
     prompts: dict[Literal["forget", "related", "unrelated"], Union[str, list[str]]] = Field({}, description=(
         "Evaluation prompts per role, apart from the ones unlearning trains on: a prompt file (CSV in the "
         "ESD/I2P layout, or one prompt per line) or a list. A role not named here is judged on its own prompts."))

@@ -33,10 +33,11 @@ SPLITS = ("train", "test", "attack")  # train: unlearning + meta; test: held out
 # Generated images: seed = base(role) + base(split) + prompt_number * SEEDS_PER_PROMPT + i. Split bases
 # 1e9 apart (not 1e6) keep the splits disjoint for up to 100k prompts, not just 100; role bases keep the
 # roles apart, so a forget prompt and a related one never start from the same noise (images drawn from
-# one noise share their layout, which would tie the roles' data together).
+# one noise share their layout, which would tie the roles' data together), and clear of the evaluation
+# seeds (evaluation.seed_offset, 3e9 by default) for the same reason.
 SPLIT_SEED_BASE = {"train": 0, "test": 1_000_000_000, "attack": 2_000_000_000}
-ROLE_SEED_BASE = {"forget": 0, "related": 3_000_000_000, "unrelated": 6_000_000_000}
-OTHER_ROLE_SEED_BASE = 9_000_000_000  # an attacker's own concept
+ROLE_SEED_BASE = {"forget": 0, "related": 100_000_000_000, "unrelated": 200_000_000_000}
+OTHER_ROLE_SEED_BASE = 300_000_000_000  # an attacker's own concept
 SEEDS_PER_PROMPT = 10_000
 
 
@@ -147,7 +148,7 @@ def _build_role(name: str, role: RoleConfig, config: StudyConfig, model: Diffusi
             Path(role.images))  # an attacker's own folder without split subfolders is all its data
         items = imagefolder.read_items(role.images, "train" if whole else split, f"{where}.images")
         feeds.append(_folder_feed(items, model.image_size, batch))
-    if (role.prompts or role.prompt_file) and not (role.classes or role.images):  # else captions only
+    if role.generated():  # prompts beside classes or images are their captions only
         feeds.append(_generated_feed(name, role.all_prompts(), split, config, model))
 
     latents, captions, origins, shown = [], [], [], []

@@ -271,8 +271,9 @@ def data_fingerprint(config: StudyConfig) -> str:
 
 def outside_inputs(config: StudyConfig) -> dict:
     """What a stage's output depends on that the config's text does not show: the files of the concepts'
-    image folders, and the model under `model.source` when it is a released model of another run (a study
-    on top of another's). Empty for most studies, so their fingerprints stay the config's."""
+    image folders, the seeding of generated images (DATA_FORMAT) when a role is generated, and the model
+    under `model.source` when it is a released model of another run (a study on top of another's). Empty
+    for most studies, so their fingerprints stay the config's."""
     from .imagefolder import signature
 
     out: dict = {}
@@ -280,6 +281,8 @@ def outside_inputs(config: StudyConfig) -> dict:
                if (spec := getattr(config.concepts, role)).images}
     if folders:
         out["folders"] = folders
+    if any(getattr(config.concepts, role).generated() for role in ("forget", "related", "unrelated")):
+        out["generated"] = DATA_FORMAT  # how generated images are seeded: models trained on them depend on it
     if (Path(config.model.source).parent / RUN_STATUS).is_file():
         out["source"] = model_identity(config.model.source)
     return out
@@ -330,6 +333,8 @@ def attack_inputs(attack: AttackConfig) -> dict:
         with_prompt_file_digest(data)
         if data.get("images"):
             data["images_signature"] = signature(data["images"])
+        if attack.data.generated():
+            data["generated"] = DATA_FORMAT
     return dumped
 
 
