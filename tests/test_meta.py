@@ -336,6 +336,9 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
     assert config.fingerprint("meta") == before.hexdigest()[:16]
     other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": {"inner_batch": 16}})
     assert other.fingerprint("meta") != config.fingerprint("meta")
+    named = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},
+                                   "meta": {"inner_batch": config.method.batch_size}})  # what None computes
+    assert named.fingerprint("meta") == config.fingerprint("meta") and named.fingerprint() == config.fingerprint()
 
 
 # ----------------------------------------------------------------- in the training loop

@@ -596,6 +596,8 @@ class StudyConfig(_Section):
         for section, keys in RUN_ONLY.items():
             for key in keys:
                 dumped[section].pop(key, None)
+        if dumped["meta"].get("inner_batch") == dumped["method"]["batch_size"]:
+            dumped["meta"]["inner_batch"] = None  # the method's batch, named: what None computes
         for section, settings in ADDED_NEUTRAL.items():
             for key, neutral in settings.items():
                 if dumped[section].get(key, neutral) == neutral:
