@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AttackConfig, StudyConfig, with_prompt_file_digest
+from .config import ROLES, AttackConfig, StudyConfig, with_prompt_file_digest
 
 STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
     "environment.json"
@@ -277,11 +277,11 @@ def outside_inputs(config: StudyConfig) -> dict:
     from .imagefolder import signature
 
     out: dict = {}
-    folders = {role: signature(spec.images) for role in ("forget", "related", "unrelated")
+    folders = {role: signature(spec.images) for role in ROLES
                if (spec := getattr(config.concepts, role)).images}
     if folders:
         out["folders"] = folders
-    if any(getattr(config.concepts, role).generated() for role in ("forget", "related", "unrelated")):
+    if any(getattr(config.concepts, role).generated() for role in ROLES):
         out["generated"] = DATA_FORMAT  # how generated images are seeded: models trained on them depend on it
     if (Path(config.model.source).parent / RUN_STATUS).is_file():
         out["source"] = model_identity(config.model.source)

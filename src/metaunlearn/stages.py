@@ -74,17 +74,15 @@ def _check_image_folders(config: StudyConfig, unlearns: bool, attacks: list[Atta
     and been evaluated): the roles' train split when models are unlearned, their attack split when an
     attacker finetunes on a role, and an attacker's own folder."""
     splits = ["train"] * unlearns + ["attack"] * layout.needs_attack_split(attacks)
+    attacked = {a.data for a in attacks if isinstance(a.data, str)}  # the roles attackers finetune on
     for name in ROLES:
         role = getattr(config.concepts, name)
         for split in splits if role.images else []:
-            imagefolder.read_items(role.images, split, f"concepts.{name}.images")
-    for name in sorted({a.data for a in attacks if isinstance(a.data, str)}):
-        role = getattr(config.concepts, name)
-        if role.images and not role.classes and \
-                not imagefolder.read_items(role.images, "attack", f"concepts.{name}.images"):
-            raise ConfigError(f"attacks finetune on concepts.{name}'s attack split, but its image folder "
-                              f"'{role.images}' has no attack/ subfolder (a folder without train/, test/, attack/ "
-                              "subfolders is train data only)")
+            items = imagefolder.read_items(role.images, split, f"concepts.{name}.images")
+            if split == "attack" and name in attacked and not role.classes and not items:
+                raise ConfigError(f"attacks finetune on concepts.{name}'s attack split, but its image folder "
+                                  f"'{role.images}' has no attack/ subfolder (a folder without train/, test/, "
+                                  "attack/ subfolders is train data only)")
     for attack in attacks:
         own, where = attack.data, f"attacks.{attack.name}.data.images"
         if isinstance(own, RoleConfig) and own.images:
