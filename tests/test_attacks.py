@@ -44,14 +44,15 @@ def attack_split(model) -> ConceptData:
 
 def test_full_attack_moves_every_weight_and_records_the_curve(tiny_model):
     config = study(kind="full")
-    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    # on the CPU: the attack runs where model.device says (a GPU, when the tests run on one)
+    before = {n: p.detach().to("cpu", copy=True) for n, p in tiny_model.unet.named_parameters()}
     metrics, seen = evaluator(config), []
     evaluate = metrics.evaluate
 
     def spy(model, progress=False):  # the weights each evaluation judged, and what it found
         results, samples = evaluate(model, progress=progress)
         results["values"]["forget_rate"] = len(seen) / 4  # a mark per call: the tiny model's rates barely move
-        seen.append(({n: p.detach().clone() for n, p in model.unet.named_parameters()}, results["values"]))
+        seen.append(({n: p.detach().to("cpu", copy=True) for n, p in model.unet.named_parameters()}, results["values"]))
         return results, samples
 
     metrics.evaluate = spy
@@ -61,25 +62,25 @@ def test_full_attack_moves_every_weight_and_records_the_curve(tiny_model):
     # each point holds the evaluation of the weights at its step: the released ones, halfway, the attacked ones
     assert [p["values"] for p in curve["points"]] == [values for _, values in seen]
     (at_0, _), (at_2, _), (at_4, _) = seen
-    after = {n: p.detach() for n, p in tiny_model.unet.named_parameters()}
+    after = {n: p.detach().cpu() for n, p in tiny_model.unet.named_parameters()}
     assert all(torch.equal(at_0[n], before[n]) and torch.equal(at_4[n], after[n]) for n in before)
     assert any(not torch.equal(at_2[n], before[n]) for n in before)
     assert any(not torch.equal(at_2[n], after[n]) for n in before)
-    moved = [n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, before[n])]
+    moved = [n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p.cpu(), before[n])]
     assert len(moved) > 0.9 * len(before)
     assert curve["trainable_parameters"] == sum(p.numel() for p in before.values())
 
 
 def test_lora_attack_trains_only_the_adapter(tiny_model):
     config = study(kind="lora", lora={"rank": 2})
-    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    before = {n: p.detach().to("cpu", copy=True) for n, p in tiny_model.unet.named_parameters()}
     curve = attack(config, tiny_model)
     after = dict(tiny_model.unet.named_parameters())
     lora = [n for n in after if "lora" in n]
     assert lora and curve["trainable_parameters"] == sum(after[n].numel() for n in lora)
     base = {n: p for n, p in after.items() if "lora" not in n}
     # peft wraps the targets (to_q.weight -> to_q.base_layer.weight): compare by value, in order
-    assert all(torch.equal(a, b) for a, b in zip(base.values(), before.values()))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(base.values(), before.values()))
     assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora if "lora_B" in n)
 
 

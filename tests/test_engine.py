@@ -13,6 +13,15 @@ from metaunlearn.engine import Engine, Terms, step_generator
 from metaunlearn.errors import TrainingError
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """These tests build their own Accelerator(cpu=True): a study an earlier test ran on a GPU in this
+    process would have left accelerate's one state on it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def toy(settings: dict, objective=None, accelerator=None) -> tuple[torch.nn.Linear, Engine]:
     torch.manual_seed(0)
     module = torch.nn.Linear(4, 3)
@@ -151,3 +160,32 @@ def test_float16_weights_are_refused_before_any_step():
     with pytest.raises(TrainingError, match="float16 weights cannot be trained.*model.mixed_precision fp16"):
         Engine(module, dict(module.named_parameters()), {"toy": lambda ctx: Terms()},
                OptimizerSettings(steps=2, batch_size=1), 3, Accelerator(cpu=True))
+
+
+def test_a_run_with_other_accelerate_settings_in_the_same_process_gets_them(monkeypatch):
+    """accelerate keeps one device and precision per process and refuses others: a second study in the
+    same process (a notebook; the test suite on a GPU) with other settings gets a fresh state, and one
+    with the same settings keeps the state it finds."""
+    from accelerate.state import AcceleratorState
+
+    from metaunlearn.config import ModelConfig
+    from metaunlearn.engine import make_accelerator
+
+    resets = []
+    reset = AcceleratorState._reset_state
+    monkeypatch.setattr(AcceleratorState, "_reset_state",
+                        staticmethod(lambda *a, **k: (resets.append(1), reset(*a, **k))[1]))
+    precisions = []
+    for mixed in ("no", "bf16", "bf16", "no"):
+        precisions.append(make_accelerator(ModelConfig(source="x", device="cpu", mixed_precision=mixed))
+                          .state.mixed_precision)
+        if not resets:  # the state the first run leaves is what a later one with other settings finds
+            assert AcceleratorState._shared_state
+    assert precisions == ["no", "bf16", "bf16", "no"]
+    assert len(resets) == 2  # at each change of settings, never when they are the same
+
+
+def test_adamw_keeps_torchs_default_implementation_on_the_cpu():
+    """The fused kernel is for CUDA tensors; CPU runs keep the implementation every measured number used."""
+    _, adamw = toy({"optimizer": "adamw"})
+    assert adamw.optimizer.optimizer.defaults["fused"] is None

@@ -189,6 +189,26 @@ def test_clip_score_is_torchmetrics_on_a_clip_loaded_by_path(tiny_model, tiny_cl
     assert {v.key: v.higher_is_better for v in metric.values}["clip_score_forget"] is False
 
 
+def test_evaluation_models_run_on_the_studys_device_not_where_auto_would_put_them(tiny_clip, tmp_path,
+                                                                                   monkeypatch):
+    """On a GPU machine, a study on model.device cpu must not load CLIP on the GPU (auto's choice):
+    torch here has no CUDA, so the old auto placement fails the moment CUDA claims to be there."""
+    from metaunlearn.metrics.base import device_of
+    from metaunlearn.metrics.clip_score import ClipScore, ClipScoreOptions
+    from metaunlearn.metrics.features import ClipFeatureOptions, ClipFeatures
+    from metaunlearn.metrics.zero_shot import ClipDetector, ClipOptions
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = config_with(tmp_path, {})
+    config.model.device = "cpu"
+    context = Context(config, None, "")
+    assert device_of(context) == "cpu" and device_of(None) == "cuda"  # no study: auto
+    built = [ClipScore(ClipScoreOptions(model=str(tiny_clip)), context).embedder,
+             ClipDetector(ClipOptions(model=str(tiny_clip)), context).clip,
+             ClipFeatures(ClipFeatureOptions(model=str(tiny_clip)), context).embedder]
+    assert [(e.device, next(e.model.parameters()).device.type) for e in built] == [("cpu", "cpu")] * 3
+
+
 def digits_study(tmp_path, extra=()):
     from metaunlearn.config import load_config
 

@@ -21,6 +21,8 @@ PORT = iter(range(29650, 29700))
 
 def launch(*args, processes: int = 2, module: bool = False, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < processes:  # a rank per GPU, or all on the CPU: never two ranks on one GPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
     target = ["-m", *args] if module else [str(SCRIPT), *args]
     # --multi_gpu: torch.distributed's launcher; on a machine without CUDA the processes join over gloo
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",

@@ -102,8 +102,25 @@ def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, proj
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device.startswith("cuda:") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
+    _forget_other_settings(device, model.mixed_precision)
     return Accelerator(mixed_precision=model.mixed_precision, cpu=cpu, log_with=trackers or None,
                        project_dir=str(project_dir) if project_dir else None)
+
+
+def _forget_other_settings(device: str, mixed_precision: str) -> None:
+    """accelerate keeps one device and precision per process: an Accelerator asking for others raises
+    ("AcceleratorState has already been initialized"), or, asking for a GPU after a CPU run, silently gets
+    the CPU. A single-process run may follow one with other settings (two studies in one notebook; the test
+    suite on a GPU machine): its state starts afresh. A distributed launch keeps its state (one config)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or not PartialState._shared_state:
+        return
+    state = AcceleratorState()  # the initialised one: no arguments, no checks
+    wanted = torch.device(device)
+    same_device = state.device.type == wanted.type and wanted.index in (None, state.device.index)
+    if state.num_processes == 1 and not (same_device and state.mixed_precision == mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
@@ -115,7 +132,10 @@ def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
     elif settings.optimizer == "adafactor":
         optimizer = torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        # on a GPU, the fused kernel: foreach's temporaries cost about one copy of the trained weights at the
+        # step's peak (SD-1.4, bench/RESULTS.md "On a GPU"); the CPU keeps its default, bit for bit
+        fused = bool(params) and all(p.is_cuda for p in params) or None
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
     # diffusers' "constant" ignores num_warmup_steps: its warmup form is "constant_with_warmup"
     name = "constant_with_warmup" if settings.lr_schedule == "constant" and settings.warmup_steps else \
         settings.lr_schedule

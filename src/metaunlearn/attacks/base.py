@@ -82,7 +82,9 @@ def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel,
     kind = make_attack(attack)
     accelerator = make_accelerator(config.model)
     model.to(accelerator.device)
-    with torch.random.fork_rng(devices=[]):  # an adapter's initial weights follow the attack seed, nothing else
+    # an adapter's initial weights follow the attack seed (drawn where the model is), and no one else's draws
+    gpu = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
         torch.manual_seed(ATTACK_SEED_SPACE + seed)
         trainable = kind.trainable(model)
     engine = Engine(model.unet, trainable, kind.objectives(model, images), attack,

@@ -77,6 +77,14 @@ class Context:
     cache_dir: Path | None = None  # where metrics may keep what they computed once (reference features)
 
 
+def device_of(context: Context | None) -> str:
+    """Where an evaluation model runs: the study's model.device (its models and the one judged stay on one
+    device); without a study (a detector built by hand), CUDA when torch sees one."""
+    from ..engine import available_device
+
+    return available_device(context.config.model.device if context is not None else "auto")
+
+
 @dataclass
 class Result:
     values: dict[str, float | None]  # every declared key; None: not measurable here

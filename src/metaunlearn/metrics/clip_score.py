@@ -16,9 +16,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import ROLES
-from ..engine import available_device
 from ..registry import METRICS, Options
-from .base import Context, Metric, Result, Samples, Value
+from .base import Context, Metric, Result, Samples, Value, device_of
 from .hf_models import DEFAULT_CLIP, ClipEmbedder, to_uint8
 
 
@@ -34,14 +33,15 @@ class ClipScore(Metric):
         super().__init__(options, context)
         self.values = [Value(f"clip_score_{role}", f"CLIP score {role}", role, higher_is_better=role != "forget",
                              fraction=False, group="utility") for role in options.roles]
-        self.embedder = ClipEmbedder(options.model, available_device("auto"))
+        self.embedder = ClipEmbedder(options.model, device_of(context))
 
     def compute(self, samples: Samples, model=None) -> Result:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its notice that prompts get truncated: we truncate them ourselves
-            metric = CLIPScore(model_name_or_path=lambda: (self.embedder, self.embedder))
+            # its running sums on CLIP's device, where the scores it adds to them are computed
+            metric = CLIPScore(model_name_or_path=lambda: (self.embedder, self.embedder)).to(self.embedder.device)
         values, roles = {v.key: None for v in self.values}, {}
         batch = self.context.config.evaluation.batch_size
         for role in self.options.roles:

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from pydantic import Field
 
-from ..engine import available_device
 from ..errors import MetaunlearnError
 from ..registry import FEATURES, Options
+from .base import device_of
 from .hf_models import DEFAULT_CLIP, ClipEmbedder, to_uint8
 
 
@@ -63,7 +63,9 @@ class InceptionFeatures(Features):
             from torchmetrics.image.fid import NoTrainInceptionV3
 
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=options.weights).to(available_device("auto"))
+                                          feature_extractor_weights_path=options.weights)
+            self.device = device_of(context)
+            self.net.to(self.device)
         except (ImportError, ModuleNotFoundError):
             raise MetaunlearnError(self.install_hint) from None
         except Exception as err:  # a failed weights download comes in many types
@@ -71,7 +73,7 @@ class InceptionFeatures(Features):
                                    "evaluation.fid.inception.weights") from None
 
     def extract(self, images):
-        return self.net(to_uint8(images).to(available_device("auto")))  # it resizes to 299 itself, as FID does
+        return self.net(to_uint8(images).to(self.device))  # it resizes to 299 itself, as FID does
 
 
 class ClipFeatureOptions(Options):
@@ -82,7 +84,7 @@ class ClipFeatureOptions(Options):
 class ClipFeatures(Features):
     def __init__(self, options: ClipFeatureOptions, context=None):
         super().__init__(options, context)
-        self.embedder = ClipEmbedder(options.model, available_device("auto"))
+        self.embedder = ClipEmbedder(options.model, device_of(context))
 
     def extract(self, images):
         return self.embedder.image_embeddings(images)

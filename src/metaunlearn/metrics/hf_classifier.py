@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from ..errors import MetaunlearnError
-from ..engine import available_device
 from ..registry import DETECTORS, Options
+from .base import device_of
 from .concept_rate import Detector
 from .hf_models import load_image_classifier, to_uint8
 from .zero_shot import BATCH_SIZE, mentions
@@ -35,7 +35,7 @@ class ClassifierOptions(Options):
 class ClassifierDetector(Detector):
     def __init__(self, options: ClassifierOptions, context=None):
         super().__init__(options, context)
-        self.device = available_device("auto")
+        self.device = device_of(context)
         self.model, self.processor = load_image_classifier(options.model, self.device)
         names = {str(name): int(i) for i, name in self.model.config.id2label.items()}
         # A misspelt label would silently never fire and read as perfect forgetting: refuse it.

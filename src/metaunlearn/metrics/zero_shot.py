@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from pydantic import Field, field_validator
 
-from ..engine import available_device
 from ..registry import DETECTORS, Options
+from .base import device_of
 from .concept_rate import Detector
 from .hf_models import DEFAULT_CLIP, ClipEmbedder
 
@@ -53,7 +53,7 @@ class ClipOptions(Options):
 class ClipDetector(Detector):
     def __init__(self, options: ClipOptions | None = None, context=None):
         super().__init__(options or ClipOptions(), context)
-        self.clip = ClipEmbedder(self.options.model, available_device("auto"))
+        self.clip = ClipEmbedder(self.options.model, device_of(context))
         # The model's own temperature: 100 for released CLIPs (what zero-shot papers use).
         self.logit_scale = float(self.clip.model.logit_scale.exp())
         # With a threshold the probability decides (and can be swept); without, top-1 does.
