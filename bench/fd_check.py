@@ -1,7 +1,7 @@
 """How accurate the sharpness penalty's finite-difference Hessian-vector product is at each precision.
 
 The meta objective's sharpness term needs H v (v: the forget gradient's direction) and takes it as
-(g(theta + eps v) - g(theta)) / eps with eps = FD_STEP x ||theta|| (meta.FD_STEP, relative to the
+(g(theta + eps v) - g(theta)) / eps with eps = fd_step x ||theta|| (meta.fd_step, 1e-4, relative to the
 weights). Under bf16 autocast or TF32 the weights enter the matrix units rounded to 8 or 11 significant
 bits, far coarser than a relative step of 1e-4, so the difference of two gradients may be rounding noise.
 This script measures it: for each precision and step, the relative error ||Hv_fd - Hv|| / ||Hv|| and the

@@ -179,8 +179,6 @@ def test_a_run_with_other_accelerate_settings_in_the_same_process_gets_them(monk
     for mixed in ("no", "bf16", "bf16", "no"):
         precisions.append(make_accelerator(ModelConfig(source="x", device="cpu", mixed_precision=mixed))
                           .state.mixed_precision)
-        if not resets:  # the state the first run leaves is what a later one with other settings finds
-            assert AcceleratorState._shared_state
     assert precisions == ["no", "bf16", "bf16", "no"]
     assert len(resets) == 2  # at each change of settings, never when they are the same
 
@@ -189,3 +187,63 @@ def test_adamw_keeps_torchs_default_implementation_on_the_cpu():
     """The fused kernel is for CUDA tensors; CPU runs keep the implementation every measured number used."""
     _, adamw = toy({"optimizer": "adamw"})
     assert adamw.optimizer.optimizer.defaults["fused"] is None
+
+
+def fused_adamw(monkeypatch):
+    """AdamW as the engine builds it on a GPU (fused), here on the CPU, where torch has the kernel too."""
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: adamw(*a, **{**k, "fused": True}))
+
+
+def test_an_fp16_overflow_holds_the_schedule_with_a_fused_optimizer_too(monkeypatch):
+    """GradScaler always calls a fused optimizer's step (the kernel skips), so accelerate never marks the
+    step skipped: the engine reads the overflow from the scaler backing off instead."""
+    fused_adamw(monkeypatch)
+    records = []
+    for init_scale in (8.0, 2.0 ** 127):  # the second overflows every gradient (the loss stays finite)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        module, engine = toy({}, accelerator=accelerator)
+        assert engine.optimizer.optimizer.defaults["fused"] is True
+        before = flat(module)
+        engine.step(0)
+        records.append((engine.scheduler.last_epoch, torch.equal(flat(module), before),
+                        accelerator.scaler.get_scale() < init_scale))
+    assert records == [(1, False, False), (0, True, True)]
+
+
+def test_a_checkpoint_resumes_with_this_runs_optimizer_implementation(tmp_path, monkeypatch):
+    """A checkpoint saved on a GPU (fused AdamW) resumed on the CPU runs torch's default there, and the
+    other way round: torch's load_state_dict would copy the saved flag over the optimizer's own."""
+    with monkeypatch.context() as patch:
+        fused_adamw(patch)
+        _, gpu_like = toy({})
+        gpu_like.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)
+    _, resumed = toy({})
+    done = resumed.resume(tmp_path)
+    assert done > 0 and resumed.optimizer.optimizer.param_groups[0]["fused"] is None
+    resumed.step(done)  # and it steps
+    fused_adamw(monkeypatch)
+    _, fused_again = toy({})
+    fused_again.resume(tmp_path)
+    assert fused_again.optimizer.optimizer.param_groups[0]["fused"] is True
+
+
+def test_a_gpu_named_with_or_without_its_index_keeps_accelerates_state(monkeypatch):
+    """A single process's state names its GPU "cuda" (no index): cuda:0 or cuda:1 is the same device
+    there (torch.cuda.set_device chose it), while the CPU or another precision starts afresh."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from metaunlearn.engine import _forget_other_settings
+
+    resets = []
+    monkeypatch.setattr(AcceleratorState, "_reset_state", staticmethod(lambda *a, **k: resets.append(1)))
+    monkeypatch.setattr(PartialState, "_shared_state", {"device": torch.device("cuda"), "num_processes": 1})
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {"_mixed_precision": "fp16"})
+    for device, mixed in (("cuda", "fp16"), ("cuda:0", "fp16"), ("cuda:1", "fp16"), ("cpu", "fp16"),
+                          ("cuda", "bf16")):
+        _forget_other_settings(device, mixed)
+    assert len(resets) == 2
+    monkeypatch.setattr(PartialState, "_shared_state", {"device": torch.device("cuda"), "num_processes": 2})
+    _forget_other_settings("cpu", "no")  # a distributed launch keeps its state
+    assert len(resets) == 2

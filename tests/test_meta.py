@@ -321,7 +321,8 @@ def test_the_simulated_attacker_takes_its_own_batch_size(tiny_model):
 
 
 def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprint():
-    """meta.inner_batch came after runs were made: left at None, a config fingerprints as it did without it."""
+    """meta.inner_batch and meta.fd_step came after runs were made: at their neutral values (None, 1e-4: what
+    the code computed before), a config fingerprints as it did without them."""
     import hashlib
     import json
 
@@ -329,13 +330,14 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
 
     config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}})
     dumped = config.model_dump(mode="json")["meta"]
-    del dumped["inner_batch"]
+    del dumped["inner_batch"], dumped["fd_step"]
     for key in RUN_ONLY["meta"]:
         dumped.pop(key)
     before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
     assert config.fingerprint("meta") == before.hexdigest()[:16]
-    other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": {"inner_batch": 16}})
-    assert other.fingerprint("meta") != config.fingerprint("meta")
+    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}):
+        other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": changed})
+        assert other.fingerprint("meta") != config.fingerprint("meta")
     named = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},
                                    "meta": {"inner_batch": config.method.batch_size}})  # what None computes
     assert named.fingerprint("meta") == config.fingerprint("meta") and named.fingerprint() == config.fingerprint()
@@ -480,7 +482,7 @@ def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_th
     # summed in another order (backward passes into .grad, not tuples added up): float rounding apart
     # summed in another order (backward passes into .grad, not tuples added up), and the sharpness term's
     # finite difference (g(theta + eps g) - g, scaled by 1/eps) taken as two scaled sums: within float32's
-    # rounding at that step (FD_STEP), not bit for bit
+    # rounding at that step (meta.fd_step), not bit for bit
     assert all((a - b).norm() <= 1e-4 * a.norm() for a, b in zip(grads_f, grads_i))
     assert any(g.abs().sum() > 0 for g in grads_f)
 

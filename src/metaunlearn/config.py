@@ -306,6 +306,10 @@ class MetaConfig(_Section):
         "the forget loss a plateau, not a cliff: finetuning steps on the concept stay small instead of wrecking "
         "the model (one extra forward/backward)."))
     sharpness_cap: float = Field(4.0, ge=0, description="The gradient-norm ratio r allowed before the penalty acts.")
+    fd_step: float = Field(1e-4, gt=0, le=1e-2, description=(
+        "The sharpness term's finite-difference step along the forget gradient, relative to the weights' norm. "
+        "1e-4 is best on the digits world in every precision; on SD-1.4's architecture with random weights 1e-5 "
+        "was ten times more accurate (bench/RESULTS.md, 'On a GPU')."))
     unrelated_kept: float = Field(1.0, ge=0, description=(
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
         "so the self-destruct stays on related ones."))
@@ -624,7 +628,7 @@ RUN_ONLY = {"model": ("device",), "method": ("checkpoint_every", "log_every", "g
 
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
-ADDED_NEUTRAL = {"meta": {"inner_batch": None}}
+ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

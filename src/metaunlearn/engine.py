@@ -99,7 +99,7 @@ def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, proj
     from accelerate import Accelerator
 
     device = available_device(model.device)
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    cpu = device == "cpu"
     if device.startswith("cuda:") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
     _forget_other_settings(device, model.mixed_precision)
@@ -114,12 +114,16 @@ def _forget_other_settings(device: str, mixed_precision: str) -> None:
     suite on a GPU machine): its state starts afresh. A distributed launch keeps its state (one config)."""
     from accelerate.state import AcceleratorState, PartialState
 
-    if not AcceleratorState._shared_state or not PartialState._shared_state:
+    state, partial = AcceleratorState._shared_state, PartialState._shared_state
+    if not state and not partial:
         return
-    state = AcceleratorState()  # the initialised one: no arguments, no checks
-    wanted = torch.device(device)
-    same_device = state.device.type == wanted.type and wanted.index in (None, state.device.index)
-    if state.num_processes == 1 and not (same_device and state.mixed_precision == mixed_precision):
+    if partial.get("num_processes", 1) > 1:
+        return
+    have, wanted = partial.get("device"), torch.device(device)
+    # a single process's state names "cuda" without an index (torch.cuda.set_device picked the GPU)
+    same_device = have is not None and have.type == wanted.type and \
+        (have.index is None or wanted.index is None or have.index == wanted.index)
+    if not (same_device and state.get("_mixed_precision") == mixed_precision):
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -288,8 +292,12 @@ class Engine:
             raise TrainingError(f"the gradient became {grad_norm} at step {step + 1} (losses: "
                                 f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
                                 f"last good checkpoint: {self.last_good}; {self.hint}")
+        scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
-        if not getattr(self.optimizer, "step_was_skipped", False):  # an fp16 overflow skipped the step
+        # an fp16 overflow skipped the step: the scaler backed off (accelerate's step_was_skipped misses it
+        # when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
+        if not (getattr(self.optimizer, "step_was_skipped", False) or
+                scaler is not None and scaler.get_scale() < scale):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
@@ -326,7 +334,12 @@ class Engine:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(state["params"][name])
-        self.optimizer.load_state_dict(state["training_state"]["optimizer"])
+        saved = state["training_state"]["optimizer"]
+        # the implementation is this run's (fused on a GPU, torch's default on the CPU), not the one the
+        # checkpoint was saved with: torch's load would copy it over (and fp16's scaler then fails the step)
+        for group, current in zip(saved["param_groups"], self.optimizer.param_groups):
+            group.update({k: current[k] for k in ("fused", "foreach") if k in current})
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["training_state"]["scheduler"])
         if "scaler" in state["training_state"] and getattr(self.accelerator, "scaler", None) is not None:
             self.accelerator.scaler.load_state_dict(state["training_state"]["scaler"])

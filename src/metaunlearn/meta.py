@@ -205,7 +205,7 @@ class MetaObjective:
         norm = _norm(grads)
         if norm / self.grad_reference <= self.config.sharpness_cap:
             return linear_surrogate(theta, [torch.zeros_like(p) for p in theta]), norm / self.grad_reference
-        eps = FD_STEP * _norm(at) / max(norm, 1e-12)  # a step of FD_STEP x ||theta|| along g
+        eps = self.config.fd_step * _norm(at) / max(norm, 1e-12)  # a step of fd_step x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
         shifted = {n: p.detach() + eps * g for n, p, g in zip(self.attacked_names, at, grads)}
@@ -361,7 +361,7 @@ class MetaObjective:
         """The sharpness term's gradient (see _sharpness) added to .grad with g never whole: a streamed pass
         at theta adds -s g to .grad and moves theta to theta + eps g, tensor by tensor; a second pass there
         adds s g(theta + eps g); theta is then put back. Both replay the generator from `state`."""
-        eps = FD_STEP * _norm(theta) / max(norm, 1e-12)
+        eps = self.config.fd_step * _norm(theta) / max(norm, 1e-12)
         scale = self._sharpness_scale(eps) * self._loss_scale
         n = self.n_trained  # every attacked weight moves along g; the trained ones' .grad take the term
 
@@ -500,7 +500,6 @@ class MetaObjective:
 
 
 Consumer = Callable[[int, torch.Tensor, torch.Tensor, list], None]  # (index, tensor, its gradient, aside)
-FD_STEP = 1e-4  # finite-difference step along the forget gradient, relative to the trained weights' norm
 
 
 def _norm(tensors) -> float:

@@ -82,9 +82,9 @@ def run_attack(config: StudyConfig, attack: AttackConfig, model: DiffusionModel,
     kind = make_attack(attack)
     accelerator = make_accelerator(config.model)
     model.to(accelerator.device)
-    # an adapter's initial weights follow the attack seed (drawn where the model is), and no one else's draws
-    gpu = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpu):
+    # an adapter's initial weights follow the attack seed, and nothing else's draws do: manual_seed seeds
+    # every generator (peft draws on the CPU, others may draw on the GPU), and the fork puts them all back
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(ATTACK_SEED_SPACE + seed)
         trainable = kind.trainable(model)
     engine = Engine(model.unet, trainable, kind.objectives(model, images), attack,

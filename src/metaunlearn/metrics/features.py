@@ -59,13 +59,12 @@ class InceptionFeatures(Features):
 
     def __init__(self, options: InceptionOptions, context=None):
         super().__init__(options, context)
+        self.device = device_of(context)  # outside the try: a device error is not a weights error
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=options.weights)
-            self.device = device_of(context)
-            self.net.to(self.device)
+                                          feature_extractor_weights_path=options.weights).to(self.device)
         except (ImportError, ModuleNotFoundError):
             raise MetaunlearnError(self.install_hint) from None
         except Exception as err:  # a failed weights download comes in many types
