@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a lent machine (bench/README.md, "On a GPU").
-# Expects, beside the working tree: .whl/ (wheels the machine lacks: diffusers, pydantic, ...) and
-# .gpu/cache (a built digits world and bench/out/data's concept data as .gpu/data). Each part has its own
-# time limit, so one that hangs costs only its share; logs and JSON go to $OUT/gpu.tar.gz after each part.
+# Expects, beside the working tree (both ignored through .git/info/exclude, and named in the call's carry):
+#   .whl/       wheels the GPU machine's image lacks (it has torch, transformers, accelerate, huggingface_hub):
+#               python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#                 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 pydantic==2.14.4 \
+#                 pydantic_core==2.50.5 annotated-types typing-inspection typing_extensions platformdirs peft \
+#                 importlib_metadata nudenet
+#   .gpu/cache  a copy of the cache folder holding the built digits world (metaunlearn world digits; the
+#               folder metaunlearn.worlds.cache_root() names); meta_step's concept data go to .gpu/data.
+# Each part has its own time limit, so one that hangs costs only its share; logs and JSON go to
+# $OUT/gpu.tar.gz after each part. The device call that ran it: command `bash bench/gpu_check.sh`,
+# carry [".whl", ".gpu"], timeout 590 s (PARTS="..." picks parts; bench/RESULTS.md, "On a GPU").
 set -u
 OUT=${OUT:-bench/out/gpu}
 WORK=$(mktemp -d)

@@ -121,6 +121,12 @@ def build_tiny_classifier(folder, labels: list[str], seed: int = 0):
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
                        label2id={name: i for i, name in enumerate(labels)})
-    ViTForImageClassification(config).save_pretrained(folder)
+    model = ViTForImageClassification(config)
+    # transformers' initialisation (std 0.02, and it differs between versions) leaves the logits so close
+    # that one label can win every image; a unit-scale head of our own draw sorts images apart anywhere
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape,
+                                                  generator=torch.Generator().manual_seed(seed)))
+    model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder

@@ -247,3 +247,17 @@ def test_a_gpu_named_with_or_without_its_index_keeps_accelerates_state(monkeypat
     monkeypatch.setattr(PartialState, "_shared_state", {"device": torch.device("cuda"), "num_processes": 2})
     _forget_other_settings("cpu", "no")  # a distributed launch keeps its state
     assert len(resets) == 2
+
+
+def test_a_cpu_checkpoint_resumes_under_fused_adamw_and_fp16(tmp_path, monkeypatch):
+    """The direction that broke: a checkpoint saved by torch's default AdamW (a CPU run), resumed by a fused
+    fp16 run (a GPU). Loaded as saved, the group lost its fused flag and the scaler's step then failed."""
+    _, cpu_run = toy({})
+    cpu_run.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)
+    fused_adamw(monkeypatch)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    _, resumed = toy({}, accelerator=accelerator)
+    done = resumed.resume(tmp_path)
+    assert done > 0 and resumed.optimizer.optimizer.param_groups[0]["fused"] is True
+    resumed.step(done)

@@ -294,3 +294,18 @@ def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
     for step in (999_999, 1_000_000):
         save_checkpoint(tmp_path, step, weights, {})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-999999", "step-1000000"]
+
+
+def test_a_checkpoint_a_gpu_run_saved_resumes_on_a_machine_without_one(tmp_path, monkeypatch):
+    """Its optimizer state names CUDA storage: read as saved, a CPU-only machine found every checkpoint
+    'damaged' and restarted the run from step 0."""
+    import warnings
+
+    _, gpu_run = toy({"steps": 4})
+    with monkeypatch.context() as patch:  # torch.save tags every storage as a GPU's, as it does on one
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        gpu_run.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)
+    _, resumed = toy({"steps": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint reported damaged
+        assert resumed.resume(tmp_path) > 0

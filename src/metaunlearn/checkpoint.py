@@ -98,4 +98,6 @@ def load_checkpoint(path: Path) -> dict:
     return {"path": path, "step": int(json.loads((path / "step.json").read_text())["step"]),
             "params": load_file(path / "params.safetensors"),
             "extra": load_file(extra) if extra.is_file() else {},
-            "training_state": torch.load(path / "training_state.pt", weights_only=True)}
+            # onto the CPU: a GPU run's optimizer state resumes on a machine without one (load_state_dict then
+            # moves each tensor to its parameter's device)
+            "training_state": torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")}

@@ -308,8 +308,9 @@ class MetaConfig(_Section):
     sharpness_cap: float = Field(4.0, ge=0, description="The gradient-norm ratio r allowed before the penalty acts.")
     fd_step: float = Field(1e-4, gt=0, le=1e-2, description=(
         "The sharpness term's finite-difference step along the forget gradient, relative to the weights' norm. "
-        "1e-4 is best on the digits world in every precision; on SD-1.4's architecture with random weights 1e-5 "
-        "was ten times more accurate (bench/RESULTS.md, 'On a GPU')."))
+        "On the digits world 1e-4 is best under bf16/fp16 autocast (1e-5 is rounding-bound there; in fp32 it is "
+        "ten times better); on SD-1.4's architecture with random weights 1e-5 was 7-10x more accurate in every "
+        "precision (bench/RESULTS.md, 'On a GPU')."))
     unrelated_kept: float = Field(1.0, ge=0, description=(
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
         "so the self-destruct stays on related ones."))

@@ -99,7 +99,7 @@ def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, proj
     from accelerate import Accelerator
 
     device = available_device(model.device)
-    cpu = device == "cpu"
+    cpu = torch.device(device).type == "cpu"  # "cpu:0" too
     if device.startswith("cuda:") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
     _forget_other_settings(device, model.mixed_precision)
