@@ -40,11 +40,11 @@ part fd_digits 60 python3 bench/fd_check.py --model digits --device cuda --out "
 part fd_sd14 120 python3 bench/fd_check.py --model sd14 --device cuda --latent 32 --threads 16 \
   --out "$WORK/fd_sd14.json"
 part mem_sd14 150 python3 bench/memory.py --arch sd14 --steps 3 --threads 16 --out "$WORK/mem_sd14.json" \
-  --variants "esd ckpt+bf16 teacher,esd+meta ckpt+bf16 teacher,esd ckpt+bf16 teacher+autocast,esd+meta ckpt+bf16 teacher+autocast"
+  --variants "esd ckpt+bf16 teacher,esd+meta ckpt+bf16 teacher,esd ckpt+bf16 teacher+fp16,esd+meta ckpt+bf16 teacher+fp16"
 part meta_step 100 python3 bench/meta_step.py --world digits --device cuda --steps "${META_STEPS:-20}" --batch 8 \
   --threads 4 --variants "${META_VARIANTS:-base,first,second,reference}" --data-cache .gpu/data \
   --out "$WORK/meta_step.json"
 # the test suite with CUDA visible: every study the tests run picks the GPU (model.device: auto)
 TAIL=30 part tests 150 python3 -m pytest -v -p no:cacheprovider -n 12 --timeout 120 -rfE
 part mem_sdxl 130 python3 bench/memory.py --arch sdxl --steps 2 --threads 16 --out "$WORK/mem_sdxl.json" \
-  --variants "esd ckpt+bf16 teacher,esd+meta ckpt+bf16 teacher"
+  --variants "esd ckpt+bf16 teacher+autocast,esd+meta ckpt+bf16 teacher+autocast"

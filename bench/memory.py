@@ -54,6 +54,11 @@ VARIANTS = {
                                               "model.mixed_precision=bf16"]),
     "esd+meta ckpt+bf16 teacher+autocast": (True, ["method.gradient_checkpointing=true",
                                                    "method.frozen_dtype=bfloat16", "model.mixed_precision=bf16"]),
+    # + fp16 autocast and its loss scaler: configs/sd14-nudity.yaml as it runs (a GPU's; a CPU has no fp16 gain)
+    "esd ckpt+bf16 teacher+fp16": (False, ["method.gradient_checkpointing=true", "method.frozen_dtype=bfloat16",
+                                          "model.mixed_precision=fp16"]),
+    "esd+meta ckpt+bf16 teacher+fp16": (True, ["method.gradient_checkpointing=true", "method.frozen_dtype=bfloat16",
+                                               "model.mixed_precision=fp16"]),
 }
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
