@@ -183,10 +183,20 @@ def test_a_run_with_other_accelerate_settings_in_the_same_process_gets_them(monk
     assert len(resets) == 2  # at each change of settings, never when they are the same
 
 
-def test_adamw_keeps_torchs_default_implementation_on_the_cpu():
+def test_adamw_is_fused_on_cuda_tensors_and_torchs_default_on_the_cpu(monkeypatch):
     """The fused kernel is for CUDA tensors; CPU runs keep the implementation every measured number used."""
+    from types import SimpleNamespace
+
+    from metaunlearn.engine import make_optimizer
+
     _, adamw = toy({"optimizer": "adamw"})
     assert adamw.optimizer.optimizer.defaults["fused"] is None
+    asked, real = [], torch.optim.AdamW  # what it asks for CUDA tensors (none here: stand-ins that say so)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **k: (asked.append(k["fused"]),
+                                                                    real([torch.zeros(1, requires_grad=True)]))[1])
+    for cuda in ([True, True], [True, False]):
+        make_optimizer([SimpleNamespace(is_cuda=c) for c in cuda], OptimizerSettings(steps=2))
+    assert asked == [True, None]  # every tensor on CUDA, or torch's default
 
 
 def fused_adamw(monkeypatch):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import build_tiny_clip, clean_exit, console_script  # noqa: F401
+from helpers import build_tiny_classifier, build_tiny_clip, clean_exit, console_script  # noqa: F401
 
 from metaunlearn.config import DetectorSection, StudyConfig
 from metaunlearn.errors import MetaunlearnError
@@ -203,10 +203,14 @@ def test_evaluation_models_run_on_the_studys_device_not_where_auto_would_put_the
     config.model.device = "cpu"
     context = Context(config, None, "")
     assert device_of(context) == "cpu" and device_of(None) == "cuda"  # no study: auto
+    from metaunlearn.metrics.hf_classifier import ClassifierDetector, ClassifierOptions
+
+    classifier = build_tiny_classifier(tmp_path / "classifier", ["dog", "cat"])
     built = [ClipScore(ClipScoreOptions(model=str(tiny_clip)), context).embedder,
              ClipDetector(ClipOptions(model=str(tiny_clip)), context).clip,
-             ClipFeatures(ClipFeatureOptions(model=str(tiny_clip)), context).embedder]
-    assert [(e.device, next(e.model.parameters()).device.type) for e in built] == [("cpu", "cpu")] * 3
+             ClipFeatures(ClipFeatureOptions(model=str(tiny_clip)), context).embedder,
+             ClassifierDetector(ClassifierOptions(model=str(classifier), labels={"dog": ["dog"]}), context)]
+    assert [(e.device, next(e.model.parameters()).device.type) for e in built] == [("cpu", "cpu")] * 4
 
 
 def digits_study(tmp_path, extra=()):

@@ -294,10 +294,9 @@ class Engine:
                                 f"last good checkpoint: {self.last_good}; {self.hint}")
         scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
-        # an fp16 overflow skipped the step: the scaler backed off (accelerate's step_was_skipped misses it
-        # when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
-        if not (getattr(self.optimizer, "step_was_skipped", False) or
-                scaler is not None and scaler.get_scale() < scale):
+        # an fp16 overflow skipped the step exactly when the scaler backed off (accelerate's step_was_skipped
+        # misses it when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
+        if scaler is None or scaler.get_scale() >= scale:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
