@@ -44,7 +44,9 @@ part mem_sd14 150 python3 bench/memory.py --arch sd14 --steps 3 --threads 16 --o
 part meta_step 100 python3 bench/meta_step.py --world digits --device cuda --steps "${META_STEPS:-20}" --batch 8 \
   --threads 4 --variants "${META_VARIANTS:-base,first,second,reference}" --data-cache .gpu/data \
   --out "$WORK/meta_step.json"
-# the test suite with CUDA visible: every study the tests run picks the GPU (model.device: auto)
-TAIL=30 part tests 150 python3 -m pytest -v -p no:cacheprovider -n 12 --timeout 120 -rfE
+# the test suite with CUDA visible: every study the tests run picks the GPU (model.device: auto); TESTS="files"
+# picks some. 240 s: the whole suite on 12 workers took over 150 s, the two-process tests last.
+# shellcheck disable=SC2086
+TAIL=30 part tests 240 python3 -m pytest -v -p no:cacheprovider -n 12 --timeout 200 -rfE ${TESTS:-}
 part mem_sdxl 130 python3 bench/memory.py --arch sdxl --steps 2 --threads 16 --out "$WORK/mem_sdxl.json" \
   --variants "esd ckpt+bf16 teacher+autocast,esd+meta ckpt+bf16 teacher+autocast"

@@ -122,11 +122,19 @@ def build_tiny_classifier(folder, labels: list[str], seed: int = 0):
                        intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
                        label2id={name: i for i, name in enumerate(labels)})
     model = ViTForImageClassification(config)
-    # transformers' initialisation (std 0.02, and it differs between versions) leaves the logits so close
-    # that one label can win every image; a unit-scale head of our own draw sorts images apart anywhere
+    # transformers' initialisation (std 0.02, and it differs between versions) leaves the class token's
+    # output nearly the same for every image, so one label can win them all (transformers 5.17 did). Our
+    # own draw, the same on any version: weights at unit gain (1/sqrt(fan in)), and a zero class token and
+    # position embedding, so the class token's output is what it attends to in the image, nothing shared
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape,
-                                                  generator=torch.Generator().manual_seed(seed)))
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.dim() >= 2 and "projection" in name or p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:  # biases, the class token, the position embedding
+                p.zero_()
     model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
