@@ -47,11 +47,32 @@ def test_the_optimizer_and_its_settings():
     assert isinstance(inner[0], torch.optim.AdamW) and inner[0].defaults["weight_decay"] == 0.01
     assert isinstance(inner[1], torch.optim.SGD) and inner[1].defaults["momentum"] == 0.5
     assert inner[1].defaults["weight_decay"] == 0.02
-    module, adafactor = toy({"optimizer": "adafactor", "lr": 0.05, "weight_decay": 0.0})
-    assert isinstance(adafactor.optimizer.optimizer, torch.optim.Adafactor)
-    before = flat(module)
-    losses = adafactor.run(progress=False)
-    assert not torch.equal(flat(module), before) and losses[-1] < losses[0]  # it trains
+    for name, kind, lr in [("adafactor", torch.optim.Adafactor, 0.05), ("rmsprop", torch.optim.RMSprop, 0.01),
+                           ("adam", torch.optim.Adam, 0.02)]:
+        module, engine = toy({"optimizer": name, "lr": lr, "weight_decay": 0.01})
+        assert type(engine.optimizer.optimizer) is kind and engine.optimizer.optimizer.defaults["weight_decay"] == 0.01
+        before = flat(module)
+        losses = engine.run(progress=False)
+        assert not torch.equal(flat(module), before) and losses[-1] < losses[0], name  # it trains
+
+
+def test_adam_adds_weight_decay_to_the_gradient_where_adamw_decouples_it():
+    """The two differ only there: with decay, Adam's first step is still lr per weight (the decay is inside the
+    normalised gradient), AdamW's is lr plus lr x decay x weight."""
+    steps = {}
+    for name in ("adam", "adamw"):
+        module, engine = toy({"optimizer": name, "lr": 0.1, "weight_decay": 0.5})
+        before = flat(module)
+        engine.step(0)
+        steps[name] = (flat(module) - before).abs()
+    assert torch.allclose(steps["adam"], torch.full_like(steps["adam"], 0.1), atol=1e-5)
+    assert not torch.allclose(steps["adamw"], steps["adam"], atol=1e-3)
+    trained = []
+    for name in ("adam", "adamw"):  # without decay they are one optimizer
+        module, engine = toy({"optimizer": name, "lr": 0.1})
+        engine.run(progress=False)
+        trained.append(flat(module))
+    assert torch.equal(*trained)
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.01])

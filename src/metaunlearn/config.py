@@ -201,10 +201,11 @@ class OptimizerSettings(_Section):
     """What the training engine needs to make an optimizer step; shared by
     unlearning and attacks (which override the defaults)."""
 
-    optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description=(
-        "AdamW, SGD with momentum, or Adafactor (factored second moments, no first moment: almost no "
-        "optimizer state, for large models in little memory; torch's Adafactor steps lr x each tensor's RMS, "
-        "so its lr is relative and is not AdamW's: tune it anew)."))
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adafactor"] = Field("adamw", description=(
+        "AdamW; Adam (weight decay added to the gradient, L2, not decoupled); SGD with momentum; RMSprop "
+        "(torch's defaults: smoothing 0.99, no momentum); or Adafactor (factored second moments, no first "
+        "moment: almost no optimizer state, for large models in little memory; torch's Adafactor steps lr x "
+        "each tensor's RMS, so its lr is relative and is not AdamW's: tune it anew). Attackers may use any."))
     lr: float = Field(1e-5, gt=0, le=1e4, description="Learning rate (at most 1e4: beyond, float32 updates overflow).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")

@@ -135,11 +135,14 @@ def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
                                     weight_decay=settings.weight_decay)
     elif settings.optimizer == "adafactor":
         optimizer = torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    elif settings.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
         # on a GPU, the fused kernel: foreach's temporaries cost about one copy of the trained weights at the
         # step's peak (SD-1.4, bench/RESULTS.md "On a GPU"); the CPU keeps its default, bit for bit
         fused = bool(params) and all(p.is_cuda for p in params) or None
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
+        adam = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.AdamW
+        optimizer = adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
     # diffusers' "constant" ignores num_warmup_steps: its warmup form is "constant_with_warmup"
     name = "constant_with_warmup" if settings.lr_schedule == "constant" and settings.warmup_steps else \
         settings.lr_schedule
