@@ -109,6 +109,10 @@ def test_the_durability_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
     extra = summary["benign_extra_cost"]["related_accuracy"]
     assert extra == pytest.approx(own["cost"]["meta"]["related_accuracy"] - own["cost"]["base"]["related_accuracy"])
     assert "| full |" in (run / "durability-g.md").read_text() and "worst" in result.output
+    from PIL import Image
+
+    with Image.open(run / "durability-g.png") as figure:  # one panel per attacker, side by side
+        assert figure.width > 1.5 * figure.height
     own = json.loads((run / "data/attack-roles/attacks.g.own.data.json").read_text())
     assert own["items"] == 2  # images_per_prompt of the study, in the attack split
     assert (run / "attacks/esd-meta-seed0/g.own-seed0/curve.json").is_file()
@@ -190,3 +194,22 @@ def test_an_attacker_that_diverges_is_reported_and_the_grid_still_summarised(tin
     assert [(f["attacker"], f["variant"], f["seed"]) for f in summary["failed"]] == [("wreck", "base", 0)]
     assert "diverged" in summary["failed"][0]["error"] and "failed: wreck on base seed 0" in result.output
     assert summary["rows"][0]["variants"]["base"]["window"] is not None  # the others were measured
+
+
+def test_the_grid_figure_has_a_panel_per_attacker_and_a_mean_line_per_variant(tmp_path, monkeypatch):
+    from metaunlearn import plots
+
+    def curve(rates):
+        return {"specs": [{"key": "forget_rate", "label": "forget rate", "higher_is_better": False}],
+                "points": [{"step": s, "values": {"forget_rate": r}} for s, r in zip((0, 10, 25), rates)]}
+
+    curves = {"g.full": {"base": [curve([0, .6, .8]), curve([0, .4, 1])], "meta": [curve([0, 0, .2])]},
+              "g.lora": {"base": [curve([0, .2, .4])], "meta": [curve([0, .1, .1])]}}
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, axes, title, path: seen.update(axes=axes, title=title))
+    plots.plot_grid(curves, "forget_rate", tmp_path / "grid.png")
+    assert [ax.get_title() for ax in seen["axes"]] == ["full", "lora"] and seen["title"] == "forget rate"
+    lines = {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+             for ax in seen["axes"]}
+    assert lines["full"] == {"base (n=2)": pytest.approx([0, .5, .9]), "meta (n=1)": pytest.approx([0, 0, .2])}
+    assert lines["lora"]["meta (n=1)"] == pytest.approx([0, .1, .1])

@@ -95,6 +95,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     """Unlearn what is missing, attack every unlearned model with every attacker of
     the grid, write durability-<grid>.json/.md into the run folder and return the summary."""
     from . import stages
+    from .plots import plot_grid
 
     stages.preflight(config, attacks=grid.attacks(world_for(config.model)))  # the grid's, not the study's
     metrics = stages.evaluator(config)
@@ -109,6 +110,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
                "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
+    plot_grid(curves, key, runs.file(f"durability-{grid.name}.png"), title=f"{key} under grid '{grid.name}'")
     return summary
 
 

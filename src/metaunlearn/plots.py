@@ -54,34 +54,64 @@ def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None =
                 key: Callable[[dict], str] = by_model) -> Path:
     """One panel per metric value (as the curves declare them unless `specs` are
     given), one line per group (mean over seeds, ±std band)."""
+    specs = _specs(curves, specs)
+    bands = curve_bands(curves, key, specs)
+    fig, axes = _panels(len(specs), height=3.4, sharex=True)
+    for ax, spec in zip(axes, specs):
+        better = "higher" if spec.get("higher_is_better", True) else "lower"
+        _draw_panel(ax, bands, spec, f"{spec['label']} ({better} is better)")
+    return _save(fig, axes, title, path)
+
+
+def plot_grid(curves: dict[str, dict[str, list[dict]]], key: str, path: str | Path, title: str = "") -> Path:
+    """A durability grid at a glance: one panel per attacker (attacker -> variant -> curves, as
+    durability.attack_grid returns them), one line per variant (base, meta, original) of the value `key`."""
+    every = [c for by_variant in curves.values() for group in by_variant.values() for c in group]
+    spec = next((s for s in _specs(every, None) if s["key"] == key), {"key": key, "label": key})
+    fig, axes = _panels(len(curves), height=3.2)
+    for ax, (attacker, by_variant) in zip(axes, curves.items()):
+        bands = {variant: curve_bands(group, key=lambda _, v=variant: v, specs=[spec])[variant]
+                 for variant, group in by_variant.items() if group}
+        _draw_panel(ax, bands, spec, attacker.split(".", 1)[-1])  # the grid's name prefixes every attacker
+    return _save(fig, axes, title or spec["label"], path)
+
+
+def _panels(n: int, height: float, sharex: bool = False):
+    """A figure of n panels, PANELS_PER_ROW to a row; the row's unused panels hidden."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = _specs(curves, specs)
-    bands = curve_bands(curves, key, specs)
-    cols = min(PANELS_PER_ROW, max(1, len(specs)))
-    rows = max(1, -(-len(specs) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharex=True, squeeze=False)
-    axes = axes.reshape(1, -1)
-    for ax in axes[0][len(specs):]:
+    cols = min(PANELS_PER_ROW, max(1, n))
+    fig, axes = plt.subplots(max(1, -(-n // cols)), cols, figsize=(4.2 * cols, height * max(1, -(-n // cols))),
+                             sharex=sharex, squeeze=False)
+    axes = list(axes.reshape(-1))
+    for ax in axes[n:]:
         ax.set_visible(False)
-    for ax, spec in zip(axes[0], specs):
-        for label, band in bands.items():
-            mean, std = np.array(band[spec["key"]]["mean"]), np.array(band[spec["key"]]["std"])
-            if np.all(np.isnan(mean)):
-                continue
-            line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})")
-            if band["seeds"] > 1:
-                ax.fill_between(band["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        better = "higher" if spec.get("higher_is_better", True) else "lower"
-        ax.set_title(f"{spec['label']} ({better} is better)", fontsize=10)
-        ax.set_xlabel("attack step")
-        if spec.get("fraction", True):
-            ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    drawn = [ax for ax in axes[0] if ax.get_lines()]  # the first value may have no line (a role not judged)
+    return fig, axes[:n]
+
+
+def _draw_panel(ax, bands: dict[str, dict], spec: dict, title: str) -> None:
+    """One line per group (mean over seeds, ±std band) of one metric value."""
+    for label, band in bands.items():
+        mean, std = np.array(band[spec["key"]]["mean"]), np.array(band[spec["key"]]["std"])
+        if np.all(np.isnan(mean)):
+            continue
+        line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})")
+        if band["seeds"] > 1:
+            ax.fill_between(band["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("attack step")
+    if spec.get("fraction", True):
+        ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axes, title: str, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    drawn = [ax for ax in axes if ax.get_lines()]  # the first value may have no line (a role not judged)
     if drawn:
         drawn[0].legend(fontsize=8)
     if title:
