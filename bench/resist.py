@@ -1,8 +1,8 @@
 """Resistance of meta-unlearning variants against a grid of attackers, on the
 digits world: the base method once (its own run folder), each variant's meta
 model in a folder of its own, every model attacked by every attacker of the
-grid; per variant the grid's durability summary against the shared base, and
-the before-attack quality. Stages are cached, so a re-run only adds what is new.
+grid; per variant the grid's durability summary against the shared base, the
+before-attack quality, and a figure of every attacker's curves (<out>/<variant>-<grid>.png). Stages are cached, so a re-run only adds what is new.
 
     python bench/resist.py --study bench/resist_digits.yaml --grid configs/grids/digits-dev.yaml \\
         --seeds 0 --variant default: --variant keep:meta.unrelated_kept=1.0
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from metaunlearn.config import load_config
 from metaunlearn.durability import attack_grid, load_grid, summarise, table
+from metaunlearn.plots import plot_grid
 from metaunlearn.worlds import world_for
 
 
@@ -52,6 +53,8 @@ def main() -> None:
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})
         results[name] = summary
+        plot_grid(curves, "forget_rate", Path(args.out) / f"{name}-{grid.name}.png",
+                  title=f"forget rate under grid '{grid.name}': base vs {name}")
         b, m = summary["before"]["base"], summary["before"]["meta"]
         print(f"## {name} ({', '.join(overrides) or 'defaults'})\n\nbefore any attack (F / R / U): base "
               f"{100 * b['forget_rate']:.1f} / {100 * b['related_accuracy']:.1f} / {100 * b['unrelated_accuracy']:.1f}"
