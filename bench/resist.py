@@ -2,7 +2,8 @@
 digits world: the base method once (its own run folder), each variant's meta
 model in a folder of its own, every model attacked by every attacker of the
 grid; per variant the grid's durability summary against the shared base, the
-before-attack quality, and a figure of every attacker's curves (<out>/<variant>-<grid>.png). Stages are cached, so a re-run only adds what is new.
+before-attack quality, and a figure of every attacker's curves
+(<out>/<variant>-<grid>.png). Stages are cached, so a re-run only adds what is new.
 
     python bench/resist.py --study bench/resist_digits.yaml --grid configs/grids/digits-dev.yaml \\
         --seeds 0 --variant default: --variant keep:meta.unrelated_kept=1.0
