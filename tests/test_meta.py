@@ -238,6 +238,39 @@ def test_first_order_is_the_gradient_at_a_detached_post_attack_copy(tiny_model, 
 
 
 @pytest.mark.parametrize("mode", ["first_order", "second_order"])
+def test_several_attackers_per_step_average_their_post_attack_gradients(tiny_model, mode):
+    """meta.attackers_per_step N: N simulated attacks, one after another from theta, each on a forget batch
+    of its own; the post-attack term is the mean of theirs (the same draws by hand)."""
+    data, trainable = concept_data(tiny_model), subset(tiny_model)
+    tau, a, b = 0.3, 1.0, 0.7
+    meta = objective(tiny_model, trainable, data, mode=mode, inner_lr=tau, forget_after=a, related_after=b,
+                     attackers_per_step=2)
+    got = gradient(evaluate(meta, seed=5)["meta_after"], trainable)
+
+    gen, names, theta = torch.Generator().manual_seed(5), list(trainable), list(trainable.values())
+    total = [torch.zeros_like(p) for p in theta]
+    for _ in range(2):
+        forget = data.forget.sample(BATCH, gen)
+        loss = tiny_model.denoising_loss(*forget, params=trainable, generator=gen)
+        grads = torch.autograd.grad(loss, theta, create_graph=mode == "second_order")
+        after = [p - tau * g for p, g in zip(theta, grads)]
+        if mode == "first_order":
+            after = [p.detach().requires_grad_(True) for p in after]
+        after_params = dict(zip(names, after))
+        outer = -a * tiny_model.denoising_loss(*data.forget.sample(BATCH, gen), params=after_params, generator=gen)
+        outer = outer - b * tiny_model.denoising_loss(*data.related.sample(BATCH, gen), params=after_params,
+                                                      generator=gen)
+        data.unrelated.sample(BATCH, gen)  # drawn, its weight (e) 0: no loss
+        # first order: the gradient at the detached copy; second order: through the inner step
+        for t, g in zip(total, torch.autograd.grad(outer, after if mode == "first_order" else theta)):
+            t.add_(g, alpha=0.5)
+    for g, x in zip(got, total):
+        torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="a persistent episode follows one attacker"):
+        MetaConfig(attackers_per_step=2, persistent=5)
+
+
+@pytest.mark.parametrize("mode", ["first_order", "second_order"])
 def test_meta_gradients_reach_every_trained_weight_and_no_frozen_one(tiny_model, mode):
     data = concept_data(tiny_model)
     trainable = make_trainable(tiny_model.unet, "noxattn")
@@ -321,8 +354,8 @@ def test_the_simulated_attacker_takes_its_own_batch_size(tiny_model):
 
 
 def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprint():
-    """meta.inner_batch and meta.fd_step came after runs were made: at their neutral values (None, 1e-4: what
-    the code computed before), a config fingerprints as it did without them."""
+    """meta.inner_batch, meta.fd_step and meta.attackers_per_step came after runs were made: at their neutral
+    values (None, 1e-4, 1: what the code computed before), a config fingerprints as it did without them."""
     import hashlib
     import json
 
@@ -330,12 +363,12 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
 
     config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}})
     dumped = config.model_dump(mode="json")["meta"]
-    del dumped["inner_batch"], dumped["fd_step"]
+    del dumped["inner_batch"], dumped["fd_step"], dumped["attackers_per_step"]
     for key in RUN_ONLY["meta"]:
         dumped.pop(key)
     before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
     assert config.fingerprint("meta") == before.hexdigest()[:16]
-    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}):
+    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}):
         other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": changed})
         assert other.fingerprint("meta") != config.fingerprint("meta")
     named = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},
@@ -449,7 +482,8 @@ def test_unlearn_target_needs_a_base_method_with_a_target(tiny_model, tiny_pipel
     dict(inner_step="sgd", low_rank=1.0, sharpness_cap=0.0),  # streamed low rank; the penalty's streamed passes
     dict(inner_step="adam", low_rank=0.0, sharpness_cap=0.0, attacked="all"),  # frozen weights moved too
     dict(inner_step="normalized", low_rank=0.0, sharpness_cap=0.0),  # the whole gradient's norm: not streamed
-    dict(inner_step="rms", low_rank=1.0, sharpness_cap=0.0)])  # the same, low rank
+    dict(inner_step="rms", low_rank=1.0, sharpness_cap=0.0),  # the same, low rank
+    dict(inner_step=["sgd", "adam"], low_rank=0.5, sharpness_cap=0.0, attackers_per_step=3)])  # averaged
 def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_the_weights(tiny_model, attacker):
     """meta.in_place moves the UNet's own weights and puts them back: the same loss terms and logged
     values as running the UNet functionally on copies, bit for bit, the same total gradient (its
@@ -478,7 +512,7 @@ def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_th
         results.append(({k: v.item() for k, v in terms.losses.items() if k not in surrogates}, terms.logs, grads))
     (functional, logs_f, grads_f), (in_place, logs_i, grads_i) = results
     assert functional == in_place and logs_f == logs_i and logs_f["meta/forget_grad_ratio"] > 0
-    assert logs_f["meta/low_rank"] == attacker["low_rank"]
+    assert logs_f["meta/low_rank"] == attacker["low_rank"] or 0 < attacker["low_rank"] < 1  # drawn: either
     # summed in another order (backward passes into .grad, not tuples added up): float rounding apart
     # summed in another order (backward passes into .grad, not tuples added up), and the sharpness term's
     # finite difference (g(theta + eps g) - g, scaled by 1/eps) taken as two scaled sums: within float32's

@@ -316,6 +316,10 @@ class MetaConfig(_Section):
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
         "so the self-destruct stays on related ones."))
 
+    attackers_per_step: int = Field(1, ge=1, le=16, description=(
+        "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
+        "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
+        "steps and post-attack terms. Not with `persistent`, whose episode follows one attacker."))
     persistent: int = Field(0, ge=0, description=(
         "Episode length R of a persistent simulated attacker; 0: every outer step attacks from theta afresh. "
         "On, the attacker drawn at an episode's start keeps its displacement between outer steps: each outer "
@@ -341,6 +345,13 @@ class MetaConfig(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("is an empty list; name at least one update form")
         return value
+
+    @model_validator(mode="after")
+    def _one_attacker_per_episode(self) -> MetaConfig:
+        if self.persistent and self.attackers_per_step > 1:
+            raise ValueError(f"attackers_per_step {self.attackers_per_step} with persistent {self.persistent}: a "
+                             "persistent episode follows one attacker; set one of them back (1, 0)")
+        return self
 
 
 class _AttackChoice(PluginSection):
@@ -630,7 +641,7 @@ RUN_ONLY = {"model": ("device",), "method": ("checkpoint_every", "log_every", "g
 
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
-ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4}}
+ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

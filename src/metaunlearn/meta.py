@@ -2,7 +2,8 @@
 base method.
 
 Simulated attack (M inner steps on the forget data, step size tau; the
-attacker is drawn per outer step from a family: simulated.py):
+attacker is drawn per outer step from a family: simulated.py; with
+`attackers_per_step` N, N attackers, and the post-attack terms their mean):
 
     theta' = theta - tau * step(grad L(theta; forget))
 
@@ -383,17 +384,19 @@ class MetaObjective:
         self._stream(self._loss(forget, None, ctx), theta[:n], add)
         self._start(theta)
 
-    def _attack_in_place(self, theta, forget, attacker, a, ctx, logs) -> float:
+    def _attack_in_place(self, theta, forget, attacker, a, ctx, logs, share: float = 1.0,
+                         sharpness: bool = True) -> float:
         """First order in place: the simulated attack on the weights themselves (`theta` here: all it
-        moves); the post-attack terms' gradients (and the sharpness term's) are added to the trained
-        weights' .grad. Returns the post-attack objective (logged)."""
+        moves); the post-attack terms' gradients, times `share` (one attacker's of several), and the
+        sharpness term's (with `sharpness`) are added to the trained weights' .grad. Returns the post-attack
+        objective (logged)."""
         cfg, total = self.config, torch.zeros((), device=self.model.device)  # summed as the functional path sums
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state()
             loss, norm = self._inner_in_place(theta, forget, attacker, a, ctx)
             if k == 0:
                 logs.update({"meta/forget_before": loss, "meta/inner_grad_norm": norm})
-                if cfg.forget_sharpness:
+                if cfg.forget_sharpness and sharpness:
                     logs["meta/forget_grad_ratio"] = norm / self.grad_reference
                     if norm / self.grad_reference > cfg.sharpness_cap:  # back, the penalty, the step again
                         self._start(theta)
@@ -402,7 +405,7 @@ class MetaObjective:
                         self._inner_in_place(theta, forget, attacker, a, ctx)
             if not weight:
                 continue
-            outer, point_logs = self._after(None, ctx, self._backward_scaled(theta[:self.n_trained], weight))
+            outer, point_logs = self._after(None, ctx, self._backward_scaled(theta[:self.n_trained], weight * share))
             logs.update(point_logs)  # the last point's
             total = total + weight * outer
         return total.item()
@@ -424,19 +427,22 @@ class MetaObjective:
     def _step(self, ctx: StepContext) -> Terms:
         cfg = self.config
         theta = [self.trainable[n] for n in self.names]
-        attacker, forget, a = self._draw(ctx)
         logs: dict[str, float] = {"meta/attack_depth": float(self.episode.depth + 1)} if self.episode else {}
         terms: dict[str, torch.Tensor] = {}
-        if self.in_place:
-            self._start(self.attacked, restore=False)
-            after_objective = self._attack_in_place(self.attacked, forget, attacker, a, ctx, logs)
-            if self.episode is not None:
-                self.episode.advance(self._backup, self.attacked)
-            self._restore(self.attacked)  # back to theta: the terms below are taken before the attack
-        else:
-            after_objective = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms)
+        share, after_objective = 1.0 / cfg.attackers_per_step, 0.0  # several attackers: their mean
+        for j in range(cfg.attackers_per_step):  # the sharpness term is theta's own: taken with the first
+            attacker, forget, a = self._draw(ctx)
+            if self.in_place:
+                self._start(self.attacked, restore=False)
+                after = self._attack_in_place(self.attacked, forget, attacker, a, ctx, logs, share, j == 0)
+                if self.episode is not None:
+                    self.episode.advance(self._backup, self.attacked)
+                self._restore(self.attacked)  # back to theta: the next attack, and the terms taken before any
+            else:
+                after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, share, j == 0)
+            after_objective += share * after
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
-                     "meta/low_rank": float(attacker.low_rank),
+                     "meta/low_rank": float(attacker.low_rank),  # the last attacker's
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
         if logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}:
             logs["meta/after_objective"] = after_objective
@@ -451,10 +457,12 @@ class MetaObjective:
                 terms[f"meta_{name}_before"] = term
         return Terms(terms, logs)
 
-    def _attack_functional(self, theta, forget, attacker, a, ctx, logs, terms) -> float:
+    def _attack_functional(self, theta, forget, attacker, a, ctx, logs, terms, share: float = 1.0,
+                           sharpness: bool = True) -> float:
         """The simulated attack on copies of theta. Second order keeps the graph of every inner step; first
         order starts from (and re-detaches to) a copy and collects the post-attack gradients, weighted along
-        the trajectory, for the surrogate. Adds the terms to `terms`; returns the post-attack objective."""
+        the trajectory, for the surrogate. Adds the terms, the post-attack ones times `share` (one attacker's
+        of several), to `terms` (the sharpness term with `sharpness`); returns the post-attack objective."""
         cfg = self.config
         second = cfg.mode == "second_order"
         offset = self.episode.offset if self.episode is not None else None
@@ -465,7 +473,7 @@ class MetaObjective:
         outer_total = torch.zeros((), device=self.model.device)
         collected = [torch.zeros_like(p) for p in theta] if not second else None
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
-            state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness else None
+            state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness and sharpness else None
             loss_in = self._loss(forget, dict(zip(self.attacked_names, current)), ctx)
             grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
             if k == 0:
@@ -491,11 +499,14 @@ class MetaObjective:
                         total.add_(g, alpha=weight)
         if self.episode is not None:
             self.episode.advance(moved, current)
+        term = None
         if second and outer_total.requires_grad:
-            terms["meta_after"] = outer_total
+            term = outer_total if share == 1.0 else share * outer_total
         elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
                                            "meta/unrelated_kept"}:
-            terms["meta_after"] = linear_surrogate(theta, collected)
+            term = linear_surrogate(theta, collected if share == 1.0 else [share * g for g in collected])
+        if term is not None:
+            terms["meta_after"] = terms["meta_after"] + term if "meta_after" in terms else term
         return outer_total.item()
 
 
