@@ -9,8 +9,10 @@
 #   .gpu/cache  a copy of the cache folder holding the built digits world (metaunlearn world digits; the
 #               folder metaunlearn.worlds.cache_root() names); meta_step's concept data go to .gpu/data.
 # Each part has its own time limit, so one that hangs costs only its share; logs and JSON go to
-# $OUT/gpu.tar.gz after each part. The device call that ran it: command `bash bench/gpu_check.sh`,
-# carry [".whl", ".gpu"], timeout 590 s (PARTS="..." picks parts; bench/RESULTS.md, "On a GPU").
+# $OUT/gpu.tar.gz after each part. The device call that runs it: command `bash bench/gpu_check.sh`,
+# carry [".whl", ".gpu"], timeout up to 590 s (PARTS="..." picks parts; bench/RESULTS.md, "On a GPU").
+# The parts' limits add up to 800 s, more than one call may run: split them, e.g. PARTS="fd_digits fd_sd14
+# mem_sd14 meta_step" and PARTS="tests mem_sdxl".
 set -u
 OUT=${OUT:-bench/out/gpu}
 WORK=$(mktemp -d)

@@ -54,7 +54,7 @@ def main() -> None:
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})
         results[name] = summary
-        plot_grid(curves, "forget_rate", Path(args.out) / f"{name}-{grid.name}.png",
+        plot_grid(curves, "forget_rate", Path(args.out) / f"{name}-{grid.name}.png", grid.name,
                   title=f"forget rate under grid '{grid.name}': base vs {name}")
         b, m = summary["before"]["base"], summary["before"]["meta"]
         print(f"## {name} ({', '.join(overrides) or 'defaults'})\n\nbefore any attack (F / R / U): base "

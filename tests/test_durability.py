@@ -203,13 +203,15 @@ def test_the_grid_figure_has_a_panel_per_attacker_and_a_mean_line_per_variant(tm
         return {"specs": [{"key": "forget_rate", "label": "forget rate", "higher_is_better": False}],
                 "points": [{"step": s, "values": {"forget_rate": r}} for s, r in zip((0, 10, 25), rates)]}
 
-    curves = {"g.full": {"base": [curve([0, .6, .8]), curve([0, .4, 1])], "meta": [curve([0, 0, .2])]},
-              "g.lora": {"base": [curve([0, .2, .4])], "meta": [curve([0, .1, .1])]}}
+    curves = {"g.v2.full": {"base": [curve([0, .6, .8]), curve([0, .4, 1])], "meta": [curve([0, 0, .2])]},
+              "g.v2.lora": {"meta": [curve([0, .1, .1])]}}  # an attack that failed on every base model
     seen = {}
     monkeypatch.setattr(plots, "_save", lambda fig, axes, title, path: seen.update(axes=axes, title=title))
-    plots.plot_grid(curves, "forget_rate", tmp_path / "grid.png")
-    assert [ax.get_title() for ax in seen["axes"]] == ["full", "lora"] and seen["title"] == "forget rate"
-    lines = {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    plots.plot_grid(curves, "forget_rate", tmp_path / "grid.png", "g.v2")  # a grid name may hold a dot
+    assert [ax.get_title() for ax in seen["axes"]] == ["full", "lora"]
+    assert seen["title"] == "forget rate under grid 'g.v2'"
+    lines = {ax.get_title(): {line.get_label(): (list(line.get_ydata()), line.get_color()) for line in ax.get_lines()}
              for ax in seen["axes"]}
-    assert lines["full"] == {"base (n=2)": pytest.approx([0, .5, .9]), "meta (n=1)": pytest.approx([0, 0, .2])}
-    assert lines["lora"]["meta (n=1)"] == pytest.approx([0, .1, .1])
+    assert lines["full"] == {"base (n=2)": (pytest.approx([0, .5, .9]), "C0"),
+                             "meta (n=1)": (pytest.approx([0, 0, .2]), "C1")}
+    assert lines["lora"] == {"meta (n=1)": (pytest.approx([0, .1, .1]), "C1")}  # meta's colour everywhere

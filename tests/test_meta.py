@@ -270,6 +270,22 @@ def test_several_attackers_per_step_average_their_post_attack_gradients(tiny_mod
         MetaConfig(attackers_per_step=2, persistent=5)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_several_attackers_take_the_sharpness_term_once(tiny_model, in_place, monkeypatch):
+    """The sharpness term is theta's own (the forget gradient where every attack starts): taken with the
+    first attacker only, at full weight, whatever their number."""
+    data, trainable = concept_data(tiny_model), subset(tiny_model)
+    name = "_sharpness_in_place" if in_place else "_sharpness"
+    calls, real = [], getattr(MetaObjective, name)
+    monkeypatch.setattr(MetaObjective, name, lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for n in (1, 3):
+        meta = objective(tiny_model, trainable, data, attackers_per_step=n, forget_sharpness=1.0, sharpness_cap=0.0,
+                         in_place=in_place)
+        calls.clear()
+        meta(StepContext(0, torch.Generator().manual_seed(2), BATCH))
+        assert calls == [1], n
+
+
 @pytest.mark.parametrize("mode", ["first_order", "second_order"])
 def test_meta_gradients_reach_every_trained_weight_and_no_frozen_one(tiny_model, mode):
     data = concept_data(tiny_model)
@@ -512,7 +528,8 @@ def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_th
         results.append(({k: v.item() for k, v in terms.losses.items() if k not in surrogates}, terms.logs, grads))
     (functional, logs_f, grads_f), (in_place, logs_i, grads_i) = results
     assert functional == in_place and logs_f == logs_i and logs_f["meta/forget_grad_ratio"] > 0
-    assert logs_f["meta/low_rank"] == attacker["low_rank"] or 0 < attacker["low_rank"] < 1  # drawn: either
+    assert logs_f["meta/low_rank"] == attacker["low_rank"] if attacker["low_rank"] in (0.0, 1.0) else \
+        logs_f["meta/low_rank"] in (0.0, 1.0)  # drawn per attacker: the last one's
     # summed in another order (backward passes into .grad, not tuples added up): float rounding apart
     # summed in another order (backward passes into .grad, not tuples added up), and the sharpness term's
     # finite difference (g(theta + eps g) - g, scaled by 1/eps) taken as two scaled sums: within float32's

@@ -207,7 +207,8 @@ class OptimizerSettings(_Section):
         "moment: almost no optimizer state, for large models in little memory; torch's Adafactor steps lr x "
         "each tensor's RMS, so its lr is relative and is not AdamW's: tune it anew). Attackers may use any."))
     lr: float = Field(1e-5, gt=0, le=1e4, description="Learning rate (at most 1e4: beyond, float32 updates overflow).")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "Weight decay (decoupled for AdamW; an L2 term in the gradient for Adam, SGD and RMSprop)."))
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer 'sgd').")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Schedule after warmup.")
@@ -319,7 +320,9 @@ class MetaConfig(_Section):
     attackers_per_step: int = Field(1, ge=1, le=16, description=(
         "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
         "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
-        "steps and post-attack terms. Not with `persistent`, whose episode follows one attacker."))
+        "steps and post-attack terms (second order also keeps its graph until the step's backward pass). The "
+        "logged per-attack values (meta/forget_before, meta/*_after, meta/inner_lr, ...) are the last "
+        "attacker's, meta/after_objective the mean. Not with `persistent`, whose episode follows one attacker."))
     persistent: int = Field(0, ge=0, description=(
         "Episode length R of a persistent simulated attacker; 0: every outer step attacks from theta afresh. "
         "On, the attacker drawn at an episode's start keeps its displacement between outer steps: each outer "
@@ -370,7 +373,8 @@ class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, 
     model_config = ConfigDict(extra="allow")  # PluginSection's, over OptimizerSettings' "forbid"
 
     lr: float = Field(1e-4, gt=0, le=1e4, description="Attacker's learning rate (at most 1e4).")
-    weight_decay: float = Field(1e-2, ge=0, description="Attacker's weight decay (AdamW's default).")
+    weight_decay: float = Field(1e-2, ge=0, description=(
+        "Attacker's weight decay (AdamW's default; an L2 term in the gradient for Adam, SGD and RMSprop)."))
     grad_clip: float = Field(0.0, ge=0, description="Attacker's max gradient norm; 0: no clipping.")
     eval_at: list[int] = Field(_DEFAULT_EVAL_AT, description=(
         "Steps at which the attacked model is evaluated (0 = before the attack)."))

@@ -110,7 +110,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
                "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
-    plot_grid(curves, key, runs.file(f"durability-{grid.name}.png"), title=f"{key} under grid '{grid.name}'")
+    plot_grid(curves, key, runs.file(f"durability-{grid.name}.png"), grid.name)
     return summary
 
 

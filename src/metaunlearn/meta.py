@@ -430,6 +430,9 @@ class MetaObjective:
         logs: dict[str, float] = {"meta/attack_depth": float(self.episode.depth + 1)} if self.episode else {}
         terms: dict[str, torch.Tensor] = {}
         share, after_objective = 1.0 / cfg.attackers_per_step, 0.0  # several attackers: their mean
+        # first order, functional: every attacker's post-attack gradients summed into one buffer
+        collected = [torch.zeros_like(p) for p in theta] if not self.in_place and cfg.mode == "first_order" \
+            else None
         for j in range(cfg.attackers_per_step):  # the sharpness term is theta's own: taken with the first
             attacker, forget, a = self._draw(ctx)
             if self.in_place:
@@ -439,8 +442,12 @@ class MetaObjective:
                     self.episode.advance(self._backup, self.attacked)
                 self._restore(self.attacked)  # back to theta: the next attack, and the terms taken before any
             else:
-                after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, share, j == 0)
+                after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, collected, share,
+                                                j == 0)
             after_objective += share * after
+        if collected is not None and logs.keys() & {"meta/forget_after", "meta/related_after",
+                                                    "meta/unrelated_after", "meta/unrelated_kept"}:
+            terms["meta_after"] = linear_surrogate(theta, collected)
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
                      "meta/low_rank": float(attacker.low_rank),  # the last attacker's
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
@@ -457,12 +464,13 @@ class MetaObjective:
                 terms[f"meta_{name}_before"] = term
         return Terms(terms, logs)
 
-    def _attack_functional(self, theta, forget, attacker, a, ctx, logs, terms, share: float = 1.0,
+    def _attack_functional(self, theta, forget, attacker, a, ctx, logs, terms, collected, share: float = 1.0,
                            sharpness: bool = True) -> float:
-        """The simulated attack on copies of theta. Second order keeps the graph of every inner step; first
-        order starts from (and re-detaches to) a copy and collects the post-attack gradients, weighted along
-        the trajectory, for the surrogate. Adds the terms, the post-attack ones times `share` (one attacker's
-        of several), to `terms` (the sharpness term with `sharpness`); returns the post-attack objective."""
+        """The simulated attack on copies of theta. Second order keeps the graph of every inner step (of every
+        attacker of the step, until the engine's backward pass) and adds the post-attack term, times `share`
+        (one attacker's of several), to `terms`; first order starts from (and re-detaches to) a copy and adds
+        the post-attack gradients, weighted along the trajectory and by `share`, to `collected` (the
+        surrogate's). The sharpness term goes to `terms` with `sharpness`. Returns the post-attack objective."""
         cfg = self.config
         second = cfg.mode == "second_order"
         offset = self.episode.offset if self.episode is not None else None
@@ -471,7 +479,6 @@ class MetaObjective:
         # second order: the graph through theta's own tensors; the frozen ones the attacker moves are leaves
         current = [p if second and i < n else p.detach().requires_grad_(True) for i, p in enumerate(start)]
         outer_total = torch.zeros((), device=self.model.device)
-        collected = [torch.zeros_like(p) for p in theta] if not second else None
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness and sharpness else None
             loss_in = self._loss(forget, dict(zip(self.attacked_names, current)), ctx)
@@ -496,16 +503,11 @@ class MetaObjective:
                 outer_total = outer_total + weight * outer.detach()
                 if outer.requires_grad:
                     for total, g in zip(collected, torch.autograd.grad(outer, current[:n])):
-                        total.add_(g, alpha=weight)
+                        total.add_(g, alpha=weight * share)
         if self.episode is not None:
             self.episode.advance(moved, current)
-        term = None
         if second and outer_total.requires_grad:
             term = outer_total if share == 1.0 else share * outer_total
-        elif not second and logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
-                                           "meta/unrelated_kept"}:
-            term = linear_surrogate(theta, collected if share == 1.0 else [share * g for g in collected])
-        if term is not None:
             terms["meta_after"] = terms["meta_after"] + term if "meta_after" in terms else term
         return outer_total.item()
 

@@ -63,17 +63,21 @@ def plot_curves(curves: list[dict], path: str | Path, specs: list[dict] | None =
     return _save(fig, axes, title, path)
 
 
-def plot_grid(curves: dict[str, dict[str, list[dict]]], key: str, path: str | Path, title: str = "") -> Path:
+def plot_grid(curves: dict[str, dict[str, list[dict]]], key: str, path: str | Path, grid: str,
+              title: str = "") -> Path:
     """A durability grid at a glance: one panel per attacker (attacker -> variant -> curves, as
-    durability.attack_grid returns them), one line per variant (base, meta, original) of the value `key`."""
+    durability.attack_grid returns them for the grid named `grid`), one line per variant (base, meta,
+    original; one colour each in every panel) of the value `key`."""
     every = [c for by_variant in curves.values() for group in by_variant.values() for c in group]
     spec = next((s for s in _specs(every, None) if s["key"] == key), {"key": key, "label": key})
+    variants = list(dict.fromkeys(v for by_variant in curves.values() for v in by_variant))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}  # a variant missing from a panel shifts no colour
     fig, axes = _panels(len(curves), height=3.2)
     for ax, (attacker, by_variant) in zip(axes, curves.items()):
         bands = {variant: curve_bands(group, key=lambda _, v=variant: v, specs=[spec])[variant]
                  for variant, group in by_variant.items() if group}
-        _draw_panel(ax, bands, spec, attacker.split(".", 1)[-1])  # the grid's name prefixes every attacker
-    return _save(fig, axes, title or spec["label"], path)
+        _draw_panel(ax, bands, spec, attacker.removeprefix(f"{grid}."), colors)  # "<grid>.<attacker>"
+    return _save(fig, axes, title or f"{spec['label']} under grid '{grid}'", path)
 
 
 def _panels(n: int, height: float, sharex: bool = False):
@@ -92,13 +96,14 @@ def _panels(n: int, height: float, sharex: bool = False):
     return fig, axes[:n]
 
 
-def _draw_panel(ax, bands: dict[str, dict], spec: dict, title: str) -> None:
-    """One line per group (mean over seeds, ±std band) of one metric value."""
+def _draw_panel(ax, bands: dict[str, dict], spec: dict, title: str, colors: dict[str, str] | None = None) -> None:
+    """One line per group (mean over seeds, ±std band) of one metric value; `colors` fixes a group's colour."""
     for label, band in bands.items():
         mean, std = np.array(band[spec["key"]]["mean"]), np.array(band[spec["key"]]["std"])
         if np.all(np.isnan(mean)):
             continue
-        line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})")
+        line, = ax.plot(band["steps"], mean, marker="o", ms=3, label=f"{label} (n={band['seeds']})",
+                        color=(colors or {}).get(label))
         if band["seeds"] > 1:
             ax.fill_between(band["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_title(title, fontsize=10)
