@@ -40,16 +40,20 @@ def main() -> None:
     args = parser.parse_args()
     grid, seeds = load_grid(args.grid), f"seeds=[{', '.join(map(str, args.seeds))}]"
     base_config = load_config(args.study, args.set + [seeds, "variants=[base]", f"output.dir={args.out}/base"])
-    base = attack_grid(base_config, grid, progress=False, log=lambda _: None)
+    base_failed: list[dict] = []  # an attack that diverges is reported, and the rest of the grid still runs
+    base = attack_grid(base_config, grid, progress=False, log=lambda _: None, failed=base_failed)
     results = {}
     for spec in args.variant:
         name, _, sets = spec.partition(":")
         overrides = [s for s in re.split(r",(?![^\[]*\])", sets) if s]  # commas inside [..] stay
         config = load_config(args.study, args.set + overrides + [seeds, "variants=[meta]",
                                                                  f"output.dir={args.out}/{name}"])
-        meta = attack_grid(config, grid, progress=False, log=lambda _: None)
+        failed = list(base_failed)
+        meta = attack_grid(config, grid, progress=False, log=lambda _: None, failed=failed)
         curves = {a: {**base[a], **meta[a]} for a in base}
-        summary = summarise(grid, curves, key="forget_rate", world=world_for(config.model))
+        summary = {**summarise(grid, curves, key="forget_rate", world=world_for(config.model)), "failed": failed}
+        for f in failed:
+            print(f"failed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}", flush=True)
         ref = f"{grid.name}.{grid.reference}"
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})
