@@ -59,6 +59,8 @@ BAD_INPUT = [
     (["evaluate", "{study}", "--label", "../failures"], "the label '../failures' is not a name"),
     (["evaluate", "{study}", "--model", "{tmp}/m", "--label", "original"], "the label 'original' is the study's"),
     (["evaluate", "{study}", "--model", "{tmp}/esd-seed0"], "the label 'esd-seed0' is one of this study's models"),
+    (["evaluate", "{study}", "--label", "esd-seed0"], "the label 'esd-seed0' is one of this study's models, not the"),
+    (["unlearn", "{study}", "--seed", "-1"], "--seed -1: seeds are whole numbers from 0 to"),
     (["attack", "{study}"], "the study lists no attacks"),
     (["durability", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),
     (["select", "{study}", "{tmp}/no-grid.yaml"], "cannot read grid file"),

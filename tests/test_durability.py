@@ -163,6 +163,22 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert rows[1]["benign"] and rows[1]["settings"]["data"]["classes"] == ["two"]
 
 
+def test_a_distance_is_summarised_without_steps_to_half_and_shown_as_it_is():
+    from metaunlearn.durability import summarise
+
+    grid = GridConfig.model_validate({"name": "g", "reference": "ref", "attackers": [{"name": "ref"}],
+                                      "defaults": {"steps": 100, "eval_at": [0, 10, 100]}})
+    fid = lambda values: [{"points": [{"step": s, "values": {"fid_forget": v}}  # noqa: E731
+                                      for s, v in zip((0, 10, 100), values)]}]
+    curves = {"g.ref": {"base": fid([40.0, 12.5, 0.4]), "meta": fid([40.0, 30.0, 20.0])}}
+    summary = summarise(grid, curves, "fid_forget", rate=False)
+    meta = summary["rows"][0]["variants"]["meta"]
+    assert summary["rate"] is False and meta["steps_to_50"] == [durability.NOT_MEASURED]
+    assert meta["window"]["mean"] == pytest.approx(25.0) and "| 6.45 | 25 |" in table(summary)
+    # a rate: steps to 50% counted, windows in percent
+    assert summarise(grid, curves, "fid_forget")["rows"][0]["variants"]["base"]["steps_to_50"] == [0]
+
+
 def test_the_measured_value_is_the_forget_rate_unless_the_grid_names_a_real_one():
     from metaunlearn.durability import relearning_key
     from metaunlearn.errors import ConfigError

@@ -50,7 +50,9 @@ def test_text_prompt_files_skip_blanks_and_comments(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("text,evaluation_seed\nx,1\n", "has no 'prompt' column (columns: text, evaluation_seed)"),
     ("prompt,evaluation_seed\nx,soon\n", "line 2: evaluation_seed 'soon' is not a whole number"),
-    ("prompt,evaluation_seed\nx,-3\n", "line 2: evaluation_seed -3 is negative"),
+    ("prompt,evaluation_seed\nx,-3\n", "line 2: evaluation_seed -3 is out of range"),
+    ("prompt,evaluation_seed\nx,inf\n", "line 2: evaluation_seed 'inf' is not a whole number"),
+    ("prompt,evaluation_seed\nx,1e30\n", "line 2: evaluation_seed 1000000000000000019884624838656 is out of range"),
     ("prompt\n", "has no prompts")])
 def test_bad_prompt_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "bad.csv"
@@ -273,6 +275,42 @@ def test_a_fid_reference_folder_is_read_cropped_and_checked(tmp_path):
         folder_images(str(tmp_path / "coco"), 8, 1)
     with pytest.raises(MetaunlearnError, match="does not exist"):
         folder_images(str(tmp_path / "missing"), 8, 10)
+
+
+def test_fid_reference_features_are_cached_by_what_they_are_made_of(tmp_path):
+    """The run folder keeps its name under --set, so the cache key names the world, the role's classes, the
+    image size and a folder's files, not only the reference's name."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from metaunlearn.metrics.fid import Fid, FidOptions
+
+    def key(ref, classes=("eight",), folder="w1", size=8):
+        world = SimpleNamespace(folder=lambda log=None: tmp_path / folder)
+        concepts = SimpleNamespace(forget=SimpleNamespace(classes=list(classes)))
+        fid = SimpleNamespace(reference_of=lambda role: ref, features_name="digits", options=FidOptions(),
+                              features=SimpleNamespace(conventions=lambda: {"layer": "penultimate"}),
+                              context=SimpleNamespace(config=SimpleNamespace(concepts=concepts), world=world))
+        return Fid.reference_key(fid, "forget", SimpleNamespace(images=torch.zeros(1, 3, size, size)))
+
+    world = key("world")
+    assert world == key("world") and world not in {key("world", ("five",)), key("world", folder="w2"),
+                                                   key("world", size=16)}
+    (tmp_path / "coco").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "a.png")
+    before = key(str(tmp_path / "coco"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "b.png")
+    assert key(str(tmp_path / "coco")) != before
+
+
+def test_the_forget_concepts_include_a_prompt_file_s(tmp_path):
+    from metaunlearn.metrics import forget_concepts
+
+    path = tmp_path / "styles.txt"
+    path.write_text("The Starry Night, swirling sky\n", encoding="utf-8")
+    config = config_with(tmp_path, {}, {"forget": {"prompts": ["a painting by Van Gogh"], "prompt_file": str(path)}})
+    assert forget_concepts(config) == ["a painting by Van Gogh", "The Starry Night, swirling sky"]
 
 
 def test_a_package_a_chosen_detector_or_feature_extractor_needs_is_checked_before_any_stage(monkeypatch):

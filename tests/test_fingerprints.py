@@ -149,3 +149,32 @@ def test_a_model_restored_without_training_keeps_its_training_time(tmp_path, mon
     monkeypatch.setattr(metaunlearn.unlearn, "unlearn", restore)
     assert stages.run_unlearn(config, 0) == folder / "model"
     assert json.loads((folder / "timing.json").read_text()) == {"seconds": 99.0}  # the training's, not the restore's
+
+
+def test_a_method_that_judges_its_edits_by_sampling_depends_on_the_evaluation(tmp_path):
+    """RECE keeps the round whose held-out samples show the concept least: how they are drawn and judged
+    (the evaluation section) decides which model it releases; ESD's model does not depend on it."""
+    def fingerprint(method: str, samples: int) -> str:
+        config = study(tmp_path)
+        return unlearn_fingerprint(config.model_copy(update={
+            "method": config.method.model_copy(update={"name": method}),
+            "evaluation": config.evaluation.model_copy(update={"samples_per_prompt": samples})}), 0)
+
+    assert fingerprint("rece", 10) != fingerprint("rece", 50)
+    assert fingerprint("esd", 10) == fingerprint("esd", 50)
+
+
+def test_a_folder_of_weights_counts_by_its_files_and_a_hub_id_by_its_name(tmp_path):
+    folder = tmp_path / "weights"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.bin").write_bytes(b"0")
+    config = study(tmp_path).model_copy(update={"model": study(tmp_path).model.model_copy(
+        update={"source": str(folder)})})
+    stages = lambda: (model_identity(folder), unlearn_fingerprint(config, 0),  # noqa: E731
+                      evaluation_fingerprint(config, folder))
+    before = stages()
+    (folder / "unet" / "weights.bin").write_bytes(b"12")  # retrained in place
+    assert all(b != a for b, a in zip(before, stages()))
+    assert model_identity("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
+    (folder / "world.json").write_text("{}")  # a built world's folder is named by its config's hash
+    assert model_identity(folder) == str(folder)

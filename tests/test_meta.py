@@ -443,14 +443,15 @@ def test_every_meta_term_is_finite_and_logged(tiny_model, tiny_pipeline_dir, tmp
         assert low <= r["meta/inner_lr"] <= high
         # distillation to the original: zero at the first step (the original itself), then positive
         assert (r["meta_related_before"] > 0) == (r["step"] > 1) == (r["meta_unrelated_before"] > 0)
-        # first order (in place) hands the post-attack and sharpness gradients over as gradients, not terms;
-        # second order's sharpness is a zero-valued surrogate
+        # first order (in place) hands the post-attack and sharpness gradients over as gradients, the
+        # post-attack term as a zero (the step has a term whatever else it has); second order's sharpness is a
+        # zero-valued surrogate
         assert ("meta_sharpness" in r) == (mode == "second_order") and r.get("meta_sharpness", 0.0) == 0.0
         total = r["esd"] + r["preserve"] + r.get("meta_after", 0.0) + r["meta_related_before"] + \
             r["meta_unrelated_before"]
         assert r["loss"] == pytest.approx(total, rel=1e-5)
         if mode == "first_order":
-            assert "meta_after" not in r  # its value is logged as meta/after_objective
+            assert r["meta_after"] == 0.0  # its value is logged as meta/after_objective
         else:
             assert r["meta_after"] == pytest.approx(r["meta/after_objective"], rel=1e-5)
         # the post-attack objective from its logged parts (trajectory 'last': the last point's), with
@@ -536,6 +537,60 @@ def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_th
     # rounding at that step (meta.fd_step), not bit for bit
     assert all((a - b).norm() <= 1e-4 * a.norm() for a, b in zip(grads_f, grads_i))
     assert any(g.abs().sum() > 0 for g in grads_f)
+
+
+def _scaled_step(model, data, in_place: bool, scale: float, **meta):
+    """One ESD-u + meta step at the engine's fp16 loss scale `scale`: its terms and its gradient, unscaled."""
+    for p in model.unet.parameters():
+        p.grad = None
+    trainable = make_trainable(model.unet, "noxattn")
+    method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
+    method.setup(model, trainable, data)
+    config = MetaConfig(enabled=True, in_place=in_place, **{**dict(
+        sharpness_cap=0.0, inner_steps=(2, 2), trajectory="linear", inner_step="adam", low_rank=0.0), **meta})
+    terms = MetaObjective(config, model, trainable, data, method, BATCH)(
+        StepContext(0, torch.Generator().manual_seed(7), BATCH, scale))
+    if in_place:  # in .grad at the engine's scale, as its own backward passes leave theirs
+        return terms, [p.grad / scale for p in trainable.values()]
+    return terms, list(torch.autograd.grad(sum(terms.losses.values()), list(trainable.values())))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_fp16_loss_scale_leaves_every_gradient_as_it_is_and_an_overflow_to_the_scaler(tiny_model, in_place):
+    """Under fp16 the engine multiplies a loss by the scaler's scale before its backward pass, so its
+    activation gradients do not underflow; the simulated attacker's steps and the sharpness term's passes
+    backpropagate at that scale too and unscale. A power-of-two scale changes no gradient. A scale that
+    overflows leaves non-finite gradients (the scaler's cue to skip the step and back off) and finite loss
+    values (a NaN value would stop the run)."""
+    data = concept_data(tiny_model)
+    plain_terms, plain = _scaled_step(tiny_model, data, in_place, 1.0)
+    terms, scaled = _scaled_step(tiny_model, data, in_place, 2.0 ** 12)
+    assert {k: v.item() for k, v in terms.losses.items()} == {k: v.item() for k, v in plain_terms.losses.items()}
+    assert terms.logs["meta/forget_grad_ratio"] == plain_terms.logs["meta/forget_grad_ratio"] > 0
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(scaled, plain))
+    assert "meta_after" in terms.losses  # in place too: the step has a term, whatever the method returns
+    # float32 overflows only near 3e38 (fp16 at 65504), where the sharpness term's own multiplier would too
+    terms, overflowed = _scaled_step(tiny_model, data, in_place, 3e38, forget_sharpness=0.0)
+    assert all(math.isfinite(v.item()) for v in terms.losses.values())
+    assert not all(torch.isfinite(g).all() for g in overflowed)
+
+
+def test_a_meta_step_in_place_with_no_other_term_still_trains(tiny_model, tmp_path):
+    """method 'none' on a forget-only study: in place every meta gradient is in .grad before the engine
+    sees the terms, and the step must still count as one with something to train."""
+    config = StudyConfig.from_dict({"model": {"source": "unused", "device": "cpu"},
+                                    "concepts": {"forget": {"prompts": [FORGET]}},
+                                    "method": {"name": "none", "steps": 2, "lr": 1e-3, "batch_size": BATCH,
+                                               "checkpoint_every": 50, "preservation_weight": 0.0},
+                                    "meta": {"enabled": True}})
+    data = concept_data(tiny_model)
+    data = type(data)(data.forget, None, None, data.split)
+    before = weights(tiny_model.unet)
+    run(config, tiny_model, data, tmp_path / "out")
+    after = weights(tiny_model.unet)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    records = [r for r in log_records(tmp_path / "out") if "step" in r]
+    assert records and all("meta_after" in r for r in records)
 
 
 def test_gradient_checkpointing_leaves_the_in_place_meta_step_unchanged(tiny_model):

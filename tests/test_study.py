@@ -226,4 +226,21 @@ def test_the_attack_split_is_planned_only_for_attacks_on_a_role_s_data(tiny_pipe
     assert "data/attack" not in planned and planned["attack/esd-seed0/own-seed0"] == ("unlearn/esd-seed0",)
     planned = stages((own, FULL))
     assert planned["attack/esd-seed0/full-seed0"] == ("data/attack", "unlearn/esd-seed0")
-    assert planned["attack/original/own-seed0"] == ()
+    assert planned["attack/original/own-seed0"] == ("model",)  # the world is built once, by its stage
+
+
+def test_a_ray_task_gets_the_run_folder_by_its_absolute_path(tmp_path, monkeypatch):
+    """A node's Ray workers need not start in the driver's folder: the tasks get output.dir resolved (the
+    other paths count in fingerprints and stay as written), and where built worlds are kept."""
+    from metaunlearn.layout import unlearn_fingerprint
+    from metaunlearn.ray_executor import portable, worker_env
+
+    monkeypatch.chdir(tmp_path)
+    config = StudyConfig.from_dict({**tiny_study("unused", "runs/{name}"), "name": "s"})
+    data = portable(config)
+    assert data["output"]["dir"] == str(tmp_path / "runs" / "s")
+    assert unlearn_fingerprint(StudyConfig.from_dict(data), 0) == unlearn_fingerprint(config, 0)  # no input
+    monkeypatch.delenv("METAUNLEARN_CACHE", raising=False)
+    assert worker_env() is None
+    monkeypatch.setenv("METAUNLEARN_CACHE", "/shared/worlds")
+    assert worker_env() == {"env_vars": {"METAUNLEARN_CACHE": "/shared/worlds"}}

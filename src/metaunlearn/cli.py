@@ -127,6 +127,10 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
     from .stages import preflight, run_unlearn
     from .unlearn import NOTHING_TO_TRAIN
 
+    from .config import MAX_SEED
+
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed}: seeds are whole numbers from 0 to {MAX_SEED:,}")
     cfg = _config(config, set_, meta)
     if METHODS.get(cfg.method.name, "method.name").impl.needs_meta and not cfg.meta.enabled:
         raise ConfigError(NOTHING_TO_TRAIN.format(name=cfg.method.name) + "; add --meta")
@@ -164,11 +168,14 @@ def _label(cfg, model: Optional[Path], label: Optional[str]) -> str:
     if not re.match(NAME_PATTERN, name):
         raise MetaunlearnError(f"the label '{name}' is not a name (letters, digits, '_', '.', '-'): it names files "
                                "in the run folder; give --label")
-    if model is None:
+    own = {m.label for m in unlearned_models(cfg)}
+    if model is None:  # the original model, under another name: never one of the study's own models'
+        if name in own:
+            raise MetaunlearnError(f"the label '{name}' is one of this study's models, not the original; give "
+                                   "--model with it, or another --label")
         return name
     if name == ORIGINAL:
         raise MetaunlearnError("the label 'original' is the study's original model's; give this model another --label")
-    own = {m.label for m in unlearned_models(cfg)}
     if name in own and Path(model).resolve() != RunLayout.of(cfg).model(name).resolve():
         raise MetaunlearnError(f"the label '{name}' is one of this study's models, not {model}; give another --label")
     return name

@@ -100,13 +100,14 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     stages.preflight(config, attacks=grid.attacks(world_for(config.model)))  # the grid's, not the study's
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
+    rate = next(v.fraction for v in metrics.values if v.key == key)
     failed: list[dict] = []
     curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
     runs = RunLayout.of(config)
     # a model chosen on this very grid (`metaunlearn select`) is not judged on held-out attacks here
     chosen_here = [f.name for f in (runs.file(f"selection-{v}-{grid.name}.json") for v in ("base", "meta"))
                    if f.is_file()]
-    summary = {**summarise(grid, curves, key=key, world=world_for(config.model)), "failed": failed,
+    summary = {**summarise(grid, curves, key=key, world=world_for(config.model), rate=rate), "failed": failed,
                "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
@@ -171,14 +172,15 @@ def attack_cost(curves: list[dict], key: str) -> float | None:
     return before["mean"] - after["mean"] if before and after else None
 
 
-def summarise(grid: GridConfig, curves: dict, key: str, world=None) -> dict:
+def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool = True) -> dict:
     """Per attacker: each variant's durability over its curves, meta/base, the accuracies after the
     attack; and the worst cases over the grid, up to the reference's strength and beyond it. `world`:
-    the study's built-in world, which a grid attacker's own classes need (GridConfig.attacks)."""
+    the study's built-in world, which a grid attacker's own classes need (GridConfig.attacks); `rate`:
+    whether `key` is a share in [0, 1] (steps to 50% mean nothing for a distance such as FID)."""
     rows = []
     for attack in grid.attacks(world):
         by_variant = curves[attack.name]
-        summaries = {v: durability.summary(c, key, grid.window_until) for v, c in by_variant.items()}
+        summaries = {v: durability.summary(c, key, grid.window_until, rate) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
         name = attack.name[len(grid.name) + 1:]  # the grid's name may hold dots too
         rows.append({"attacker": name, "settings": attack.model_dump(mode="json"),
@@ -205,15 +207,17 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None) -> dict:
     extra = {k: max((r["cost"]["meta"][k] - r["cost"]["base"][k] for r in rows if r["benign"] and
                      {"base", "meta"} <= r["cost"].keys() and None not in (r["cost"]["meta"][k], r["cost"]["base"][k])),
                     default=None) for k in QUALITY}
-    return {"grid": grid.name, "key": key, "reference": grid.reference, "rows": rows,
+    return {"grid": grid.name, "key": key, "rate": rate, "reference": grid.reference, "rows": rows,
             "worst": worst(ratios), "worst_up_to_default": worst(up_to_default), "worst_stronger": worst(stronger),
             "benign_extra_cost": extra}
 
 
 def table(summary: dict) -> str:
     """The summary as Markdown: one row per attacker."""
-    def pct(s):
-        return "–" if not s else f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s.get("std") else "")
+    def pct(s, fmt=lambda x: f"{100 * x:.1f}"):
+        return "–" if not s else fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if s.get("std") else "")
+
+    window = pct if summary.get("rate", True) else (lambda s: pct(s, lambda x: f"{x:.4g}"))  # a distance as it is
 
     head = ("| attacker | strength | base window | meta window | meta/base | base steps to 50% | meta steps to 50% "
             "| unrelated after (base / meta) | related after (base / meta) |\n|" + "---|" * 9)
@@ -226,8 +230,8 @@ def table(summary: dict) -> str:
         after = {k: " / ".join(pct(a.get(variant, {}).get(k)) for variant in ("base", "meta"))
                  for k in ("unrelated_accuracy", "related_accuracy")}
         mark = " (destroys the base)" if r.get("destructive") else ""
-        lines.append(f"| {r['attacker']}{mark} | {_num(r['strength'])} | {pct(v.get('base', {}).get('window'))} | "
-                     f"{pct(v.get('meta', {}).get('window'))} | {_num(r['ratio'])} | {steps['base']} | "
+        lines.append(f"| {r['attacker']}{mark} | {_num(r['strength'])} | {window(v.get('base', {}).get('window'))} | "
+                     f"{window(v.get('meta', {}).get('window'))} | {_num(r['ratio'])} | {steps['base']} | "
                      f"{steps['meta']} | {after['unrelated_accuracy']} | {after['related_accuracy']} |")
     reference = next((r for r in summary["rows"] if r["attacker"] == summary["reference"]), None)
     for variant, s in (reference["variants"].items() if reference else []):

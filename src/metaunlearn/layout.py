@@ -32,6 +32,8 @@ from pathlib import Path
 
 from .config import ROLES, AttackConfig, StudyConfig, with_prompt_file_digest
 
+WORLD_FILE = "world.json"  # a built world's report, in its folder (worlds/ names it by this)
+
 STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
     "environment.json"
 RUN_STATUS, MODEL, CURVE, MANIFEST = "run.json", "model", "curve.json", "manifest.json"
@@ -272,8 +274,9 @@ def data_fingerprint(config: StudyConfig) -> str:
 def outside_inputs(config: StudyConfig) -> dict:
     """What a stage's output depends on that the config's text does not show: the files of the concepts'
     image folders, the seeding of generated images (DATA_FORMAT) when a role is generated, and the model
-    under `model.source` when it is a released model of another run (a study on top of another's). Empty
-    for most studies, so their fingerprints stay the config's."""
+    under `model.source` when it is a folder: a released model of another run (a study on top of
+    another's) by that run, any other folder of weights by its files. Empty for studies of a built-in
+    world or a hub id on real images, so their fingerprints stay the config's."""
     from .imagefolder import signature
 
     out: dict = {}
@@ -283,8 +286,9 @@ def outside_inputs(config: StudyConfig) -> dict:
         out["folders"] = folders
     if any(getattr(config.concepts, role).generated() for role in ROLES):
         out["generated"] = DATA_FORMAT  # how generated images are seeded: models trained on them depend on it
-    if (Path(config.model.source).parent / RUN_STATUS).is_file():
-        out["source"] = model_identity(config.model.source)
+    source = Path(config.model.source).expanduser()
+    if (source.parent / RUN_STATUS).is_file() or (source.is_dir() and not (source / WORLD_FILE).is_file()):
+        out["source"] = model_identity(config.model.source)  # another run's model, or a folder by its files
     return out
 
 
@@ -298,8 +302,14 @@ def data_manifest_key(config: StudyConfig) -> dict:
 
 def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
     """What an unlearned model depends on: the meta section only when meta is on, so
-    tuning meta leaves a finished base model alone; and the inputs outside the config."""
-    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ())
+    tuning meta leaves a finished base model alone; the evaluation section when the method chooses
+    between candidate edits by sampling (RECE's judge runs the study's evaluation); and the inputs
+    outside the config."""
+    from .registry import METHODS
+
+    judges = METHODS.get(config.method.name, "method.name").impl.judges_edits
+    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ()) \
+        + (("evaluation",) if judges else ())
     outside = outside_inputs(config)
     text = config.fingerprint(*sections)
     return f"{digest(text, outside) if outside else text}-{seed}"
@@ -307,8 +317,17 @@ def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
 
 def model_identity(source: str | os.PathLike) -> str:
     """A released model's identity: the fingerprint of the run that made what its folder holds when it
-    has one, else its path."""
-    return released_fingerprint(read_json(Path(source).parent / RUN_STATUS)) or str(source)
+    has one; a folder of weights from elsewhere by its path and files (retrained in place, it is another
+    model); a built world's folder (named by its own config's hash) or a hub id by its name."""
+    from .imagefolder import signature
+
+    fingerprint = released_fingerprint(read_json(Path(source).parent / RUN_STATUS))
+    if fingerprint:
+        return fingerprint
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / WORLD_FILE).is_file():
+        return f"{source}#{signature(path)}"
+    return str(source)
 
 
 def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> str:

@@ -40,6 +40,7 @@ buffer: one copy of the trained weights beyond plain unlearning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -58,9 +59,24 @@ from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajector
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 
 
+class _GivenGradient(torch.autograd.Function):
+    """Value 0; gradient w.r.t. each param its given tensor (times the output's gradient). A non-finite given
+    gradient (an fp16 overflow) stays in the gradient, where fp16's loss scaler skips the step, and never
+    reaches the value, where (p - p) * inf would make it NaN and stop the run."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, out):
+        return (None, *[out * g for g in ctx.grads])
+
+
 def linear_surrogate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
     """Zero-valued term whose gradient w.r.t. params is `grads` (first-order meta)."""
-    return sum(((p - p.detach()) * g.detach()).sum() for p, g in zip(params, grads))
+    return _GivenGradient.apply([g.detach() for g in grads], *params)
 
 
 class MetaObjective:
@@ -92,6 +108,7 @@ class MetaObjective:
             if config.retain == "distill" else None
         self.in_place = config.in_place and config.mode == "first_order"
         self._backup: list[torch.Tensor] | None = None  # in place: theta during the simulated attack
+        self._loss_scale = 1.0  # the engine's fp16 loss scale this step (StepContext.loss_scale)
         self.low_rank = LowRank(self.attacked_names, self.attacked, config.low_rank_rank) \
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
@@ -195,7 +212,7 @@ class MetaObjective:
             with self._attackable():  # over what the attacker moves, as the ratio's numerator
                 # the inner steps' batch size: a gradient's norm shrinks with the batch it is averaged over
                 loss = self.model.denoising_loss(*self.data.forget.sample(self.inner_batch, gen), generator=gen)
-                norms.append(self._stream(loss, self.attacked, lambda *_: None))  # the norm only, never whole
+                norms.append(self._stream(loss, self.attacked, lambda *_: None, scaled=False))  # the norm only
         return sum(norms) / len(norms)
 
     def _sharpness(self, theta, at, grads, forget, ctx, state) -> tuple[torch.Tensor, float]:
@@ -204,14 +221,15 @@ class MetaObjective:
         attacker's displacement): 2 w H g / g_ref^2 above the cap, H g by finite differences along g
         (the same batch, t and noise: the generator is replayed), so no double backward is needed."""
         norm = _norm(grads)
-        if norm / self.grad_reference <= self.config.sharpness_cap:
+        # at or under the hinge; or an fp16 overflow (the scaler skips this step: no finite difference to take)
+        if norm / self.grad_reference <= self.config.sharpness_cap or not math.isfinite(norm):
             return linear_surrogate(theta, [torch.zeros_like(p) for p in theta]), norm / self.grad_reference
         eps = self.config.fd_step * _norm(at) / max(norm, 1e-12)  # a step of fd_step x ||theta|| along g
         after = ctx.generator.get_state()
         ctx.generator.set_state(state)
         shifted = {n: p.detach() + eps * g for n, p, g in zip(self.attacked_names, at, grads)}
         trained = [shifted[n].requires_grad_(True) for n in self.names]  # d||g||^2/d theta = 2 (H g), theta's rows
-        moved = torch.autograd.grad(self._loss(forget, shifted, ctx), trained)
+        moved = self._grads(self._loss(forget, shifted, ctx), trained)
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
         scale = self._sharpness_scale(eps)
         return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
@@ -219,6 +237,15 @@ class MetaObjective:
     def _sharpness_scale(self, eps: float) -> float:
         """d/dtheta of w * ||g||^2 / g_ref^2 is 2 w H g / g_ref^2, and H g = (g(theta + eps g) - g) / eps."""
         return 2 * self.config.forget_sharpness / self.grad_reference ** 2 / eps
+
+    def _grads(self, loss: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+        """d loss / d inputs, backpropagated at the engine's fp16 loss scale (an SD-size denoising loss's
+        activation gradients underflow in fp16 otherwise, as in the engine's own backward pass) and unscaled:
+        the true gradient. Exactly autograd.grad without a scaler."""
+        scale = self._loss_scale
+        if scale == 1.0:
+            return list(torch.autograd.grad(loss, inputs, create_graph=create_graph))
+        return [g / scale for g in torch.autograd.grad(loss * scale, inputs, create_graph=create_graph)]
 
     def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
         """What an 'after the attack' ascent term maximises: raw, or capped."""
@@ -304,18 +331,22 @@ class MetaObjective:
                 p.data.add_(d)
             torch.clear_autocast_cache()
 
-    def _stream(self, loss: torch.Tensor, theta: list[torch.Tensor], consume: Consumer) -> float:
+    def _stream(self, loss: torch.Tensor, theta: list[torch.Tensor], consume: Consumer, scaled: bool = True) -> float:
         """loss.backward(), each trained tensor's gradient handed to consume(i, p, g, aside) as soon as
         the backward pass completes it, then dropped: the gradient never exists whole. Meanwhile the
         gradients collected so far stand aside (`aside`, which consume may add to). Moving p in consume
         is safe: a tensor's gradient is complete only once every node that used it has run (and
         non-reentrant checkpointing recomputes a block before any of its tensors' gradients are done).
-        Returns the gradient's norm, summed in theta's order as _norm sums."""
+        With `scaled`, the pass runs at the fp16 loss scale and g is unscaled (see _grads). Returns the
+        gradient's norm, summed in theta's order as _norm sums."""
         aside, squares = [p.grad for p in theta], [torch.zeros(())] * len(theta)
+        scale = self._loss_scale if scaled else 1.0
 
         def hook(i: int):
             def fire(p: torch.Tensor) -> None:
                 g, p.grad = p.grad, None
+                if scale != 1.0:
+                    g.div_(scale)
                 squares[i] = (g.detach().float() ** 2).sum()
                 with torch.no_grad():
                     consume(i, p, g, aside)
@@ -325,7 +356,7 @@ class MetaObjective:
             p.grad = None
         handles = [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(theta)]
         try:
-            loss.backward(inputs=theta)
+            (loss if scale == 1.0 else loss * scale).backward(inputs=theta)
         finally:
             for handle in handles:
                 handle.remove()
@@ -344,7 +375,7 @@ class MetaObjective:
     def _inner_step_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
         loss = self._loss(forget, None, ctx)
         if attacker.form in WHOLE:
-            grads = list(torch.autograd.grad(loss, theta))
+            grads = self._grads(loss, theta)
             norm = _norm(grads)
             self._move(theta, self.low_rank.direction(grads, attacker.form, a) if a is not None else
                        inner_direction(grads, attacker.form, in_place=True), -attacker.lr)
@@ -398,7 +429,8 @@ class MetaObjective:
                 logs.update({"meta/forget_before": loss, "meta/inner_grad_norm": norm})
                 if cfg.forget_sharpness and sharpness:
                     logs["meta/forget_grad_ratio"] = norm / self.grad_reference
-                    if norm / self.grad_reference > cfg.sharpness_cap:  # back, the penalty, the step again
+                    # back, the penalty, the step again (not after an fp16 overflow: the scaler skips the step)
+                    if cfg.sharpness_cap < norm / self.grad_reference < math.inf:
                         self._start(theta)
                         self._sharpness_in_place(theta, forget, ctx, state, norm)
                         ctx.generator.set_state(state)
@@ -415,9 +447,9 @@ class MetaObjective:
         return lambda term: (term * (weight * self._loss_scale)).backward(inputs=theta)
 
     def __call__(self, ctx: StepContext) -> Terms:
+        self._loss_scale = ctx.loss_scale  # what the engine's backward passes multiply losses by (fp16)
         if not self.in_place:
             return self._step(ctx)
-        self._loss_scale = ctx.loss_scale  # what the engine's backward passes multiply losses by (fp16)
         self._save(self.attacked)
         try:
             return self._step(ctx)
@@ -445,9 +477,12 @@ class MetaObjective:
                 after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, collected, share,
                                                 j == 0)
             after_objective += share * after
-        if collected is not None and logs.keys() & {"meta/forget_after", "meta/related_after",
-                                                    "meta/unrelated_after", "meta/unrelated_kept"}:
+        after_terms = logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
+                                     "meta/unrelated_kept"}
+        if collected is not None and after_terms:
             terms["meta_after"] = linear_surrogate(theta, collected)
+        elif self.in_place and after_terms:  # its gradients are in .grad already; the surrogate's value, 0,
+            terms["meta_after"] = torch.zeros((), device=self.model.device)  # tells the engine there is a step
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
                      "meta/low_rank": float(attacker.low_rank),  # the last attacker's
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
@@ -482,7 +517,7 @@ class MetaObjective:
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness and sharpness else None
             loss_in = self._loss(forget, dict(zip(self.attacked_names, current)), ctx)
-            grads = list(torch.autograd.grad(loss_in, current, create_graph=second))
+            grads = self._grads(loss_in, current, create_graph=second)
             if k == 0:
                 logs.update({"meta/forget_before": loss_in.item(), "meta/inner_grad_norm": _norm(grads)})
             if state is not None:
@@ -502,7 +537,7 @@ class MetaObjective:
             else:
                 outer_total = outer_total + weight * outer.detach()
                 if outer.requires_grad:
-                    for total, g in zip(collected, torch.autograd.grad(outer, current[:n])):
+                    for total, g in zip(collected, self._grads(outer, current[:n])):
                         total.add_(g, alpha=weight * share)
         if self.episode is not None:
             self.episode.advance(moved, current)

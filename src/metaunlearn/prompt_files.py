@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import MetaunlearnError
 
 SEED_COLUMN = "evaluation_seed"
+MAX_FILE_SEED = 2**62  # a sample's seed is the file's plus its index: torch takes seeds below 2**64
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,11 @@ def _read_csv(path: Path, text: str) -> list[PromptEntry]:
         seed = row.pop(SEED_COLUMN, "")
         try:
             seed = int(float(seed)) if seed else None  # some exports write seeds as 1234.0
-        except ValueError:
+        except (ValueError, OverflowError):  # 'inf' is a float but no whole number
             raise MetaunlearnError(f"{path}, line {line}: {SEED_COLUMN} '{seed}' is not a whole number") from None
-        if seed is not None and seed < 0:
-            raise MetaunlearnError(f"{path}, line {line}: {SEED_COLUMN} {seed} is negative")
+        if seed is not None and not 0 <= seed <= MAX_FILE_SEED:
+            raise MetaunlearnError(f"{path}, line {line}: {SEED_COLUMN} {seed} is out of range "
+                                   f"(0 to {MAX_FILE_SEED:,})")
         entries.append(PromptEntry(prompt, seed, row))
     return entries
 

@@ -16,6 +16,7 @@ Ray is an optional extra (`pip install metaunlearn[ray]`), imported only here.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 
@@ -67,13 +68,13 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, runtime_env=worker_env())
     try:
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         stages.preflight(config)
         steps = plan(config)
         book = Book(config, [s.name for s in steps] + ["report"])
-        data = config.model_dump(mode="json")
+        data = portable(config)
         refs: dict[str, object] = {}
         for step in steps:  # in plan order, so a stage's needs are submitted before it
             kind = kind_of(step.name)
@@ -99,6 +100,20 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
     finally:
         if started:
             ray.shutdown()
+
+
+def portable(config: StudyConfig) -> dict:
+    """The config as the tasks receive it: the run folder by its absolute path, since a node's workers need
+    not start where the driver did (the other paths count in fingerprints and stay as written)."""
+    data = config.model_dump(mode="json")
+    data["output"]["dir"] = str(config.run_dir().resolve())
+    return data
+
+
+def worker_env() -> dict | None:
+    """The environment the workers need from the driver's: where built worlds are kept."""
+    cache = os.environ.get("METAUNLEARN_CACHE")
+    return {"env_vars": {"METAUNLEARN_CACHE": cache}} if cache else None
 
 
 def outcome(ray, ref, name: str, needs: tuple[str, ...], status: dict[str, str]) -> dict:

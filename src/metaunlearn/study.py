@@ -103,7 +103,7 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
                           (f"unlearn/{m.label}",)))
     targets = [(ORIGINAL, None, config, None)] + [(m.label, m.seed, m.config, runs.model(m.label)) for m in models]
     for label, seed, vcfg, model_dir in targets:
-        model_needs = () if seed is None else (f"unlearn/{label}",)
+        model_needs = ("model",) if seed is None else (f"unlearn/{label}",)  # the original: the world built once
         for attack in config.attacks:
             needs = (("data/attack",) if layout.needs_attack_split([attack]) else ()) + model_needs
             for s in layout.attack_seeds(config, attack, seed):

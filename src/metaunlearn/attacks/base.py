@@ -27,7 +27,9 @@ from ..model import DiffusionModel
 from ..plots import save_samples
 from ..registry import ATTACKS, Options
 
-ATTACK_SEED_SPACE = 1_000_000  # attack randomness never replays an unlearning run's
+# Attack s draws from engine seed ATTACK_SEED_SPACE + s, so it never replays an unlearning run's draws as long
+# as the study's seeds stay below this (an unlearning seed of 1,000,000 + s would share attack s's streams)
+ATTACK_SEED_SPACE = 1_000_000
 
 
 class Attack:

@@ -25,7 +25,9 @@ class FullFinetune(Attack):
 
 class LoraOptions(Options):
     rank: int = Field(4, gt=0, description="LoRA rank.")
-    alpha: float = Field(4.0, gt=0, description="LoRA alpha.")
+    alpha: float = Field(4.0, gt=0, description=(
+        "LoRA alpha: the update is scaled by alpha / rank (diffusers' LoRA scripts set alpha = rank; give it with "
+        "a rank other than 4)."))
     targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                description="UNet module names LoRA adapts.")
 

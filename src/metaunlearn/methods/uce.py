@@ -134,7 +134,11 @@ class UceMethod(Method):
 
     def setup(self, model, trainable, data) -> None:
         super().setup(model, trainable, data)
-        self.edited = snapshot(trainable)  # the weights the meta stage starts from: the edit
+        # the weights the meta stage starts from (the edit): also the meta objective's original, one copy
+        self.edited = snapshot(trainable, self.config.frozen_dtype)
+
+    def frozen_original(self):
+        return self.edited
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:

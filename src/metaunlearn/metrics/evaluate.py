@@ -49,9 +49,10 @@ def evaluation_roles(config: StudyConfig, world=None) -> dict[str, list[str]]:
 
 
 def forget_concepts(config: StudyConfig) -> list[str]:
-    """The forget role's classes, else its prompts: what a forget-role sample is checked for."""
+    """The forget role's classes, else its prompts (its prompt file's too): what a forget-role sample is
+    checked for."""
     forget = config.concepts.forget
-    return list(forget.classes) if forget.classes else list(forget.prompts)
+    return list(forget.classes) if forget.classes else forget.all_prompts()
 
 
 def evaluation_seeds(n_prompts: int, samples_per_prompt: int, seed_offset: int,

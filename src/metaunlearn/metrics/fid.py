@@ -24,6 +24,7 @@ from pydantic import Field
 
 from ..config import ROLES, PluginSection
 from ..errors import MetaunlearnError
+from ..imagefolder import signature
 from ..layout import digest
 from ..registry import FEATURES, METRICS, Registry
 from .base import Context, Metric, Result, Samples, Value, check_installed
@@ -118,16 +119,7 @@ class Fid(Metric):
     # ------------------------------------------------------------ references
     def reference_features(self, role: str, samples: Samples) -> torch.Tensor:
         """The reference set's features for a role: from memory, else the study's cache, else computed."""
-        from ..metrics.evaluate import settings_key
-
-        ref = self.reference_of(role)
-        what = {"ref": ref, "role": role, "features": self.features_name, "conv": self.features.conventions(),
-                "limit": self.options.reference_limit}
-        if ref == "original":  # the original's samples depend on the evaluation prompts, seeds and settings
-            what.update(settings=settings_key(self.context.config),
-                        entries=[e for e in samples.entries if e[0] == role],
-                        seeds=samples.seeds)
-        key = digest(what)
+        ref, key = self.reference_of(role), self.reference_key(role, samples)
         if key in self._references:
             return self._references[key]
         cache = Path(self.context.cache_dir) / f"reference-{key}.safetensors" if self.context.cache_dir else None
@@ -149,6 +141,27 @@ class Fid(Metric):
                     save_file({"features": features.contiguous()}, str(tmp))
         self._references[key] = features
         return features
+
+    def reference_key(self, role: str, samples: Samples) -> str:
+        """What a role's reference features depend on: the cache file's name. The study's run folder keeps
+        its name when a --set changes the concepts, the world or a folder's images, so all of them count."""
+        from ..metrics.evaluate import settings_key
+
+        ref = self.reference_of(role)
+        what = {"ref": ref, "role": role, "features": self.features_name, "conv": self.features.conventions(),
+                "limit": self.options.reference_limit}
+        if ref == "original":  # the original's samples depend on the evaluation prompts, seeds and settings
+            what.update(settings=settings_key(self.context.config),
+                        entries=[e for e in samples.entries if e[0] == role],
+                        seeds=samples.seeds)
+        elif ref == "world":  # which world (its folder is named by its config's hash), which classes, what size
+            classes = getattr(self.context.config.concepts, role).classes
+            _world_classes(self.context.world, classes, role)
+            what.update(world=str(self.context.world.folder(log=lambda *_: None)), size=samples.images.shape[-1],
+                        classes=sorted(classes))
+        else:  # a folder: its files count, as an image folder's do for a role's data
+            what.update(folder=signature(Path(ref).expanduser()), size=samples.images.shape[-1])
+        return digest(what)
 
     def reference_images(self, ref: str, role: str, samples: Samples) -> torch.Tensor:
         if ref == "original":

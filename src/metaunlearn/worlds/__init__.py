@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ..layout import WORLD_FILE
 from ..registry import WORLDS, Options
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, RoleConfig
     from ..model import DiffusionModel
 
-WORLD_FILE = "world.json"
 
 # A data feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1],
 # captions, sources), so a large role never holds all its full-size images at once.
