@@ -289,7 +289,7 @@ def test_fid_reference_features_are_cached_by_what_they_are_made_of(tmp_path):
     def key(ref, classes=("eight",), folder="w1", size=8):
         world = SimpleNamespace(folder=lambda log=None: tmp_path / folder)
         concepts = SimpleNamespace(forget=SimpleNamespace(classes=list(classes)))
-        fid = SimpleNamespace(reference_of=lambda role: ref, features_name="digits", options=FidOptions(),
+        fid = SimpleNamespace(reference_of=lambda role: ref, features_name="digits", options=FidOptions(), _folders={},
                               features=SimpleNamespace(conventions=lambda: {"layer": "penultimate"}),
                               context=SimpleNamespace(config=SimpleNamespace(concepts=concepts), world=world))
         return Fid.reference_key(fid, "forget", SimpleNamespace(images=torch.zeros(1, 3, size, size)))
@@ -302,6 +302,12 @@ def test_fid_reference_features_are_cached_by_what_they_are_made_of(tmp_path):
     before = key(str(tmp_path / "coco"))
     Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "b.png")
     assert key(str(tmp_path / "coco")) != before
+
+
+def test_a_large_file_seed_is_read_exactly(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text(f"prompt,evaluation_seed\na,{2 ** 60 + 1}\nb,1234.0\n", encoding="utf-8")
+    assert [e.seed for e in read_prompt_file(path)] == [2 ** 60 + 1, 1234]
 
 
 def test_the_forget_concepts_include_a_prompt_file_s(tmp_path):

@@ -48,7 +48,8 @@ def test_generated_images_count_by_how_they_are_seeded(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("setting", ["model.device=auto", "method.checkpoint_every=7", "method.log_every=5",
-                                     "method.gradient_checkpointing=true", "meta.in_place=false"])
+                                     "method.gradient_checkpointing=true", "meta.in_place=false",
+                                     "evaluation.batch_size=8", "data.batch_size=4"])
 def test_how_a_run_is_carried_out_is_no_input(tmp_path, setting):
     config = study(tmp_path)
     changed = StudyConfig.from_dict(config.model_dump(mode="json"), [setting])
@@ -151,17 +152,21 @@ def test_a_model_restored_without_training_keeps_its_training_time(tmp_path, mon
     assert json.loads((folder / "timing.json").read_text()) == {"seconds": 99.0}  # the training's, not the restore's
 
 
-def test_a_method_that_judges_its_edits_by_sampling_depends_on_the_evaluation(tmp_path):
+def test_a_method_that_judges_its_edits_by_sampling_depends_on_what_the_judge_reads(tmp_path):
     """RECE keeps the round whose held-out samples show the concept least: how they are drawn and judged
-    (the evaluation section) decides which model it releases; ESD's model does not depend on it."""
-    def fingerprint(method: str, samples: int) -> str:
-        config = study(tmp_path)
-        return unlearn_fingerprint(config.model_copy(update={
-            "method": config.method.model_copy(update={"name": method}),
-            "evaluation": config.evaluation.model_copy(update={"samples_per_prompt": samples})}), 0)
+    decides which model it releases; the other roles' evaluation prompts and the metrics beside the forget
+    rate do not, and ESD's model depends on none of it."""
+    def fingerprint(method: str, *evaluation: str) -> str:
+        config = StudyConfig.from_dict(study(tmp_path).model_dump(mode="json"),
+                                       [f"method.name={method}", *evaluation])
+        return unlearn_fingerprint(config, 0)
 
-    assert fingerprint("rece", 10) != fingerprint("rece", 50)
-    assert fingerprint("esd", 10) == fingerprint("esd", 50)
+    rece = fingerprint("rece")
+    assert rece != fingerprint("rece", "evaluation.samples_per_prompt=50")
+    assert rece != fingerprint("rece", "evaluation.prompts.forget=[a kitten]")
+    assert rece == fingerprint("rece", "evaluation.prompts.related=[a dog]")
+    assert rece == fingerprint("rece", "evaluation.metrics=[concept_rate,clip_score]")
+    assert fingerprint("esd") == fingerprint("esd", "evaluation.samples_per_prompt=50")
 
 
 def test_a_folder_of_weights_counts_by_its_files_and_a_hub_id_by_its_name(tmp_path):
@@ -176,5 +181,21 @@ def test_a_folder_of_weights_counts_by_its_files_and_a_hub_id_by_its_name(tmp_pa
     (folder / "unet" / "weights.bin").write_bytes(b"12")  # retrained in place
     assert all(b != a for b, a in zip(before, stages()))
     assert model_identity("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
-    (folder / "world.json").write_text("{}")  # a built world's folder is named by its config's hash
-    assert model_identity(folder) == str(folder)
+    (folder / "world.json").write_text("{}")  # an exported model of a world study: still known by its files
+    assert model_identity(folder).startswith(f"{folder}#")
+
+
+def test_a_built_world_s_folder_and_a_world_s_name_count_by_name(tmp_path, monkeypatch):
+    """A built world's cache folder is named by its config's hash and built once; 'digits' names the world
+    even where a folder of that name is at hand (it is not what loads)."""
+    monkeypatch.setenv("METAUNLEARN_CACHE", str(tmp_path / "cache"))
+    built = tmp_path / "cache" / "worlds" / "digits-0123"
+    built.mkdir(parents=True)
+    (built / "world.json").write_text("{}")
+    assert model_identity(built) == str(built)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert model_identity("digits") == "digits"
+    config = StudyConfig.from_dict({"model": {"source": "digits", "device": "cpu"},
+                                    "concepts": {"forget": {"classes": ["eight"]}}})
+    assert unlearn_fingerprint(config, 0) == f"{config.fingerprint('model', 'concepts', 'data', 'method')}-0"

@@ -539,40 +539,54 @@ def test_the_in_place_first_order_step_equals_the_functional_one_and_restores_th
     assert any(g.abs().sum() > 0 for g in grads_f)
 
 
-def _scaled_step(model, data, in_place: bool, scale: float, **meta):
+def _scaled_step(model, data, mode: str, scale: float, **meta):
     """One ESD-u + meta step at the engine's fp16 loss scale `scale`: its terms and its gradient, unscaled."""
+    in_place = mode == "in_place"
     for p in model.unet.parameters():
         p.grad = None
     trainable = make_trainable(model.unet, "noxattn")
     method = make_method(MethodConfig(name="esd", esd={"x_t": "noised"}), "")
     method.setup(model, trainable, data)
-    config = MetaConfig(enabled=True, in_place=in_place, **{**dict(
+    config = MetaConfig(enabled=True, in_place=in_place, mode="second_order" if mode == "second_order" else
+                        "first_order", **{**dict(
         sharpness_cap=0.0, inner_steps=(2, 2), trajectory="linear", inner_step="adam", low_rank=0.0), **meta})
-    terms = MetaObjective(config, model, trainable, data, method, BATCH)(
+    terms = make_meta(config, model, trainable, data, method, BATCH)(
         StepContext(0, torch.Generator().manual_seed(7), BATCH, scale))
     if in_place:  # in .grad at the engine's scale, as its own backward passes leave theirs
         return terms, [p.grad / scale for p in trainable.values()]
     return terms, list(torch.autograd.grad(sum(terms.losses.values()), list(trainable.values())))
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_the_fp16_loss_scale_leaves_every_gradient_as_it_is_and_an_overflow_to_the_scaler(tiny_model, in_place):
+@pytest.mark.parametrize("mode", ["in_place", "functional", "second_order"])
+def test_the_fp16_loss_scale_leaves_every_gradient_as_it_is_and_an_overflow_to_the_scaler(tiny_model, mode):
     """Under fp16 the engine multiplies a loss by the scaler's scale before its backward pass, so its
     activation gradients do not underflow; the simulated attacker's steps and the sharpness term's passes
     backpropagate at that scale too and unscale. A power-of-two scale changes no gradient. A scale that
     overflows leaves non-finite gradients (the scaler's cue to skip the step and back off) and finite loss
     values (a NaN value would stop the run)."""
     data = concept_data(tiny_model)
-    plain_terms, plain = _scaled_step(tiny_model, data, in_place, 1.0)
-    terms, scaled = _scaled_step(tiny_model, data, in_place, 2.0 ** 12)
+    inner = {"inner_step": "sgd", "inner_lr": 1e-3} if mode == "second_order" else {}  # adam: a flat derivative
+    plain_terms, plain = _scaled_step(tiny_model, data, mode, 1.0, **inner)
+    terms, scaled = _scaled_step(tiny_model, data, mode, 2.0 ** 12, **inner)
     assert {k: v.item() for k, v in terms.losses.items()} == {k: v.item() for k, v in plain_terms.losses.items()}
     assert terms.logs["meta/forget_grad_ratio"] == plain_terms.logs["meta/forget_grad_ratio"] > 0
     assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(scaled, plain))
     assert "meta_after" in terms.losses  # in place too: the step has a term, whatever the method returns
-    # float32 overflows only near 3e38 (fp16 at 65504), where the sharpness term's own multiplier would too
-    terms, overflowed = _scaled_step(tiny_model, data, in_place, 3e38, forget_sharpness=0.0)
+    # float32 overflows only near 3e38 (fp16 at 65504), where the sharpness term's own multiplier would too;
+    # second order's small SGD steps stay finite there, so its attack is made to blow up as an overflow would
+    blow_up = {**inner, "inner_lr": 1e38} if mode == "second_order" else inner
+    terms, overflowed = _scaled_step(tiny_model, data, mode, 3e38, forget_sharpness=0.0, **blow_up)
     assert all(math.isfinite(v.item()) for v in terms.losses.values())
     assert not all(torch.isfinite(g).all() for g in overflowed)
+
+
+def test_in_place_the_sharpness_term_alone_is_a_term_too(tiny_model):
+    trainable = subset(tiny_model)
+    meta = objective(tiny_model, trainable, concept_data(tiny_model), in_place=True, forget_after=0.0,
+                     related_after=0.0, forget_sharpness=1.0, sharpness_cap=0.0)
+    terms = meta(StepContext(0, torch.Generator().manual_seed(7), BATCH))
+    assert terms.losses["meta_after"].item() == 0.0 and not terms.losses["meta_after"].requires_grad
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
 
 
 def test_a_meta_step_in_place_with_no_other_term_still_trains(tiny_model, tmp_path):

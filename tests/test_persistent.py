@@ -165,3 +165,16 @@ def test_a_persistent_attacker_across_processes_is_refused_before_any_work(tiny_
         unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
                 progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "run.json").exists()
+
+
+def test_an_episode_whose_attack_overflowed_ends():
+    """Under fp16 a simulated attack can overflow (the scaler then skips the step): its displacement must not
+    start the episode's later steps, nor go into a checkpoint."""
+    from metaunlearn.simulated import Episode
+
+    theta = [torch.zeros(3), torch.ones(2)]
+    episode = Episode(5)
+    episode.advance(theta, [torch.full((3,), 0.5), torch.ones(2)])
+    assert episode.depth == 1 and torch.equal(episode.offset[0], torch.full((3,), 0.5))
+    episode.advance(theta, [torch.tensor([0.0, float("inf"), 0.0]), torch.ones(2)])
+    assert episode.depth == 0 and episode.offset is None and episode.state_dict() == {"depth": torch.tensor(0)}

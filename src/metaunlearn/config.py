@@ -619,6 +619,8 @@ class StudyConfig(_Section):
                 dumped[section].pop(key, None)
         if dumped["meta"].get("inner_batch") == dumped["method"]["batch_size"]:
             dumped["meta"]["inner_batch"] = None  # the method's batch, named: what None computes
+        for section, cls in BATCH_ONLY.items():  # any batch size hashes as the default's
+            dumped[section]["batch_size"] = cls.model_fields["batch_size"].default
         for section, settings in ADDED_NEUTRAL.items():
             for key, neutral in settings.items():
                 if dumped[section].get(key, neutral) == neutral:
@@ -642,6 +644,12 @@ def _seeds_in_range(value):
 # memory keeps its checkpoints and what is done (first-order meta computes the same in place or not).
 RUN_ONLY = {"model": ("device",), "method": ("checkpoint_every", "log_every", "gradient_checkpointing"),
             "meta": ("in_place",)}
+
+# Batch sizes of work whose every sample draws from its own seed (sampling and detection in evaluation,
+# generating and encoding role data): they change a result by float rounding only, like model.device, so a
+# run resumed with a smaller batch after running out of memory keeps what is done. Hashed as their defaults
+# (not left out), so the runs made with the defaults keep their fingerprints.
+BATCH_ONLY = {"data": DataConfig, "evaluation": EvaluationConfig}
 
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.

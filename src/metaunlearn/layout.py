@@ -32,8 +32,6 @@ from pathlib import Path
 
 from .config import ROLES, AttackConfig, StudyConfig, with_prompt_file_digest
 
-WORLD_FILE = "world.json"  # a built world's report, in its folder (worlds/ names it by this)
-
 STUDY_FILE, LOG, TIMINGS, FAILURES, ENVIRONMENT = "study.yaml", "study.log", "timings.json", "failures.json", \
     "environment.json"
 RUN_STATUS, MODEL, CURVE, MANIFEST = "run.json", "model", "curve.json", "manifest.json"
@@ -286,9 +284,9 @@ def outside_inputs(config: StudyConfig) -> dict:
         out["folders"] = folders
     if any(getattr(config.concepts, role).generated() for role in ROLES):
         out["generated"] = DATA_FORMAT  # how generated images are seeded: models trained on them depend on it
-    source = Path(config.model.source).expanduser()
-    if (source.parent / RUN_STATUS).is_file() or (source.is_dir() and not (source / WORLD_FILE).is_file()):
-        out["source"] = model_identity(config.model.source)  # another run's model, or a folder by its files
+    source = config.model.source
+    if (Path(source).expanduser().parent / RUN_STATUS).is_file() or folder_of_weights(source):
+        out["source"] = model_identity(source)  # another run's model, or a folder by its files
     return out
 
 
@@ -302,15 +300,14 @@ def data_manifest_key(config: StudyConfig) -> dict:
 
 def unlearn_fingerprint(config: StudyConfig, seed: int) -> str:
     """What an unlearned model depends on: the meta section only when meta is on, so
-    tuning meta leaves a finished base model alone; the evaluation section when the method chooses
-    between candidate edits by sampling (RECE's judge runs the study's evaluation); and the inputs
-    outside the config."""
+    tuning meta leaves a finished base model alone; what the judge reads when the method chooses
+    between candidate edits by sampling (RECE); and the inputs outside the config."""
     from .registry import METHODS
 
-    judges = METHODS.get(config.method.name, "method.name").impl.judges_edits
-    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ()) \
-        + (("evaluation",) if judges else ())
+    sections = ("model", "concepts", "data", "method") + (("meta",) if config.meta.enabled else ())
     outside = outside_inputs(config)
+    if METHODS.get(config.method.name, "method.name").impl.judges_edits:
+        outside = {**outside, "judge": judge_inputs(config)}
     text = config.fingerprint(*sections)
     return f"{digest(text, outside) if outside else text}-{seed}"
 
@@ -324,10 +321,36 @@ def model_identity(source: str | os.PathLike) -> str:
     fingerprint = released_fingerprint(read_json(Path(source).parent / RUN_STATUS))
     if fingerprint:
         return fingerprint
+    return f"{source}#{signature(Path(source).expanduser())}" if folder_of_weights(source) else str(source)
+
+
+def folder_of_weights(source: str | os.PathLike) -> bool:
+    """Whether `source` is a local folder of weights, known by its files: not a built-in world's name (a
+    folder of that name here is not what loads) nor a built world's cache folder (named by its config's
+    hash, and built once)."""
+    from .registry import WORLDS
+    from .worlds import worlds_root
+
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / WORLD_FILE).is_file():
-        return f"{source}#{signature(path)}"
-    return str(source)
+    if str(source) in WORLDS or not path.is_dir():
+        return False
+    return path.resolve().parent != worlds_root().resolve()
+
+
+# What a method that picks among candidate edits by the forget rate of held-out samples (RECE's judge,
+# unlearn.forget_judge) reads of the evaluation section, besides the forget prompts
+JUDGE_READS = ("samples_per_prompt", "steps", "guidance_scale", "seed_offset", "half_precision", "concept_rate")
+
+
+def judge_inputs(config: StudyConfig) -> dict:
+    """How the judge samples and judges, and the forget prompts it samples (a prompt file by content): not
+    the other roles' prompts, metrics or batch size, which leave its verdicts as they are."""
+    from .prompt_files import file_digest
+
+    evaluation = config.evaluation.model_dump(mode="json")
+    forget = evaluation["prompts"].get("forget")
+    return {**{k: evaluation.get(k) for k in JUDGE_READS},
+            "forget": f"{forget}#{file_digest(forget)}" if isinstance(forget, str) else forget}
 
 
 def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> str:

@@ -481,8 +481,8 @@ class MetaObjective:
                                      "meta/unrelated_kept"}
         if collected is not None and after_terms:
             terms["meta_after"] = linear_surrogate(theta, collected)
-        elif self.in_place and after_terms:  # its gradients are in .grad already; the surrogate's value, 0,
-            terms["meta_after"] = torch.zeros((), device=self.model.device)  # tells the engine there is a step
+        elif self.in_place and (after_terms or "meta/forget_grad_ratio" in logs):  # its gradients are in .grad
+            terms["meta_after"] = torch.zeros((), device=self.model.device)  # already: the surrogates' value, 0
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
                      "meta/low_rank": float(attacker.low_rank),  # the last attacker's
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
@@ -543,6 +543,8 @@ class MetaObjective:
             self.episode.advance(moved, current)
         if second and outer_total.requires_grad:
             term = outer_total if share == 1.0 else share * outer_total
+            if not torch.isfinite(term):  # an fp16 overflow: a NaN gradient for the scaler to skip, no NaN value
+                term = linear_surrogate(theta, [torch.full_like(p, math.nan) for p in theta])
             terms["meta_after"] = terms["meta_after"] + term if "meta_after" in terms else term
         return outer_total.item()
 

@@ -72,7 +72,8 @@ def _read_csv(path: Path, text: str) -> list[PromptEntry]:
             continue
         seed = row.pop(SEED_COLUMN, "")
         try:
-            seed = int(float(seed)) if seed else None  # some exports write seeds as 1234.0
+            # whole numbers exactly (through a float, seeds above 2**53 would be rounded); some exports write 1234.0
+            seed = (int(seed) if seed.lstrip("-").isdigit() else int(float(seed))) if seed else None
         except (ValueError, OverflowError):  # 'inf' is a float but no whole number
             raise MetaunlearnError(f"{path}, line {line}: {SEED_COLUMN} '{seed}' is not a whole number") from None
         if seed is not None and not 0 <= seed <= MAX_FILE_SEED:

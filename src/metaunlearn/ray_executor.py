@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from pathlib import Path
 
 from . import stages
 from .config import StudyConfig
@@ -38,10 +39,13 @@ def kind_of(stage_name: str) -> str:
     return stage_name.split("/", 1)[0]  # model, data, evaluate, unlearn, attack
 
 
-def run_stage(config_data: dict, name: str, threads: int, *needed: dict) -> dict:
-    """In a worker: run one stage of the study unless it is done or something it needs failed."""
+def run_stage(config_data: dict, name: str, threads: int, cwd: str, *needed: dict) -> dict:
+    """In a worker: run one stage of the study unless it is done or something it needs failed. The study's
+    relative paths are read from the driver's folder `cwd` where this node sees it (a shared filesystem)."""
     import torch
 
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
     torch.set_num_threads(threads)  # its CPU share: workers that each take every core slow each other badly
     if any(n["status"] in ("failed", "blocked") for n in needed):
         return {"name": name, "status": "blocked", "needs": [n["name"] for n in needed if n["status"] != "done"
@@ -82,7 +86,8 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
             gpus = config.executor.gpus.get(kind, config.executor.gpus.get("default", 0)) if has_gpus else 0
             task = ray.remote(run_stage).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                                  name=f"metaunlearn:{step.name}")
-            refs[step.name] = task.remote(data, step.name, max(1, int(cpus)), *[refs[n] for n in step.needs])
+            refs[step.name] = task.remote(data, step.name, max(1, int(cpus)), os.getcwd(),
+                                          *[refs[n] for n in step.needs])
         pending, names = list(refs.values()), {ref: name for name, ref in refs.items()}
         needs, status = {step.name: step.needs for step in steps}, {}
         with tqdm(total=len(pending) + 1, desc="study (ray)", unit="stage", disable=not progress,
@@ -113,7 +118,7 @@ def portable(config: StudyConfig) -> dict:
 def worker_env() -> dict | None:
     """The environment the workers need from the driver's: where built worlds are kept."""
     cache = os.environ.get("METAUNLEARN_CACHE")
-    return {"env_vars": {"METAUNLEARN_CACHE": cache}} if cache else None
+    return {"env_vars": {"METAUNLEARN_CACHE": str(Path(cache).expanduser().resolve())}} if cache else None
 
 
 def outcome(ray, ref, name: str, needs: tuple[str, ...], status: dict[str, str]) -> dict:

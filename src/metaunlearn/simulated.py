@@ -143,7 +143,9 @@ class Episode:
 
     @torch.no_grad()
     def advance(self, theta: list[torch.Tensor], end: list[torch.Tensor]) -> None:
-        """After an outer step's attack from theta (+ offset) to `end`: keep end - theta, or end the episode."""
+        """After an outer step's attack from theta (+ offset) to `end`: keep end - theta, or end the episode
+        (after R steps, or when the attack overflowed under fp16: its displacement would spoil every later
+        step of the episode, and the checkpoints)."""
         self.depth += 1
         if self.depth >= self.length:
             self.depth = 0
@@ -152,6 +154,8 @@ class Episode:
             self.delta = [torch.empty_like(p) for p in theta]
         for d, p, e in zip(self.delta, theta, end):
             d.copy_(e.detach()).sub_(p.detach())
+        if not all(torch.isfinite(d).all() for d in self.delta):
+            self.depth = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.depth == 0:  # the next step draws afresh: nothing to carry

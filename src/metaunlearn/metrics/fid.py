@@ -70,6 +70,7 @@ class Fid(Metric):
             *([Value(f"kid_{role}", f"KID {role}", role, higher_is_better=False, fraction=False, group="utility")]
               if options.kid else []))]
         self._references: dict[str, torch.Tensor] = {}
+        self._folders: dict[str, str] = {}  # a reference folder's signature, taken once per evaluator
 
     def reference_of(self, role: str) -> str:
         return _reference(self.options, role, self.context.world)
@@ -160,7 +161,9 @@ class Fid(Metric):
             what.update(world=str(self.context.world.folder(log=lambda *_: None)), size=samples.images.shape[-1],
                         classes=sorted(classes))
         else:  # a folder: its files count, as an image folder's do for a role's data
-            what.update(folder=signature(Path(ref).expanduser()), size=samples.images.shape[-1])
+            if ref not in self._folders:
+                self._folders[ref] = signature(Path(ref).expanduser())
+            what.update(folder=self._folders[ref], size=samples.images.shape[-1])
         return digest(what)
 
     def reference_images(self, ref: str, role: str, samples: Samples) -> torch.Tensor:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ..layout import WORLD_FILE
 from ..registry import WORLDS, Options
 
 if TYPE_CHECKING:
@@ -25,6 +24,8 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, RoleConfig
     from ..model import DiffusionModel
 
+
+WORLD_FILE = "world.json"
 
 # A data feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1],
 # captions, sources), so a large role never holds all its full-size images at once.
@@ -96,6 +97,11 @@ def cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("metaunlearn"))
+
+
+def worlds_root() -> Path:
+    """Where built worlds are kept: one folder each, named by the world and its config's hash."""
+    return cache_root() / "worlds"
 
 
 def world_report(path: str | os.PathLike | None) -> dict | None:

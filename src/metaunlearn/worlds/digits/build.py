@@ -22,7 +22,7 @@ import torch
 from ...layout import atomic_dir
 from ...model import DiffusionModel
 from .. import WORLD_FILE as REPORT_FILE
-from .. import cache_root
+from .. import worlds_root
 from ..pipeline import TinyPipelineConfig, build_pipeline
 from .classifier import DigitClassifier, train_classifier
 from .dataset import load_split, prompts_for, vocabulary
@@ -71,7 +71,7 @@ class DigitsWorldConfig:
 
 
 def world_folder(config: DigitsWorldConfig) -> Path:
-    return cache_root() / "worlds" / f"digits-{config.key()}"
+    return worlds_root() / f"digits-{config.key()}"
 
 
 def get_world(config: DigitsWorldConfig | None = None, rebuild: bool = False, log=print) -> Path:
