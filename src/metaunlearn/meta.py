@@ -245,7 +245,10 @@ class MetaObjective:
         scale = self._loss_scale
         if scale == 1.0:
             return list(torch.autograd.grad(loss, inputs, create_graph=create_graph))
-        return [g / scale for g in torch.autograd.grad(loss * scale, inputs, create_graph=create_graph)]
+        grads = list(torch.autograd.grad(loss * scale, inputs, create_graph=create_graph))
+        if create_graph:  # second order differentiates through the unscaling too
+            return [g / scale for g in grads]
+        return [g.div_(scale) for g in grads]  # in place: no second copy of the gradient
 
     def _ascent(self, loss: torch.Tensor, role: str) -> torch.Tensor:
         """What an 'after the attack' ascent term maximises: raw, or capped."""
