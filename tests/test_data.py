@@ -101,6 +101,15 @@ def write_folder(folder, entries: dict[str, str], sizes=((40, 48), (32, 32), (64
     return folder
 
 
+def test_the_data_batch_size_changes_generated_data_by_rounding_only(tiny_model, tmp_path):
+    """Every generated image draws from its own seed: what lets data.batch_size stay out of fingerprints."""
+    roles = {"forget": {"prompts": [EIGHT, DOG]}}
+    four = prepare(study(roles), tiny_model, "train", tmp_path / "a").forget
+    one = prepare(study(roles, batch_size=1), tiny_model, "train", tmp_path / "b").forget
+    assert one.sources == four.sources
+    torch.testing.assert_close(one.latents, four.latents, rtol=0, atol=1e-4)
+
+
 def test_imagefolder_role_loads_captions_and_splits(tiny_model, tmp_path, monkeypatch):
     flat = write_folder(tmp_path / "flat", {"r.png": EIGHT, "g.png": DOG, "b.png": EIGHT})
     refuse_sampling(tiny_model, monkeypatch)  # prompts beside images are captions, never generated

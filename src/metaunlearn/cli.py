@@ -121,13 +121,12 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
     import shutil
 
     from . import methods  # noqa: F401  (registers the methods)
+    from .config import MAX_SEED
     from .errors import ConfigError
     from .layout import RunLayout, unlearn_label
     from .registry import METHODS
     from .stages import preflight, run_unlearn
     from .unlearn import NOTHING_TO_TRAIN
-
-    from .config import MAX_SEED
 
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed {seed}: seeds are whole numbers from 0 to {MAX_SEED:,}")

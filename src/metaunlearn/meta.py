@@ -57,6 +57,7 @@ from .params import snapshot
 from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
+AFTER_LOGS = {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}  # _after's
 
 
 class _GivenGradient(torch.autograd.Function):
@@ -480,8 +481,7 @@ class MetaObjective:
                 after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, collected, share,
                                                 j == 0)
             after_objective += share * after
-        after_terms = logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after",
-                                     "meta/unrelated_kept"}
+        after_terms = bool(logs.keys() & AFTER_LOGS)  # a post-attack term was taken
         if collected is not None and after_terms:
             terms["meta_after"] = linear_surrogate(theta, collected)
         elif self.in_place and (after_terms or "meta/forget_grad_ratio" in logs):  # its gradients are in .grad
@@ -489,7 +489,7 @@ class MetaObjective:
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
                      "meta/low_rank": float(attacker.low_rank),  # the last attacker's
                      **{f"meta/cap_{k}": v for k, v in self.cap_levels.items()}})
-        if logs.keys() & {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}:
+        if after_terms:
             logs["meta/after_objective"] = after_objective
         for weight, role, name in ((cfg.related_before, self.data.related, "related"),
                                    (cfg.unrelated_before, self.data.unrelated, "unrelated")):

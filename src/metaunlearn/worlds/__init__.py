@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, RoleConfig
     from ..model import DiffusionModel
 
-
 WORLD_FILE = "world.json"
 
 # A data feed is (item count, chunks); its chunks are (images (B, 3, H, W) in [-1, 1],
