@@ -61,12 +61,38 @@ def test_a_killed_ray_study_resumes_and_skips_what_finished(tiny_pipeline_dir, t
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
     process.wait()
+    _end_orphaned_workers()  # a worker mid-task outlives its raylet a moment: it would still write the run folder
     finished = {line.split()[3] for line in _log(run).splitlines() if line[21:].startswith("finish")}
     assert finished and "report" not in finished
     outcome = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, run)), progress=False)  # the other runner
     assert outcome.failures == []
     last = _log(run).split("stages\n")[-1]
     assert {f"skip    {name} (done)" for name in finished} <= {line[21:] for line in last.splitlines()}
+
+
+def _end_orphaned_workers(timeout: float = 30.0) -> None:
+    """Ray's worker processes (titled 'ray::...') are no children of the killed driver's group; once it is
+    gone they exit on their own, but a stage a worker is running may first finish writing. Wait for them,
+    then kill what is left."""
+    def workers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::"):
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    deadline = time.time() + timeout
+    while workers() and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in workers():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _log(run) -> str:
