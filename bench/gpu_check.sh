@@ -11,8 +11,8 @@
 # Each part has its own time limit, so one that hangs costs only its share; logs and JSON go to
 # $OUT/gpu.tar.gz after each part. The device call that runs it: command `bash bench/gpu_check.sh`,
 # carry [".whl", ".gpu"], timeout up to 590 s (PARTS="..." picks parts; bench/RESULTS.md, "On a GPU").
-# The parts' limits add up to 800 s, more than one call may run: split them, e.g. PARTS="fd_digits fd_sd14
-# mem_sd14 meta_step" and PARTS="tests mem_sdxl".
+# The parts' limits add up to 1100 s, more than one call may run: split them, e.g. PARTS="fd_digits fd_sd14
+# mem_sd14 meta_step", PARTS="fp16_meta" and PARTS="tests mem_sdxl".
 set -u
 OUT=${OUT:-bench/out/gpu}
 WORK=$(mktemp -d)
@@ -27,7 +27,7 @@ python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torc
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
 'accelerate', accelerate.__version__)" | tee -a "$WORK/env.txt"
 
-PARTS=${PARTS:-fd_digits fd_sd14 mem_sd14 meta_step tests mem_sdxl}  # which parts, in this order
+PARTS=${PARTS:-fd_digits fd_sd14 mem_sd14 meta_step fp16_meta tests mem_sdxl}  # which parts, in this order
 part() {  # part NAME SECONDS COMMAND...: run it under a limit, keep its log, show its end
   local name=$1 limit=$2 begin=$SECONDS
   shift 2
@@ -46,6 +46,9 @@ part mem_sd14 150 python3 bench/memory.py --arch sd14 --steps 3 --threads 16 --o
 part meta_step 100 python3 bench/meta_step.py --world digits --device cuda --steps "${META_STEPS:-20}" --batch 8 \
   --threads 4 --variants "${META_VARIANTS:-base,first,second,reference}" --data-cache .gpu/data \
   --out "$WORK/meta_step.json"
+# the functional variant (no checkpointing) left out: four variants took 255 s on an H100
+part fp16_meta 300 python3 bench/fp16_meta.py --device cuda --latent 32 --threads 16 \
+  --variants "esd,esd+meta,esd+meta sgd+sharpness,esd+meta adam+lora" --out "$WORK/fp16_meta.json"
 # the test suite with CUDA visible: every study the tests run picks the GPU (model.device: auto); TESTS="files"
 # picks some. 240 s: the whole suite on 12 workers took over 150 s, the two-process tests last.
 # shellcheck disable=SC2086

@@ -243,6 +243,26 @@ def test_an_fp16_overflow_holds_the_schedule_with_a_fused_optimizer_too(monkeypa
     assert records == [(1, False, False), (0, True, True)]
 
 
+def test_fp16_steps_that_overflow_even_unscaled_stop_the_run_clearly():
+    """A gradient that is NaN whatever the loss scale (not an fp16 range problem) halves the scale at every
+    step; the scaler would skip steps forever. Under scale 1 the run stops with the losses named."""
+    module = torch.nn.Linear(4, 3)
+
+    def nan_gradient(ctx):  # a finite loss whose gradient is NaN: d sqrt(w^2) / dw at w = 0 is 0 / 0
+        with torch.no_grad():
+            module.weight[0, 0] = 0.0
+        return Terms({"mse": module.weight[0, 0].pow(2).sqrt() + module(torch.ones(1, 4)).pow(2).mean()}, {})
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    engine = Engine(module, dict(module.named_parameters()), {"toy": nan_gradient},
+                    OptimizerSettings(lr=0.1, steps=10, batch_size=1, grad_clip=0.0), seed=0, accelerator=accelerator)
+    for step in range(3):  # skipped, scale 8 -> 4 -> 2 -> 1: not yet an error
+        engine.step(step)
+    with pytest.raises(TrainingError, match=r"non-finite under fp16 down to loss scale 0.5 at step 4.*mse="):
+        engine.step(3)
+
+
 def test_a_checkpoint_resumes_with_this_runs_optimizer_implementation(tmp_path, monkeypatch):
     """A checkpoint saved on a GPU (fused AdamW) resumed on the CPU runs torch's default there, and the
     other way round: torch's load_state_dict would copy the saved flag over the optimizer's own."""

@@ -76,6 +76,24 @@ def test_the_low_rank_update_has_rank_r_and_touches_attention_projections_only()
     torch.testing.assert_close(adam, inner_direction([grads[1] @ a[1].T], "adam")[0] @ a[1])
 
 
+@pytest.mark.parametrize("form", ["sgd", "adam", "normalized", "rms"])
+def test_low_rank_directions_ignore_the_engines_fp16_autocast(form):
+    # the simulated attacks run inside the engine's autocast: G A^T came out in fp16, an unscaled gradient's
+    # small entries underflowed, and Adam's 0 / (0 + eps) was NaN at every fp16 step (SD-1.4 on an H100)
+    names, shape = ["blocks.0.attn1.to_q.weight"], (16, 12)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 1e-9
+    grad[0] = 1e-3  # one row large enough for fp16, the rest not
+    low = LowRank(names, [torch.zeros(shape)], rank=2)
+    a = low.draw(torch.Generator().manual_seed(5), "cpu")
+    exact = low.direction([grad], form, a)[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        whole, one = low.direction([grad], form, a)[0], LowRank.direction_of(grad, form, a[0])
+    assert whole.dtype == one.dtype == torch.float32
+    assert torch.equal(whole, exact)
+    if form not in ("normalized", "rms"):  # these act on the whole gradient's norm, not one tensor's
+        assert torch.equal(one, exact)
+
+
 def test_distillation_keeps_roles_at_the_original_and_is_zero_there(tiny_model):
     data, trainable = concept_data(tiny_model), subset(tiny_model)
     meta = objective(tiny_model, trainable, data, retain="distill", forget_after=0.0, related_after=0.0)

@@ -301,6 +301,13 @@ class Engine:
         # misses it when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
         if scaler is None or scaler.get_scale() >= scale:
             self.scheduler.step()
+        elif scaler.get_scale() < 1.0:
+            # halved at every overflow from 65536: under 1 the gradient is not finite even unscaled, so the
+            # scaler would skip every step from now on without a word (a NaN the simulated attack made did)
+            raise TrainingError(f"the gradient stayed non-finite under fp16 down to loss scale "
+                                f"{scaler.get_scale():g} at step {step + 1}: not an fp16 range problem (losses: "
+                                f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
+                                f"last good checkpoint: {self.last_good}; {self.hint}")
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
             hook.after_step()

@@ -111,12 +111,24 @@ class LowRank:
 
 def _b_grad(grad: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor | None:
     """The gradient of the adapter's B (at B = 0) for a weight gradient G: G A^T."""
-    return None if m is None else grad.reshape(grad.shape[0], -1) @ m.T.to(grad.dtype)
+    if m is None:
+        return None
+    with _in_gradient_dtype(grad):
+        return grad.reshape(grad.shape[0], -1) @ m.T.to(grad.dtype)
 
 
 def _expand(b_step: torch.Tensor, grad: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """What a step of B moves the weight by: (step of B) A, in the weight's shape."""
-    return (b_step @ m.to(grad.dtype)).reshape(grad.shape)
+    with _in_gradient_dtype(grad):
+        return (b_step @ m.to(grad.dtype)).reshape(grad.shape)
+
+
+def _in_gradient_dtype(grad: torch.Tensor):
+    """No autocast: the simulated attacks run inside the engine's, where these products would come out in
+    fp16. An unscaled gradient's G A^T then underflows to 0 and the Adam-like form's 0 / (0 + eps), eps
+    rounded to 0 in fp16, is NaN: every fp16 step with a LoRA-like Adam attacker overflowed (SD-1.4, H100:
+    bench/RESULTS.md, 'A fourth lease')."""
+    return torch.autocast(grad.device.type, enabled=False)
 
 
 FORMS = ("sgd", "normalized", "adam", "rms")  # append only: checkpoints store the index
