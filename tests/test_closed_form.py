@@ -243,3 +243,24 @@ def test_a_resumed_rece_run_replays_its_verdicts_and_keeps_its_round(tiny_pipeli
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "done" and record["rece"] == {"forget_rate_by_round": [0.5, 0.2, 0.4], "kept_round": 1}
     assert next(verdicts["again"]) == 0.0  # the resumed run judged nothing
+
+
+def test_the_anchor_term_is_float32_under_the_engines_autocast(tiny_model, tiny_pipeline_dir):
+    """The engine calls the method's loss inside its autocast: the erase keys' outputs came out in bf16/fp16
+    there, whose rounding is the size of the drift the anchor measures near the edit."""
+    from metaunlearn.engine import StepContext
+    from metaunlearn.params import make_trainable
+
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true")
+    method, data = make_method(config.method, ""), concept_data(tiny_model)
+    method.edit(tiny_model, data)
+    method.setup(tiny_model, make_trainable(tiny_model.unet, "full"), data)
+    with torch.no_grad():  # off the edit a little, so the drift is a measurable, small number
+        for name in method.targets:
+            method.trainable[name].add_(1e-3 * torch.randn_like(method.trainable[name]))
+    ctx = StepContext(0, torch.Generator().manual_seed(0), 2)
+    exact = method.loss(ctx).losses["uce_anchor"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = method.loss(ctx).losses["uce_anchor"]
+    assert exact > 0 and autocast.dtype == torch.float32
+    assert torch.equal(autocast, exact)
