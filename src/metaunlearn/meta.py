@@ -147,17 +147,16 @@ class MetaObjective:
         if not moved:  # attacked 'trained', or functional: nothing frozen has moved
             yield
             return
-        kept = [p.detach().clone() for p in moved]
-        with torch.no_grad():
-            for p, b in zip(moved, self._backup[self.n_trained:]):
-                p.data.copy_(b)
+        # the backups lent to the weights, not copied in: nothing writes to them while the original predicts
+        kept = [p.data for p in moved]
+        for p, b in zip(moved, self._backup[self.n_trained:]):
+            p.data = b
         torch.clear_autocast_cache()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, k in zip(moved, kept):
-                    p.data.copy_(k)
+            for p, k in zip(moved, kept):
+                p.data = k
             torch.clear_autocast_cache()
 
     def _draw(self, ctx) -> tuple:
