@@ -157,8 +157,8 @@ def test_override_value_is_validated():
 @pytest.mark.parametrize(("key", "seeds", "message"), [
     ("attacks.0.seeds", "[1, 1]", "attacks.0.seeds has duplicates: [1, 1]"),
     ("attacks.0.seeds", "[]", "attacks.0.seeds"),
-    ("attacks.0.seeds", "[-1]", "attacks.0.seeds has [-1]; seeds are whole numbers from 0 to 1,000,000,000"),
-    ("seeds", "[200000000000]", "seeds has [200000000000]; seeds are whole numbers from 0 to 1,000,000,000")])
+    ("attacks.0.seeds", "[-1]", "attacks.0.seeds has [-1]; seeds are whole numbers from 0 to 999,999"),
+    ("seeds", "[1000000]", "seeds has [1000000]; seeds are whole numbers from 0 to 999,999")])
 def test_seeds_are_distinct_some_and_in_range(key, seeds, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(EXAMPLE, [f"{key}={seeds}"])

@@ -629,7 +629,9 @@ class StudyConfig(_Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-MAX_SEED = 10**9  # step generators mix a seed with the step and process: torch takes seeds below 2**64
+# Unlearning and attack seeds: attack s draws from engine seed MAX_SEED + 1 + s (attacks.ATTACK_SEED_SPACE), so no
+# unlearning run shares an attack's random streams
+MAX_SEED = 999_999
 
 
 def _seeds_in_range(value):

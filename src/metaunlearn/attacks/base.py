@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AttackConfig, StudyConfig
+from ..config import MAX_SEED, AttackConfig, StudyConfig
 from ..data import ConceptData, RoleData
 from ..engine import Engine, Objective, make_accelerator
 from ..layout import write_bytes
@@ -27,9 +27,9 @@ from ..model import DiffusionModel
 from ..plots import save_samples
 from ..registry import ATTACKS, Options
 
-# Attack s draws from engine seed ATTACK_SEED_SPACE + s, so it never replays an unlearning run's draws as long
-# as the study's seeds stay below this (an unlearning seed of 1,000,000 + s would share attack s's streams)
-ATTACK_SEED_SPACE = 1_000_000
+# Attack s draws from engine seed ATTACK_SEED_SPACE + s: past every unlearning seed, so it never replays an
+# unlearning run's draws
+ATTACK_SEED_SPACE = MAX_SEED + 1  # 1,000,000, as before the seeds' range was tied to it
 
 
 class Attack:
