@@ -37,8 +37,6 @@ MAX_TRIES = 40  # fp16 overflows before giving up: 65536 halves to 1 in 16
 
 def one_step(model, data, meta: bool, sets: list[str], precision: str, device: str) -> dict:
     """Gradients (CPU float32) of one engine step at step index 0, and what the step logged."""
-    import torch
-
     from metaunlearn.config import StudyConfig
     from metaunlearn.engine import Engine, make_accelerator
     from metaunlearn.meta import make_meta
