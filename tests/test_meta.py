@@ -638,3 +638,16 @@ def test_gradient_checkpointing_leaves_the_in_place_meta_step_unchanged(tiny_mod
                                    "method": {"gradient_checkpointing": True}, "meta": meta})
     StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "variants": ["base"],
                            "method": {"gradient_checkpointing": True}, "meta": {"mode": "second_order"}})
+
+
+def test_a_lora_like_adam_attacker_stays_finite_under_fp16_autocast(tiny_model):
+    """The engine computes every objective inside its autocast. Under fp16 the LoRA-like attacker's G A^T
+    came out in fp16, underflowed, and its Adam-like step 0 / (0 + eps) was NaN: every fp16 step of an SD-1.4
+    run with that attacker overflowed (bench/RESULTS.md, 'A fourth lease'). The tiny UNet under CPU fp16
+    autocast reproduces it (in place, the default; test_simulated checks both paths' directions)."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        terms, grads = _scaled_step(tiny_model, concept_data(tiny_model), "in_place", 2.0 ** 12, low_rank=1.0,
+                                    inner_steps=(1, 1), trajectory="last")
+    assert all(math.isfinite(v.item()) for v in terms.losses.values())
+    assert all(math.isfinite(v) for v in terms.logs.values())
+    assert all(torch.isfinite(g).all() for g in grads)
