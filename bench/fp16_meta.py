@@ -2,10 +2,12 @@
 
 For each variant (ESD-u alone, and with each path of the meta objective), one engine step from the same
 weights and the same draw runs twice: in float32 and under the engine's mixed precision (fp16 autocast
-and its loss scaler, as configs/sd14-nudity.yaml runs). The gradient the optimizer is about to apply
-(unscaled) is compared: relative error and cosine to the float32 one, with ESD-u alone as the yardstick
-of what fp16 does to any gradient. fp16 tries that overflow (the scaler backs off and skips the step) are
-counted and retried from the same weights; the loss terms and meta logs must stay finite.
+and its loss scaler, as configs/sd14-nudity.yaml runs). Gradient checkpointing is on, as in that config
+(off for the functional path, which keeps its inner steps' graphs), and TF32 off. The gradient the
+optimizer is about to apply (unscaled, unclipped) is compared: relative error and cosine to the float32
+one, with ESD-u alone as the yardstick of what fp16 does to any gradient. fp16 tries that overflow (the
+scaler backs off and skips the step) are counted and retried from the same weights; the loss terms and
+meta logs must stay finite.
 
     python bench/fp16_meta.py --device cuda                 # SD-1.4's UNet (random weights), 32x32 latents
     .venv/bin/python bench/fp16_meta.py --small --precision bf16 --latent 8   # a CPU check of the script
@@ -37,6 +39,8 @@ MAX_TRIES = 40  # fp16 overflows before giving up: 65536 halves to 1 in 16
 
 def one_step(model, data, meta: bool, sets: list[str], precision: str, device: str) -> dict:
     """Gradients (CPU float32) of one engine step at step index 0, and what the step logged."""
+    import torch
+
     from metaunlearn.config import StudyConfig
     from metaunlearn.engine import Engine, make_accelerator
     from metaunlearn.meta import make_meta
@@ -53,6 +57,11 @@ def one_step(model, data, meta: bool, sets: list[str], precision: str, device: s
         "meta": {"enabled": meta}}, sets)
     cfg = config.method
     trainable = make_trainable(model.unet, trained_params(cfg))
+    # as unlearn() does (the option alone turns nothing on); the model is shared by the variants
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    else:
+        model.unet.disable_gradient_checkpointing()
     method = make_method(cfg, "")
     method.setup(model, trainable, data)
     objectives = {"method": method.loss,
@@ -68,7 +77,8 @@ def one_step(model, data, meta: bool, sets: list[str], precision: str, device: s
     scaler = getattr(engine.accelerator, "scaler", None)
 
     def capture(*args, **kwargs):
-        taken["grads"] = [p.grad.detach().float().cpu() for p in trainable.values()]
+        taken["grads"] = [torch.zeros(p.shape) if p.grad is None else p.grad.detach().float().cpu()
+                          for p in trainable.values()]
         before = scaler.get_scale() if scaler is not None else None
         out = original_step(*args, **kwargs)
         if scaler is not None and scaler.get_scale() < before:  # an overflow: the scaler skipped the step
@@ -114,6 +124,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # float32 means float32: cuDNN's convolutions run TF32 by default, which would blur the yardstick
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.small:
         memory.SD14_UNET = {**memory.SD14_UNET, "block_out_channels": (32, 64, 64, 64)}
     model, data = memory.build(args.device, "sd14", args.latent)

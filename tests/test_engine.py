@@ -243,24 +243,32 @@ def test_an_fp16_overflow_holds_the_schedule_with_a_fused_optimizer_too(monkeypa
     assert records == [(1, False, False), (0, True, True)]
 
 
-def test_fp16_steps_that_overflow_even_unscaled_stop_the_run_clearly():
-    """A gradient that is NaN whatever the loss scale (not an fp16 range problem) halves the scale at every
-    step; the scaler would skip steps forever. Under scale 1 the run stops with the losses named."""
-    module = torch.nn.Linear(4, 3)
+def test_fp16_steps_that_overflow_at_every_scale_stop_the_run_clearly():
+    """A gradient that is NaN whatever the loss scale halves the scale at every step, and the scaler would
+    skip steps forever. MAX_OVERFLOWS_IN_A_ROW in a row stop the run with the losses named; a step taken
+    in between starts the count again (sporadic overflows are the scaler's to handle)."""
+    from metaunlearn.engine import MAX_OVERFLOWS_IN_A_ROW
 
-    def nan_gradient(ctx):  # a finite loss whose gradient is NaN: d sqrt(w^2) / dw at w = 0 is 0 / 0
+    module, broken = torch.nn.Linear(4, 3), [True]
+
+    def objective(ctx):  # a finite loss; while broken, its gradient is NaN: d sqrt(w^2) / dw at w = 0 is 0 / 0
         with torch.no_grad():
-            module.weight[0, 0] = 0.0
+            module.weight[0, 0] = 0.0 if broken[0] else 1.0
         return Terms({"mse": module.weight[0, 0].pow(2).sqrt() + module(torch.ones(1, 4)).pow(2).mean()}, {})
 
     accelerator = Accelerator(cpu=True)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    engine = Engine(module, dict(module.named_parameters()), {"toy": nan_gradient},
-                    OptimizerSettings(lr=0.1, steps=10, batch_size=1, grad_clip=0.0), seed=0, accelerator=accelerator)
-    for step in range(3):  # skipped, scale 8 -> 4 -> 2 -> 1: not yet an error
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    engine = Engine(module, dict(module.named_parameters()), {"toy": objective},
+                    OptimizerSettings(lr=0.1, steps=100, batch_size=1, grad_clip=0.0), seed=0, accelerator=accelerator)
+    for step in range(MAX_OVERFLOWS_IN_A_ROW - 1):  # skipped, not yet an error
         engine.step(step)
-    with pytest.raises(TrainingError, match=r"non-finite under fp16 down to loss scale 0.5 at step 4.*mse="):
-        engine.step(3)
+    broken[0] = False
+    engine.step(MAX_OVERFLOWS_IN_A_ROW - 1)  # taken: the count starts again
+    broken[0] = True
+    for step in range(MAX_OVERFLOWS_IN_A_ROW, 2 * MAX_OVERFLOWS_IN_A_ROW - 1):
+        engine.step(step)
+    with pytest.raises(TrainingError, match=rf"{MAX_OVERFLOWS_IN_A_ROW} fp16 steps in a row overflowed.*mse="):
+        engine.step(2 * MAX_OVERFLOWS_IN_A_ROW - 1)
 
 
 def test_a_checkpoint_resumes_with_this_runs_optimizer_implementation(tmp_path, monkeypatch):

@@ -67,6 +67,10 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+# fp16 steps skipped in a row before a run stops: GradScaler halves its scale at each, 65536 to 1/16 in 20
+MAX_OVERFLOWS_IN_A_ROW = 20
+
+
 def check_finite(module: torch.nn.Module, what: str, hint: str) -> None:
     """Refuse to save weights that are not finite (an lr that overflowed without the loss noticing yet)."""
     bad = [name for name, param in module.named_parameters() if not torch.isfinite(param).all()]
@@ -245,6 +249,7 @@ class Engine:
         self.optimizer = accelerator.prepare(optimizer)
         self.last_good = "none (the run had not checkpointed yet)"
         self.losses: list[float] = []  # every step's loss, in this process's run
+        self.overflows_in_a_row = 0  # fp16 steps the scaler skipped since the last one it took
         # seconds of training steps, the checkpointed run's included (so a resumed run's time is the whole
         # run's); `resumed_seconds`: the part a checkpoint brought
         self.seconds = self.resumed_seconds = 0.0
@@ -301,13 +306,17 @@ class Engine:
         # misses it when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
         if scaler is None or scaler.get_scale() >= scale:
             self.scheduler.step()
-        elif scaler.get_scale() < 1.0:
-            # halved at every overflow from 65536: under 1 the gradient is not finite even unscaled, so the
-            # scaler would skip every step from now on without a word (a NaN the simulated attack made did)
-            raise TrainingError(f"the gradient stayed non-finite under fp16 down to loss scale "
-                                f"{scaler.get_scale():g} at step {step + 1}: not an fp16 range problem (losses: "
-                                f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
-                                f"last good checkpoint: {self.last_good}; {self.hint}")
+            self.overflows_in_a_row = 0
+        else:
+            self.overflows_in_a_row += 1
+            if self.overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                # the scale halves at each: this many in a row is no range problem the scaler can fix, and it
+                # would skip every step from now on without a word (as a NaN the simulated attack made once did)
+                raise TrainingError(f"{self.overflows_in_a_row} fp16 steps in a row overflowed, up to step "
+                                    f"{step + 1} (loss scale now {scaler.get_scale():g}): the gradient is not "
+                                    f"finite at any scale (losses: "
+                                    f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
+                                    f"last good checkpoint: {self.last_good}; {self.hint}, or try bf16")
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
             hook.after_step()
