@@ -71,6 +71,14 @@ class Stateful(Protocol):
 MAX_OVERFLOWS_IN_A_ROW = 20
 
 
+def _shown(*values: dict[str, float]) -> str:
+    """Named values for an error message: 'name=value, ...' (a later dict's value wins a shared name)."""
+    merged: dict[str, float] = {}
+    for part in values:
+        merged.update(part)
+    return ", ".join(f"{k}={v:.4g}" for k, v in merged.items())
+
+
 def check_finite(module: torch.nn.Module, what: str, hint: str) -> None:
     """Refuse to save weights that are not finite (an lr that overflowed without the loss noticing yet)."""
     bad = [name for name, param in module.named_parameters() if not torch.isfinite(param).all()]
@@ -298,8 +306,7 @@ class Engine:
         if not math.isfinite(grad_norm) and scaler is None:  # fp16's scaler skips such a step itself
             # terms that backpropagate themselves (meta in place) leave only their gradients to check
             raise TrainingError(f"the gradient became {grad_norm} at step {step + 1} (losses: "
-                                f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
-                                f"last good checkpoint: {self.last_good}; {self.hint}")
+                                f"{_shown(losses, logs)}); last good checkpoint: {self.last_good}; {self.hint}")
         scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
         # an fp16 overflow skipped the step exactly when the scaler backed off (accelerate's step_was_skipped
@@ -314,9 +321,8 @@ class Engine:
                 # would skip every step from now on without a word (as a NaN the simulated attack made once did)
                 raise TrainingError(f"{self.overflows_in_a_row} fp16 steps in a row overflowed, up to step "
                                     f"{step + 1} (loss scale now {scaler.get_scale():g}): the gradient is not "
-                                    f"finite at any scale (losses: "
-                                    f"{', '.join(f'{k}={v:.4g}' for k, v in {**losses, **logs}.items())}); "
-                                    f"last good checkpoint: {self.last_good}; {self.hint}, or try bf16")
+                                    f"finite at any scale (losses: {_shown(losses, logs)}); last good "
+                                    f"checkpoint: {self.last_good}; {self.hint}, or try bf16")
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.stateful:
             hook.after_step()
@@ -327,7 +333,7 @@ class Engine:
     def _check_finite(self, terms: dict[str, torch.Tensor], earlier: dict[str, float], step: int) -> None:
         values = {k: v.item() for k, v in terms.items()}
         if not all(map(math.isfinite, values.values())):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in {**earlier, **values}.items())
+            shown = _shown(earlier, values)
             raise TrainingError(f"the loss became {sum(values.values()) + sum(earlier.values())} at step {step + 1} "
                                 f"({shown}); last good checkpoint: {self.last_good}; {self.hint}")
 
