@@ -42,11 +42,9 @@ def one_step(model, data, meta: bool, sets: list[str], precision: str, device: s
     import torch
 
     from metaunlearn.config import StudyConfig
-    from metaunlearn.engine import Engine, make_accelerator
-    from metaunlearn.meta import make_meta
-    from metaunlearn.methods import make_method, trained_params
-    from metaunlearn.params import make_trainable
-    from metaunlearn.unlearn import denoising_objective, preservation_data
+    from metaunlearn.engine import make_accelerator
+    from metaunlearn.methods import make_method
+    from metaunlearn.unlearn import training_engine
 
     config = StudyConfig.from_dict({
         "model": {"source": "bench", "mixed_precision": precision},
@@ -55,21 +53,10 @@ def one_step(model, data, meta: bool, sets: list[str], precision: str, device: s
                    "gradient_checkpointing": True, "frozen_dtype": "bfloat16",
                    "grad_clip": 0.0},  # unclipped: the gradients' own sizes are compared
         "meta": {"enabled": meta}}, sets)
-    cfg = config.method
-    trainable = make_trainable(model.unet, trained_params(cfg))
-    # as unlearn() does (the option alone turns nothing on); the model is shared by the variants
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    else:
-        model.unet.disable_gradient_checkpointing()
-    method = make_method(cfg, "")
-    method.setup(model, trainable, data)
-    objectives = {"method": method.loss,
-                  "preserve": denoising_objective(model, preservation_data(data), "preserve", 1.0)}
-    if meta:
-        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
-    engine = Engine(model.unet, trainable, objectives, cfg, 0,
-                    make_accelerator(config.model.model_copy(update={"device": device})), stateful=(method,))
+    model.unet.disable_gradient_checkpointing()  # the model is shared by the variants; the engine turns it on
+    engine = training_engine(config, model, data, make_method(config.method, ""),
+                             make_accelerator(config.model.model_copy(update={"device": device})), 0)
+    trainable = engine.params
     # the engine calls engine.optimizer.step() once the gradients are unscaled (fp16) and summed; accelerate
     # re-patches the inner optimizer's step at every step, so the capture wraps the engine's handle
     taken: dict = {}

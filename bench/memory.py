@@ -112,11 +112,9 @@ def run_child(name: str, steps: int, threads: int, arch: str, latent: int) -> di
 
     torch.set_num_threads(threads)
     from metaunlearn.config import StudyConfig
-    from metaunlearn.engine import Engine, make_accelerator
-    from metaunlearn.meta import make_meta
-    from metaunlearn.methods import make_method, trained_params
-    from metaunlearn.params import make_trainable
-    from metaunlearn.unlearn import denoising_objective, preservation_data
+    from metaunlearn.engine import make_accelerator
+    from metaunlearn.methods import make_method
+    from metaunlearn.unlearn import training_engine
 
     meta, sets = VARIANTS[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,18 +123,9 @@ def run_child(name: str, steps: int, threads: int, arch: str, latent: int) -> di
         "method": {"name": "esd", "params": ESD_PARAMS[arch], "lr": 1e-5, "batch_size": 1, "esd": {"x_t": "noised"}},
         "meta": {"enabled": meta, "inner_steps": 1, "low_rank": 0.0}}, sets)
     model, data = build(device, arch, latent)
-    cfg = config.method
-    trainable = make_trainable(model.unet, trained_params(cfg))
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    method = make_method(cfg, "")
-    method.setup(model, trainable, data)
-    objectives = {"method": method.loss,
-                  "preserve": denoising_objective(model, preservation_data(data), "preserve", 1.0)}
-    if meta:
-        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
-    engine = Engine(model.unet, trainable, objectives, cfg, 0, make_accelerator(config.model.model_copy(
-        update={"device": device})), stateful=(method,))
+    engine = training_engine(config, model, data, make_method(config.method, ""),
+                             make_accelerator(config.model.model_copy(update={"device": device})), 0)
+    trainable = engine.params
     # before any step: the weights, the frozen copies, the meta objective's buffers (its restore
     # buffer is made at its first step), the data: the static part of the peak when measured by parts
     setup = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \

@@ -269,29 +269,23 @@ def run_variant(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from metaunlearn.engine import Engine, make_accelerator
-    from metaunlearn.meta import make_meta
-    from metaunlearn.methods import make_method, trained_params
-    from metaunlearn.params import make_trainable
-    from metaunlearn.unlearn import denoising_objective, preservation_data
+    from metaunlearn.engine import make_accelerator
+    from metaunlearn.methods import make_method
+    from metaunlearn.unlearn import preservation_data, training_engine
 
     variant = args.child
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     model, data = load_world(args, device)
     config = study_config(args, "second_order" if variant == "second" else "first_order")
+    with_meta = variant in ("first", "second")
+    config = config.model_copy(update={"meta": config.meta.model_copy(update={"enabled": with_meta})})
     cfg = config.method
-    trainable = make_trainable(model.unet, trained_params(cfg))
     method = make_method(cfg, config.concepts.guide)
-    method.setup(model, trainable, data)
-    benign = preservation_data(data)
-    objectives = {"method": method.loss,
-                  "preserve": denoising_objective(model, benign, "preserve", cfg.preservation_weight)}
-    if variant in ("first", "second"):
-        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
     # the training engine's own step (what `metaunlearn unlearn` runs), on the bench's device
-    accelerator = make_accelerator(config.model.model_copy(update={"device": device}))
-    engine = Engine(model.unet, trainable, objectives, cfg, args.seed, accelerator, stateful=(method,))
+    engine = training_engine(config, model, data, method,
+                             make_accelerator(config.model.model_copy(update={"device": device})), args.seed)
+    trainable, benign = engine.params, preservation_data(data)
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if variant == "reference":
         model.unet.requires_grad_(True)  # the reference never froze the untrained weights

@@ -15,7 +15,7 @@ from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import ConfigError, TrainingError
 from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, released_record, write_json, write_text
-from .methods import make_method
+from .methods import Method, make_method
 from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
 from .params import make_trainable
@@ -92,6 +92,29 @@ def denoising_objective(model: DiffusionModel, data: RoleData, name: str, weight
     return objective
 
 
+def training_engine(config: StudyConfig, model: DiffusionModel, data: ConceptData, method: Method, accelerator,
+                    seed: int, extra: dict[str, Objective] | None = None) -> Engine:
+    """The unlearning run's engine over the method's trained weights: the method's loss, preservation,
+    `extra` and the meta objective (the method set up, gradient checkpointing on where asked)."""
+    cfg = config.method
+    trainable = make_trainable(model.unet, method.trained_params(cfg))
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    method.setup(model, trainable, data)
+    objectives: dict[str, Objective] = {"method": method.loss}
+    benign = preservation_data(data) if cfg.preservation_weight > 0 else None
+    if benign is not None:
+        objectives["preserve"] = denoising_objective(model, benign, "preserve", cfg.preservation_weight)
+    objectives.update(extra or {})
+    if config.meta.enabled:
+        from .meta import make_meta
+
+        objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
+    stateful = (method, objectives["meta"]) if config.meta.enabled else (method,)  # a persistent attacker
+    return Engine(model.unet, trainable, objectives, cfg, seed, accelerator, stateful=stateful,
+                  hint="lower method.lr or keep method.grad_clip on")
+
+
 def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_dir: Path, seed: int,
             fingerprint: str, extra: dict[str, Objective] | None = None, progress: bool = True) -> Path:
     """Unlearn into `out_dir` (checkpoints/, log.jsonl, config.yaml, run.json) and
@@ -136,26 +159,11 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         write_json(out_dir / RUN_STATUS, {**running, **released})
     steps, earlier = 0, {}
     if not method.closed_form or config.meta.enabled or extra:
-        trainable = make_trainable(model.unet, method.trained_params(cfg))
-        if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-        method.setup(model, trainable, data)
-        objectives: dict[str, Objective] = {"method": method.loss}
-        benign = preservation_data(data) if cfg.preservation_weight > 0 else None
-        if benign is not None:
-            objectives["preserve"] = denoising_objective(model, benign, "preserve", cfg.preservation_weight)
-        objectives.update(extra or {})
-        if config.meta.enabled:
-            from .meta import make_meta
-
-            objectives["meta"] = make_meta(config.meta, model, trainable, data, method, cfg.batch_size)
-        stateful = (method, objectives["meta"]) if config.meta.enabled else (method,)  # a persistent attacker
-        engine = Engine(model.unet, trainable, objectives, cfg, seed, accelerator, stateful=stateful,
-                        hint="lower method.lr or keep method.grad_clip on")
+        engine = training_engine(config, model, data, method, accelerator, seed, extra)
         engine.run(checkpoints=checkpoints, checkpoint_every=cfg.checkpoint_every, log=out_dir / "log.jsonl",
                    log_every=cfg.log_every, desc=f"unlearn ({cfg.name})", progress=progress,
                    tracker_name=out_dir.name, tracker_config={"method": cfg.name, "seed": seed})
-        for param in trainable.values():
+        for param in engine.params.values():
             param.requires_grad_(False)
         steps = cfg.steps
         if engine.resumed_seconds:  # the interrupted run's training time, for the stage's timing.json
