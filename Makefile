@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/metaunlearn demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

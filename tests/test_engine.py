@@ -320,3 +320,39 @@ def test_a_cpu_checkpoint_resumes_under_fused_adamw_and_fp16(tmp_path, monkeypat
     done = resumed.resume(tmp_path)
     assert done > 0 and resumed.optimizer.optimizer.param_groups[0]["fused"] is True
     resumed.step(done)
+
+
+def test_mixed_precision_covers_the_modules_forward_passes_only():
+    """bf16 autocast on the CPU: the module's matmul runs in bf16, the objective's own arithmetic around it
+    (the simulated attacker's products, a finite difference) in float32, and the module is left as it was."""
+    seen = {}
+    module = torch.nn.Linear(4, 3)
+
+    def objective(ctx):
+        x = torch.randn(ctx.batch_size, 4, generator=ctx.generator)
+        out = module(x)
+        around = x @ torch.randn(4, 4, generator=ctx.generator)
+        inside_functional = torch.func.functional_call(module, dict(module.named_parameters()), (x,))
+        seen.update(out=out.dtype, around=around.dtype, functional=inside_functional.dtype)
+        return Terms({"mse": out.float().pow(2).mean() + around.pow(2).mean() * 0})
+
+    engine = Engine(module, dict(module.named_parameters()), {"toy": objective},
+                    OptimizerSettings(lr=0.1, steps=1, batch_size=2), seed=3,
+                    accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    before = flat(module)
+    engine.step(0)
+    assert seen == {"out": torch.bfloat16, "around": torch.float32, "functional": torch.bfloat16}
+    assert "forward" not in module.__dict__ and module(torch.ones(1, 4)).dtype == torch.float32
+    assert not torch.equal(flat(module), before) and flat(module).dtype == torch.float32  # it trained
+
+
+def test_the_forward_autocast_restores_an_instances_own_forward_and_nests_in_none():
+    from metaunlearn.precision import forward_autocast
+
+    module = torch.nn.Linear(4, 3)
+    own = module.forward = lambda x: x.sum()  # noqa: E731 (another wrapper, e.g. accelerate's)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not leak into the objective
+        with forward_autocast(module, lambda: torch.autocast("cpu", dtype=torch.bfloat16), "cpu"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+            assert module(torch.ones(2)).item() == 2.0
+    assert module.forward is own

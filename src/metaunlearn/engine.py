@@ -1,7 +1,8 @@
 """The one training loop: unlearning, the meta stage, every attack and the
 benchmarks run their optimizer steps here.
 
-Per step: every objective returns `Terms` (loss terms and log-only values);
+Per step: every objective returns `Terms` (loss terms and log-only values),
+with mixed precision on the trained module's forward passes only (precision.py);
 each objective's terms are checked finite and backpropagated as soon as it
 returns, so no objective's graph is alive while the next one runs (the first-
 order meta objective adds its gradients to .grad itself); gradients are
@@ -34,6 +35,7 @@ from .checkpoint import load_newest_intact, save_checkpoint
 from .config import ModelConfig, OptimizerSettings
 from .errors import TrainingError
 from .layout import write_text
+from .precision import forward_autocast
 
 
 @dataclass
@@ -278,7 +280,7 @@ class Engine:
         losses: dict[str, float] = {}
         logs: dict[str, float] = {}
         for objective in self.objectives.values():
-            with acc.autocast():
+            with forward_autocast(self.module, acc.autocast, acc.device.type):
                 terms = objective(ctx)
             logs.update(terms.logs)
             if terms.losses:

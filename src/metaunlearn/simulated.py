@@ -124,9 +124,10 @@ def _expand(b_step: torch.Tensor, grad: torch.Tensor, m: torch.Tensor) -> torch.
 
 
 def _in_gradient_dtype(grad: torch.Tensor):
-    """No autocast: the simulated attacks run inside the engine's, where these products would come out in
-    fp16. An unscaled gradient's G A^T then underflows to 0 and the Adam-like form's 0 / (0 + eps), eps
-    rounded to 0 in fp16, is NaN: every fp16 step with a LoRA-like Adam attacker overflowed (SD-1.4, H100:
+    """No autocast, whatever the caller's (the engine's once covered every objective; it now covers the
+    UNet's forward passes only, precision.py): under fp16 autocast these products came out in fp16. An
+    unscaled gradient's G A^T then underflows to 0 and the Adam-like form's 0 / (0 + eps), eps rounded to 0
+    in fp16, is NaN: every fp16 step with a LoRA-like Adam attacker overflowed (SD-1.4, H100:
     bench/RESULTS.md, 'A fourth lease')."""
     return torch.autocast(grad.device.type, enabled=False)
 

@@ -155,7 +155,7 @@ class UceMethod(Method):
         if opts.anchor_weight and trained:
             erase = self.solved_keys["erase"]
             # float32 like the keys and targets, whatever the weights' dtype (bf16 without autocast) and outside
-            # the engine's autocast: bf16/fp16 rounding of the outputs is the size of the drift near the edit
+            # any caller's autocast: bf16/fp16 rounding of the outputs is the size of the drift near the edit
             with torch.autocast(erase.device.type, enabled=False):
                 drift = sum(((erase @ self.trainable[n].float().T - self.targets[n]) ** 2).mean() for n in trained)
             terms["uce_anchor"] = opts.anchor_weight * drift / len(trained)
