@@ -245,8 +245,9 @@ def test_a_resumed_rece_run_replays_its_verdicts_and_keeps_its_round(tiny_pipeli
     assert next(verdicts["again"]) == 0.0  # the resumed run judged nothing
 
 
-def test_the_anchor_term_is_float32_under_the_engines_autocast(tiny_model, tiny_pipeline_dir):
-    """The engine calls the method's loss inside its autocast: the erase keys' outputs came out in bf16/fp16
+def test_the_anchor_term_is_float32_under_a_callers_autocast(tiny_model, tiny_pipeline_dir):
+    """The engine used to call the method's loss inside its autocast (now the UNet's forward passes only,
+    precision.py): the erase keys' outputs came out in bf16/fp16
     there, whose rounding is the size of the drift the anchor measures near the edit."""
     from metaunlearn.engine import StepContext
     from metaunlearn.params import make_trainable

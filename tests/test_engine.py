@@ -323,8 +323,8 @@ def test_a_cpu_checkpoint_resumes_under_fused_adamw_and_fp16(tmp_path, monkeypat
 
 
 def test_mixed_precision_covers_the_modules_forward_passes_only():
-    """bf16 autocast on the CPU: the module's matmul runs in bf16, the objective's own arithmetic around it
-    (the simulated attacker's products, a finite difference) in float32, and the module is left as it was."""
+    """bf16 autocast on the CPU: the module's matmul runs in bf16 (called directly or functionally), a
+    matmul of the objective's own around it in float32, and the module is left as it was."""
     seen = {}
     module = torch.nn.Linear(4, 3)
 
@@ -334,7 +334,7 @@ def test_mixed_precision_covers_the_modules_forward_passes_only():
         around = x @ torch.randn(4, 4, generator=ctx.generator)
         inside_functional = torch.func.functional_call(module, dict(module.named_parameters()), (x,))
         seen.update(out=out.dtype, around=around.dtype, functional=inside_functional.dtype)
-        return Terms({"mse": out.float().pow(2).mean() + around.pow(2).mean() * 0})
+        return Terms({"mse": out.float().pow(2).mean()})
 
     engine = Engine(module, dict(module.named_parameters()), {"toy": objective},
                     OptimizerSettings(lr=0.1, steps=1, batch_size=2), seed=3,
@@ -346,13 +346,47 @@ def test_mixed_precision_covers_the_modules_forward_passes_only():
     assert not torch.equal(flat(module), before) and flat(module).dtype == torch.float32  # it trained
 
 
-def test_the_forward_autocast_restores_an_instances_own_forward_and_nests_in_none():
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_one_steps_forward_passes_share_autocasts_weight_casts():
+    """As under one autocast region: a weight moved in place between two forward passes is read from the
+    cast made before (why meta.py clears the cache after moving weights) until the cache is cleared."""
+    from metaunlearn.precision import forward_autocast
+
+    module, x = torch.nn.Linear(4, 4, bias=False), torch.ones(1, 4)
+    with forward_autocast(module, _bf16, "cpu"):
+        first = module(x)
+        with torch.no_grad():
+            module.weight.mul_(2)
+        assert torch.equal(module(x), first)
+        torch.clear_autocast_cache()
+        assert torch.allclose(module(x).float(), 2 * first.float(), rtol=1e-2)
+
+
+def test_the_forward_autocast_leaves_an_instances_own_forward_and_a_callers_autocast_as_they_were():
+    import copy
+
     from metaunlearn.precision import forward_autocast
 
     module = torch.nn.Linear(4, 3)
-    own = module.forward = lambda x: x.sum()  # noqa: E731 (another wrapper, e.g. accelerate's)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not leak into the objective
-        with forward_autocast(module, lambda: torch.autocast("cpu", dtype=torch.bfloat16), "cpu"):
-            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-            assert module(torch.ones(2)).item() == 2.0
+    own = module.forward = lambda x: x @ x.T  # noqa: E731 (another wrapper, e.g. accelerate's)
+    with _bf16():
+        with forward_autocast(module, _bf16, "cpu"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32  # the caller's is off here
+            assert module(torch.ones(2, 2)).dtype == torch.bfloat16  # the wrapper runs under the engine's
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # and back on after
     assert module.forward is own
+
+    plain = torch.nn.Linear(4, 3)
+    with pytest.raises(RuntimeError), forward_autocast(plain, _bf16, "cpu"):
+        twin = copy.deepcopy(plain)  # a copy made meanwhile runs its own weights
+        with torch.no_grad():
+            twin.weight.zero_()
+            twin.bias.zero_()
+        assert torch.equal(twin(torch.ones(1, 4)), torch.zeros(1, 3, dtype=torch.bfloat16))
+        raise RuntimeError("an objective fails")
+    assert "forward" not in plain.__dict__ and not torch.is_autocast_enabled("cpu")
+    with forward_autocast(plain, None, "cpu"):  # no mixed precision: nothing changes
+        assert "forward" not in plain.__dict__

@@ -641,7 +641,8 @@ def test_gradient_checkpointing_leaves_the_in_place_meta_step_unchanged(tiny_mod
 
 
 def test_a_lora_like_adam_attacker_stays_finite_under_fp16_autocast(tiny_model):
-    """The engine computes every objective inside its autocast. Under fp16 the LoRA-like attacker's G A^T
+    """The engine used to compute every objective inside its autocast (now the UNet's forward passes only,
+    precision.py; this guards an objective called under anyone's autocast). Under fp16 the LoRA-like attacker's G A^T
     came out in fp16, underflowed, and its Adam-like step 0 / (0 + eps) was NaN: every fp16 step of an SD-1.4
     run with that attacker overflowed (bench/RESULTS.md, 'A fourth lease'). The tiny UNet under CPU fp16
     autocast reproduces it (in place, the default; test_simulated checks both paths' directions)."""

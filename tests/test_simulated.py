@@ -77,9 +77,10 @@ def test_the_low_rank_update_has_rank_r_and_touches_attention_projections_only()
 
 
 @pytest.mark.parametrize("form", ["sgd", "adam", "normalized", "rms"])
-def test_low_rank_directions_ignore_the_engines_fp16_autocast(form):
-    # the simulated attacks run inside the engine's autocast: G A^T came out in fp16, an unscaled gradient's
-    # small entries underflowed, and Adam's 0 / (0 + eps) was NaN at every fp16 step (SD-1.4 on an H100)
+def test_low_rank_directions_ignore_a_callers_fp16_autocast(form):
+    # the simulated attacks ran inside the engine's autocast (now the UNet's forward passes only): G A^T
+    # came out in fp16, an unscaled gradient's small entries underflowed, and Adam's 0 / (0 + eps) was NaN
+    # at every fp16 step (SD-1.4 on an H100)
     names, shape = ["blocks.0.attn1.to_q.weight"], (16, 12)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 1e-9
     grad[0] = 1e-3  # one row large enough for fp16, the rest not

@@ -280,7 +280,7 @@ class Engine:
         losses: dict[str, float] = {}
         logs: dict[str, float] = {}
         for objective in self.objectives.values():
-            with forward_autocast(self.module, acc.autocast, acc.device.type):
+            with forward_autocast(self.module, acc.autocast if acc.native_amp else None, acc.device.type):
                 terms = objective(ctx)
             logs.update(terms.logs)
             if terms.losses:
