@@ -227,6 +227,12 @@ def test_resolve_model_source(monkeypatch, tmp_path):
     assert resolve_model_source(ModelConfig(source="digits")) == tmp_path and calls == [digits.DigitsWorldConfig()]
     reduced = ModelConfig.model_validate({"source": "digits", "digits": {"preset": "reduced"}})
     assert resolve_model_source(reduced) == tmp_path and calls[-1] == digits.DigitsWorldConfig.reduced()
+    wide = ModelConfig.model_validate({"source": "digits", "digits": {"preset": "wide"}})
+    assert resolve_model_source(wide) == tmp_path  # the default world but for the UNet's channels, its own folder
+    default, built = digits.DigitsWorldConfig(), calls[-1]
+    assert built.pipeline.unet_channels == tuple(2 * c for c in default.pipeline.unet_channels)
+    built.pipeline.unet_channels = default.pipeline.unet_channels
+    assert built == default and digits.DigitsWorldConfig.wide().key() != default.key()
     hub = ModelConfig(source="CompVis/stable-diffusion-v1-4")
     assert resolve_model_source(hub) == "CompVis/stable-diffusion-v1-4"
 

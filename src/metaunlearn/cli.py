@@ -19,6 +19,7 @@ app = typer.Typer(help="Make unlearned text-to-image diffusion models resist rel
 class WorldPreset(str, enum.Enum):
     default = "default"
     reduced = "reduced"
+    wide = "wide"
 
 
 def user_errors(fn):
@@ -47,8 +48,9 @@ def world(
     name: Annotated[str, typer.Argument(help="Which built-in world (registered: digits).")] = "digits",
     out: Annotated[Optional[Path], typer.Option(help="Also copy the finished world to this folder.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild even if a cached world exists.")] = False,
-    preset: Annotated[WorldPreset, typer.Option(help="'reduced' builds in seconds for smoke tests; "
-                                                     "its quality is meaningless.")] = WorldPreset.default,
+    preset: Annotated[WorldPreset, typer.Option(help="'reduced' builds in seconds for smoke tests (its quality "
+                                                     "is meaningless); 'wide' has twice the UNet's channels."
+                                                     )] = WorldPreset.default,
 ):
     """Build (or reuse from the cache) a built-in tiny text-to-image world and print its quality."""
     import shutil

@@ -64,6 +64,14 @@ class DigitsWorldConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @classmethod
+    def wide(cls) -> DigitsWorldConfig:
+        """The default world with twice the UNet's channels (about 4x its weights): does a result depend on
+        how little room the default UNet has to keep concepts apart?"""
+        world = cls()
+        world.pipeline = TinyPipelineConfig(**{**world.pipeline.to_dict(), "unet_channels": (64, 128)})
+        return world
+
+    @classmethod
     def reduced(cls) -> DigitsWorldConfig:
         """Seconds to build, useless for quality: for tests."""
         return cls(pipeline=TinyPipelineConfig(), vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8,
