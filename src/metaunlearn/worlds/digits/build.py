@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,9 +67,7 @@ class DigitsWorldConfig:
     def wide(cls) -> DigitsWorldConfig:
         """The default world with twice the UNet's channels (about 4x its weights): does a result depend on
         how little room the default UNet has to keep concepts apart?"""
-        world = cls()
-        world.pipeline = TinyPipelineConfig(**{**world.pipeline.to_dict(), "unet_channels": (64, 128)})
-        return world
+        return cls(pipeline=replace(cls().pipeline, unet_channels=(64, 128)))
 
     @classmethod
     def reduced(cls) -> DigitsWorldConfig:
