@@ -370,8 +370,9 @@ def test_the_simulated_attacker_takes_its_own_batch_size(tiny_model):
 
 
 def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprint():
-    """meta.inner_batch, meta.fd_step and meta.attackers_per_step came after runs were made: at their neutral
-    values (None, 1e-4, 1: what the code computed before), a config fingerprints as it did without them."""
+    """meta.inner_batch, meta.fd_step, meta.attackers_per_step and meta.salient came after runs were made: at
+    their neutral values (None, 1e-4, 1, None: what the code computed before), a config fingerprints as it did
+    without them."""
     import hashlib
     import json
 
@@ -379,12 +380,12 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
 
     config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}})
     dumped = config.model_dump(mode="json")["meta"]
-    del dumped["inner_batch"], dumped["fd_step"], dumped["attackers_per_step"]
+    del dumped["inner_batch"], dumped["fd_step"], dumped["attackers_per_step"], dumped["salient"]
     for key in RUN_ONLY["meta"]:
         dumped.pop(key)
     before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
     assert config.fingerprint("meta") == before.hexdigest()[:16]
-    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}):
+    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}, {"salient": 0.5}):
         other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": changed})
         assert other.fingerprint("meta") != config.fingerprint("meta")
     named = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},

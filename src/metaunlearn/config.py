@@ -317,6 +317,12 @@ class MetaConfig(_Section):
         "Weight of +L(θ'; unrelated) (by `retain`): unrelated concepts stay intact after the simulated attack, "
         "so the self-destruct stays on related ones."))
 
+    salient: Optional[float] = Field(None, gt=0, le=1, description=(
+        "Fraction of the trained weights' elements the stage may move (null: all): those with the highest "
+        "ratio of the forget concept's diagonal Fisher information to the unrelated concepts' at the starting "
+        "weights (saliency.py). Every other element is put back after each step, the base method's updates "
+        "included, so the sharpened forget loss lives in weights the unrelated concepts barely use. Needs "
+        "concepts.unrelated; costs one copy of the trained weights and a boolean mask."))
     attackers_per_step: int = Field(1, ge=1, le=16, description=(
         "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
         "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
@@ -655,7 +661,7 @@ BATCH_ONLY = {"data": DataConfig, "evaluation": EvaluationConfig}
 
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
-ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1}}
+ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1, "salient": None}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

@@ -54,6 +54,7 @@ from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
+from .saliency import keep_salient, masked_gradient, salient_masks
 from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
@@ -114,6 +115,9 @@ class MetaObjective:
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
         self.episode = Episode(config.persistent) if config.persistent else None
+        # not state: the engine builds this objective at the stage's starting weights, before a resume loads
+        self.salient = salient_masks(model, data.forget, data.unrelated, trainable, config.salient,
+                                     self.inner_batch) if config.salient is not None else None
 
     # Stateful (the engine checkpoints it): a persistent attacker's episode
     def after_step(self) -> None:
@@ -232,7 +236,10 @@ class MetaObjective:
         moved = self._grads(self._loss(forget, shifted, ctx), trained)
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
         scale = self._sharpness_scale(eps)
-        return linear_surrogate(theta, [scale * (m - g) for m, g in zip(moved, grads)]), norm / self.grad_reference
+        given = [scale * (m - g) for m, g in zip(moved, grads)]
+        if self.salient is not None:
+            given = [g.mul_(m) for g, m in zip(given, self.salient)]
+        return linear_surrogate(theta, given), norm / self.grad_reference
 
     def _sharpness_scale(self, eps: float) -> float:
         """d/dtheta of w * ||g||^2 / g_ref^2 is 2 w H g / g_ref^2, and H g = (g(theta + eps g) - g) / eps."""
@@ -468,6 +475,9 @@ class MetaObjective:
         # first order, functional: every attacker's post-attack gradients summed into one buffer
         collected = [torch.zeros_like(p) for p in theta] if not self.in_place and cfg.mode == "first_order" \
             else None
+        # meta.salient: the post-attack terms' gradients reach the salient elements only (in place, into .grad)
+        prior = [None if p.grad is None else p.grad.detach().clone() for p in theta] \
+            if self.salient is not None and self.in_place else None
         for j in range(cfg.attackers_per_step):  # the sharpness term is theta's own: taken with the first
             attacker, forget, a = self._draw(ctx)
             if self.in_place:
@@ -480,6 +490,10 @@ class MetaObjective:
                 after = self._attack_functional(theta, forget, attacker, a, ctx, logs, terms, collected, share,
                                                 j == 0)
             after_objective += share * after
+        if prior is not None:
+            keep_salient(theta, prior, self.salient)
+        if collected is not None and self.salient is not None:
+            collected = [c.mul_(m) for c, m in zip(collected, self.salient)]
         after_terms = bool(logs.keys() & AFTER_LOGS)  # a post-attack term was taken
         if collected is not None and after_terms:
             terms["meta_after"] = linear_surrogate(theta, collected)
@@ -514,7 +528,8 @@ class MetaObjective:
         moved, n = self.attacked, self.n_trained
         start = moved if offset is None else [p + d for p, d in zip(moved, offset)]
         # second order: the graph through theta's own tensors; the frozen ones the attacker moves are leaves
-        current = [p if second and i < n else p.detach().requires_grad_(True) for i, p in enumerate(start)]
+        current = [(p if self.salient is None else masked_gradient(p, self.salient[i])) if second and i < n
+                   else p.detach().requires_grad_(True) for i, p in enumerate(start)]
         outer_total = torch.zeros((), device=self.model.device)
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness and sharpness else None

@@ -1,0 +1,72 @@
+"""meta.salient: the Fisher-ratio masks, and post-attack gradients that reach the salient elements only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaunlearn.errors import ConfigError
+from metaunlearn.params import make_trainable
+from metaunlearn.saliency import _top_threshold, fisher, salient_masks
+
+from helpers import concept_data
+from test_meta import BATCH, evaluate, objective, subset
+
+
+def test_the_threshold_keeps_the_asked_fraction_of_all_elements():
+    scores = [torch.arange(100.0).reshape(10, 10), torch.arange(100.0, 200.0)]
+    threshold = _top_threshold(scores, 0.25)
+    assert threshold == 150.0  # the 50 highest of 200 are 150..199
+    assert sum(int((s >= threshold).sum()) for s in scores) == 50
+
+
+def test_masks_rank_by_forget_over_unrelated_fisher(tiny_model, monkeypatch):
+    data = concept_data(tiny_model)
+    trainable = make_trainable(tiny_model.unet, "noxattn")
+    f_forget = fisher(tiny_model, data.forget, trainable, BATCH)
+    f_unrelated = fisher(tiny_model, data.unrelated, trainable, BATCH, seed=1)
+    assert all(torch.isfinite(f).all() and (f >= 0).all() for f in f_forget + f_unrelated)
+    assert sum(float(f.sum()) for f in f_forget) > 0
+    masks = salient_masks(tiny_model, data.forget, data.unrelated, trainable, 0.1, BATCH)
+    kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert 0.09 <= kept <= 0.11
+    # what the masks keep scores higher, by the ratio, than what they leave
+    delta = 1e-3 * float(sum(f.sum() for f in f_unrelated) / sum(f.numel() for f in f_unrelated))
+    ratio = torch.cat([(ff / (fu + delta)).flatten() for ff, fu in zip(f_forget, f_unrelated)])
+    inside = torch.cat([m.flatten() for m in masks])
+    assert ratio[inside].min() >= ratio[~inside].max()
+
+
+def test_salient_needs_unrelated_concepts(tiny_model):
+    data = concept_data(tiny_model)
+    trainable = make_trainable(tiny_model.unet, "noxattn")
+    with pytest.raises(ConfigError, match="concepts.unrelated"):
+        salient_masks(tiny_model, data.forget, None, trainable, 0.5, BATCH)
+
+
+@pytest.mark.parametrize("mode,in_place", [("first_order", True), ("first_order", False), ("second_order", False)])
+def test_the_post_attack_gradients_reach_the_salient_elements_only(tiny_model, mode, in_place):
+    """meta.salient on a meta-only objective with no keep terms before the attack: every gradient it leaves
+    is a post-attack one (the sharpness hinge's included), zero outside the masks and, inside, the unmasked
+    objective's (same draws)."""
+    data = concept_data(tiny_model)
+    trainable = subset(tiny_model)
+    terms = dict(related_before=0.0, unrelated_before=0.0, mode=mode, in_place=in_place, forget_sharpness=1.0,
+                 sharpness_cap=0.0)
+    masks = salient_masks(tiny_model, data.forget, data.unrelated, trainable, 0.3, BATCH)
+
+    def grads(**extra):
+        for p in trainable.values():
+            p.grad = torch.full_like(p, 0.5)  # an earlier objective's gradient, which the masks leave alone
+        out = evaluate(objective(tiny_model, trainable, data, **terms, **extra))
+        assert "meta/forget_grad_ratio" in out
+        for value in (v for k, v in out.items() if k.startswith("meta_") and torch.is_tensor(v)):
+            if value.requires_grad:  # what the engine backpropagates
+                value.backward()
+        return [p.grad.clone() for p in trainable.values()]
+
+    full, masked = grads(), grads(salient=0.3)
+    assert any(bool((f != 0.5)[~m].any()) for f, m in zip(full, masks))  # unmasked: every element moves
+    for f, g, m in zip(full, masked, masks):
+        assert torch.equal(g[~m], torch.full_like(g[~m], 0.5))
+        assert torch.equal(g[m], f[m])
