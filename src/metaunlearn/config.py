@@ -318,11 +318,11 @@ class MetaConfig(_Section):
         "so the self-destruct stays on related ones."))
 
     salient: Optional[float] = Field(None, gt=0, le=1, description=(
-        "Fraction of the trained weights' elements the stage may move (null: all): those with the highest "
-        "ratio of the forget concept's diagonal Fisher information to the unrelated concepts' at the starting "
-        "weights (saliency.py). Every other element is put back after each step, the base method's updates "
-        "included, so the sharpened forget loss lives in weights the unrelated concepts barely use. Needs "
-        "concepts.unrelated; costs one copy of the trained weights and a boolean mask."))
+        "Fraction of the trained weights' elements the post-attack terms reach (null: all): those with the "
+        "highest ratio of the forget concept's diagonal Fisher information to the unrelated concepts' at the "
+        "starting weights (saliency.py), so the sharpened forget loss lives in weights the unrelated concepts "
+        "barely use. The base method's loss and the keeping terms before the attack train every weight. Needs "
+        "concepts.unrelated; costs a boolean mask and, in place, one copy of the gradients."))
     attackers_per_step: int = Field(1, ge=1, le=16, description=(
         "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
         "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
