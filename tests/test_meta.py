@@ -386,7 +386,8 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
     before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
     assert config.fingerprint("meta") == before.hexdigest()[:16]
     for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}, {"salient": 0.5}):
-        other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "meta": changed})
+        other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}, "unrelated": {"prompts": ["y"]}},
+                                       "meta": changed})  # salient needs unrelated concepts
         assert other.fingerprint("meta") != config.fingerprint("meta")
     named = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}},
                                    "meta": {"inner_batch": config.method.batch_size}})  # what None computes

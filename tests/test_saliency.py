@@ -44,15 +44,19 @@ def test_salient_needs_unrelated_concepts(tiny_model):
         salient_masks(tiny_model, data.forget, None, trainable, 0.5, BATCH)
 
 
-@pytest.mark.parametrize("mode,in_place", [("first_order", True), ("first_order", False), ("second_order", False)])
-def test_the_post_attack_gradients_reach_the_salient_elements_only(tiny_model, mode, in_place):
+@pytest.mark.parametrize("mode,in_place,extra", [
+    ("first_order", True, {}), ("first_order", False, {}), ("second_order", False, {}),
+    ("first_order", True, {"attackers_per_step": 2}), ("first_order", True, {"persistent": 2, "inner_steps": 2}),
+    ("second_order", False, {"attacked": "all", "low_rank": 1.0}),
+])
+def test_the_post_attack_gradients_reach_the_salient_elements_only(tiny_model, mode, in_place, extra):
     """meta.salient on a meta-only objective with no keep terms before the attack: every gradient it leaves
-    is a post-attack one (the sharpness hinge's included), zero outside the masks and, inside, the unmasked
-    objective's (same draws)."""
+    is a post-attack one (the sharpness hinge's and the unrelated data kept after the attack included), zero
+    outside the masks and, inside, the unmasked objective's (same draws)."""
     data = concept_data(tiny_model)
     trainable = subset(tiny_model)
     terms = dict(related_before=0.0, unrelated_before=0.0, mode=mode, in_place=in_place, forget_sharpness=1.0,
-                 sharpness_cap=0.0)
+                 sharpness_cap=0.0, unrelated_kept=1.0, **extra)
     masks = salient_masks(tiny_model, data.forget, data.unrelated, trainable, 0.3, BATCH)
 
     def grads(**extra):
@@ -70,3 +74,38 @@ def test_the_post_attack_gradients_reach_the_salient_elements_only(tiny_model, m
     for f, g, m in zip(full, masked, masks):
         assert torch.equal(g[~m], torch.full_like(g[~m], 0.5))
         assert torch.equal(g[m], f[m])
+
+
+def test_the_keep_terms_before_the_attack_train_every_element(tiny_model):
+    """Only the post-attack terms are masked: with the keep terms before the attack on, elements outside the
+    masks get their gradient."""
+    data = concept_data(tiny_model)
+    trainable = subset(tiny_model)
+    masks = salient_masks(tiny_model, data.forget, data.unrelated, trainable, 0.3, BATCH)
+    for p in trainable.values():
+        p.grad = None
+    evaluate(objective(tiny_model, trainable, data, in_place=True, salient=0.3, related_before=1.0,
+                       unrelated_before=1.0))
+    assert all(bool((p.grad[~m] != 0).any()) for p, m in zip(trainable.values(), masks))
+
+
+def test_all_elements_at_fraction_one_and_a_sampled_threshold(tiny_model, monkeypatch):
+    data = concept_data(tiny_model)
+    trainable = subset(tiny_model)
+    assert all(m.all() for m in salient_masks(tiny_model, data.forget, data.unrelated, trainable, 1.0, BATCH))
+    total = sum(p.numel() for p in trainable.values())
+    assert total > 2000
+    monkeypatch.setattr("metaunlearn.saliency.THRESHOLD_SAMPLE", total // 2)  # the sampled path: about q kept
+    masks = salient_masks(tiny_model, data.forget, data.unrelated, trainable, 0.25, BATCH)
+    kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert 0.15 < kept < 0.35
+
+
+def test_a_study_with_salient_and_no_unrelated_concepts_fails_at_once():
+    from metaunlearn.config import StudyConfig
+
+    study = {"concepts": {"forget": {"prompts": ["x"]}}, "meta": {"enabled": True, "salient": 0.2}}
+    with pytest.raises(ConfigError, match="concepts.unrelated"):
+        StudyConfig.from_dict(study)
+    study["concepts"]["unrelated"] = {"prompts": ["y"]}
+    assert StudyConfig.from_dict(study).meta.salient == 0.2

@@ -576,6 +576,16 @@ class StudyConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _salient_needs_unrelated(self) -> StudyConfig:
+        """meta.salient ranks weights against the unrelated concepts' use of them: checked before any work."""
+        meta = self.meta
+        if meta.salient is not None and (meta.enabled or "meta" in self.variants) and \
+                not self.concepts.unrelated.given():
+            raise ValueError("meta.salient ranks weights against the unrelated concepts' use of them: name some "
+                             "in concepts.unrelated, or set meta.salient to null")
+        return self
+
+    @model_validator(mode="after")
     def _roles_apart(self) -> StudyConfig:
         """A class or prompt in two roles asks for it to be forgotten and kept at once (after
         _world_classes, so 'eight' and '8' are the same class)."""

@@ -54,7 +54,7 @@ from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
-from .saliency import keep_salient, masked_gradient, salient_masks
+from .saliency import keep_salient, masked_gradient, only_salient, salient_masks
 from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
@@ -238,7 +238,7 @@ class MetaObjective:
         scale = self._sharpness_scale(eps)
         given = [scale * (m - g) for m, g in zip(moved, grads)]
         if self.salient is not None:
-            given = [g.mul_(m) for g, m in zip(given, self.salient)]
+            given = [only_salient(g, m) for g, m in zip(given, self.salient)]
         return linear_surrogate(theta, given), norm / self.grad_reference
 
     def _sharpness_scale(self, eps: float) -> float:
@@ -493,7 +493,7 @@ class MetaObjective:
         if prior is not None:
             keep_salient(theta, prior, self.salient)
         if collected is not None and self.salient is not None:
-            collected = [c.mul_(m) for c, m in zip(collected, self.salient)]
+            collected = [only_salient(c, m) for c, m in zip(collected, self.salient)]
         after_terms = bool(logs.keys() & AFTER_LOGS)  # a post-attack term was taken
         if collected is not None and after_terms:
             terms["meta_after"] = linear_surrogate(theta, collected)

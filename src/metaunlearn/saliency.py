@@ -49,22 +49,36 @@ def salient_masks(model: DiffusionModel, forget: RoleData, unrelated: RoleData |
     if unrelated is None or len(unrelated) == 0:
         raise ConfigError("meta.salient ranks weights against the unrelated concepts' use of them: "
                           "name some in concepts.unrelated, or set meta.salient to null")
+    if fraction >= 1:
+        return [torch.ones_like(p, dtype=torch.bool) for p in params.values()]
     f_forget = fisher(model, forget, params, batch_size)
     f_unrelated = fisher(model, unrelated, params, batch_size, seed=1)
     delta = DELTA * float(sum(f.sum() for f in f_unrelated) / sum(f.numel() for f in f_unrelated))
+    delta = max(delta, torch.finfo(torch.float32).tiny)  # no unrelated use anywhere: rank by F_forget, no 0 / 0
     scores = [ff.div_(fu.add_(delta)) for ff, fu in zip(f_forget, f_unrelated)]
+    del f_unrelated
     threshold = _top_threshold(scores, fraction)
     return [s >= threshold for s in scores]
 
 
 def _top_threshold(scores: list[torch.Tensor], fraction: float) -> float:
-    """The score above which `fraction` of all elements lie (from a fixed random sample when there are many)."""
-    flat = torch.cat([s.flatten() for s in scores])
-    if flat.numel() > THRESHOLD_SAMPLE:
-        pick = torch.randint(0, flat.numel(), (THRESHOLD_SAMPLE,), generator=torch.Generator().manual_seed(0))
-        flat = flat[pick.to(flat.device)]
+    """The score above which `fraction` of all elements lie: exact up to THRESHOLD_SAMPLE elements, else from
+    a fixed random sample drawn tensor by tensor (no whole copy of the scores at SD's size)."""
+    total = sum(s.numel() for s in scores)
+    if total <= THRESHOLD_SAMPLE:
+        flat = torch.cat([s.flatten() for s in scores])
+    else:
+        gen = torch.Generator().manual_seed(0)
+        flat = torch.cat([s.flatten()[torch.randint(0, s.numel(), (max(1, s.numel() * THRESHOLD_SAMPLE // total),),
+                                                    generator=gen).to(s.device)] for s in scores])
     k = max(1, round(fraction * flat.numel()))
     return float(torch.topk(flat, k, sorted=False).values.min())
+
+
+def only_salient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`grad` inside the mask, 0 outside (not grad x mask: an fp16 overflow outside the mask, which nothing
+    uses, must not become a NaN the loss scaler skips the whole step for)."""
+    return torch.where(mask, grad, grad.new_zeros(()))
 
 
 @torch.no_grad()
@@ -87,7 +101,7 @@ class _MaskedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        return only_salient(grad, mask), None
 
 
 def masked_gradient(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
