@@ -322,7 +322,8 @@ class MetaConfig(_Section):
         "highest ratio of the forget concept's diagonal Fisher information to the unrelated concepts' at the "
         "starting weights (saliency.py), so the sharpened forget loss lives in weights the unrelated concepts "
         "barely use. The base method's loss and the keeping terms before the attack train every weight. Needs "
-        "concepts.unrelated; costs a boolean mask and, in place, one copy of the gradients."))
+        "concepts.unrelated; costs a boolean mask and, in place, one copy of the gradients (building the masks "
+        "briefly holds two float32 Fisher buffers the size of the trained weights)."))
     attackers_per_step: int = Field(1, ge=1, le=16, description=(
         "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
         "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
