@@ -109,3 +109,13 @@ def test_a_study_with_salient_and_no_unrelated_concepts_fails_at_once():
         StudyConfig.from_dict(study)
     study["concepts"]["unrelated"] = {"prompts": ["y"]}
     assert StudyConfig.from_dict(study).meta.salient == 0.2
+
+
+def test_the_lora_targets_can_be_held_whole(tiny_model):
+    """meta.salient_lora_targets: every element of the projections a LoRA attacker adapts is in the masks."""
+    data = concept_data(tiny_model)
+    trainable = subset(tiny_model)  # a cross-attention to_k (a LoRA target) and a convolution (not one)
+    config = dict(in_place=True, salient=0.1, salient_lora_targets=True)
+    masks = objective(tiny_model, trainable, data, **config).salient
+    assert masks[0].all() and not masks[1].all()
+    assert not objective(tiny_model, trainable, data, in_place=True, salient=0.1).salient[0].all()

@@ -324,6 +324,9 @@ class MetaConfig(_Section):
         "barely use. The base method's loss and the keeping terms before the attack train every weight. Needs "
         "concepts.unrelated; costs a boolean mask and, in place, one copy of the gradients (building the masks "
         "briefly holds two float32 Fisher buffers the size of the trained weights)."))
+    salient_lora_targets: bool = Field(False, description=(
+        "With `salient`: the masks also hold every element of the attention projections a LoRA attacker "
+        "adapts (to_q, to_k, to_v, to_out.0), whatever their saliency."))
     attackers_per_step: int = Field(1, ge=1, le=16, description=(
         "Simulated attackers per outer step, each drawn from the family on its own forget batch; their "
         "post-attack terms are averaged (ResAlign draws 3 per step). Each one more costs an attack: its inner "
@@ -672,7 +675,8 @@ BATCH_ONLY = {"data": DataConfig, "evaluation": EvaluationConfig}
 
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
-ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1, "salient": None}}
+ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1, "salient": None,
+                           "salient_lora_targets": False}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

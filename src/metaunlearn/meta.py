@@ -55,7 +55,7 @@ from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
 from .saliency import keep_salient, masked_gradient, only_salient, salient_masks
-from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, trajectory_weights
+from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, is_lora_target, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 AFTER_LOGS = {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}  # _after's
@@ -116,8 +116,10 @@ class MetaObjective:
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
         self.episode = Episode(config.persistent) if config.persistent else None
         # not state: the engine builds this objective at the stage's starting weights, before a resume loads
+        whole = frozenset(n for n, p in trainable.items() if is_lora_target(n, p)) \
+            if config.salient_lora_targets else frozenset()
         self.salient = salient_masks(model, data.forget, data.unrelated, trainable, config.salient,
-                                     self.inner_batch) if config.salient is not None else None
+                                     self.inner_batch, whole) if config.salient is not None else None
 
     # Stateful (the engine checkpoints it): a persistent attacker's episode
     def after_step(self) -> None:

@@ -44,8 +44,10 @@ def fisher(model: DiffusionModel, role: RoleData, params: dict[str, torch.nn.Par
 
 
 def salient_masks(model: DiffusionModel, forget: RoleData, unrelated: RoleData | None,
-                  params: dict[str, torch.nn.Parameter], fraction: float, batch_size: int) -> list[torch.Tensor]:
-    """One boolean mask per tensor of `params`: True where the stage may move the weight."""
+                  params: dict[str, torch.nn.Parameter], fraction: float, batch_size: int,
+                  whole: frozenset[str] = frozenset()) -> list[torch.Tensor]:
+    """One boolean mask per tensor of `params`: True where the post-attack terms may reach (the top
+    `fraction` by score, and every element of the tensors named in `whole`)."""
     if unrelated is None or len(unrelated) == 0:
         raise ConfigError("meta.salient ranks weights against the unrelated concepts' use of them: "
                           "name some in concepts.unrelated, or set meta.salient to null")
@@ -58,7 +60,7 @@ def salient_masks(model: DiffusionModel, forget: RoleData, unrelated: RoleData |
     scores = [ff.div_(fu.add_(delta)) for ff, fu in zip(f_forget, f_unrelated)]
     del f_unrelated
     threshold = _top_threshold(scores, fraction)
-    return [s >= threshold for s in scores]
+    return [(s >= threshold) | (name in whole) for name, s in zip(params, scores)]
 
 
 def _top_threshold(scores: list[torch.Tensor], fraction: float) -> float:

@@ -85,12 +85,17 @@ def trajectory_weights(steps: int, how: str) -> list[float]:
     return [(k + 1) / total for k in range(steps)]
 
 
+def is_lora_target(name: str, param: torch.Tensor) -> bool:
+    """Whether a LoRA attacker (peft's usual attention targets) adapts this UNet weight."""
+    return param.dim() >= 2 and name.rsplit(".", 1)[0].endswith(LORA_TARGETS)
+
+
 class LowRank:
     """Rank-r directions for the LoRA-adaptable tensors among `names` (zero for the rest)."""
 
     def __init__(self, names: list[str], params: list[torch.Tensor], rank: int):
         self.rank = rank
-        self.targets = [p.dim() >= 2 and n.rsplit(".", 1)[0].endswith(LORA_TARGETS) for n, p in zip(names, params)]
+        self.targets = [is_lora_target(n, p) for n, p in zip(names, params)]
         self.shapes = [p.shape for p in params]
 
     def draw(self, generator: torch.Generator, device) -> list[torch.Tensor | None]:
