@@ -119,3 +119,18 @@ def test_the_lora_targets_can_be_held_whole(tiny_model):
     masks = objective(tiny_model, trainable, data, **config).salient
     assert masks[0].all() and not masks[1].all()
     assert not objective(tiny_model, trainable, data, in_place=True, salient=0.1).salient[0].all()
+
+
+def test_a_salient_unlearning_run_trains_and_logs_the_meta_terms(tiny_model, tiny_pipeline_dir, tmp_path):
+    """The option through the whole stage (ESD + meta in place): every step finite, the meta terms logged,
+    and the trained weights moved everywhere the base method reaches (not only inside the masks)."""
+    from test_meta import log_records, make_config, run, weights
+
+    config = make_config(tiny_pipeline_dir, "method.name=esd", "method.steps=2", "meta.salient=0.1")
+    original = weights(tiny_model.unet)
+    run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2] and all("meta/after_objective" in r for r in records)
+    moved = sum(int((p.detach() != original[n]).sum()) for n, p in tiny_model.unet.named_parameters())
+    trained = sum(p.numel() for n, p in tiny_model.unet.named_parameters() if ".attn2." not in n)
+    assert moved > 0.5 * trained  # ESD's loss and the keep terms are not masked: far more than 10% move

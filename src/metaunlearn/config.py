@@ -585,8 +585,9 @@ class StudyConfig(_Section):
         meta = self.meta
         if meta.salient is not None and (meta.enabled or "meta" in self.variants) and \
                 not self.concepts.unrelated.given():
-            raise ValueError("meta.salient ranks weights against the unrelated concepts' use of them: name some "
-                             "in concepts.unrelated, or set meta.salient to null")
+            from .saliency import NEEDS_UNRELATED
+
+            raise ValueError(NEEDS_UNRELATED)
         return self
 
     @model_validator(mode="after")

@@ -54,7 +54,7 @@ from .errors import MetaunlearnError
 from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
-from .saliency import keep_salient, masked_gradient, only_salient, salient_masks
+from .saliency import keep_salient, masked_gradient, salient_masks
 from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, is_lora_target, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
@@ -239,9 +239,14 @@ class MetaObjective:
         ctx.generator.set_state(after)  # the rest of the step draws what it would have drawn
         scale = self._sharpness_scale(eps)
         given = [scale * (m - g) for m, g in zip(moved, grads)]
-        if self.salient is not None:
-            given = [only_salient(g, m) for g, m in zip(given, self.salient)]
-        return linear_surrogate(theta, given), norm / self.grad_reference
+        return linear_surrogate(self._post_attack(theta), given), norm / self.grad_reference
+
+    def _post_attack(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """theta as the post-attack terms' gradients reach it through autograd (functional and second order):
+        itself, or with meta.salient, through the masks (in place masks .grad instead: keep_salient)."""
+        if self.salient is None:
+            return theta
+        return [masked_gradient(p, m) for p, m in zip(theta, self.salient)]
 
     def _sharpness_scale(self, eps: float) -> float:
         """d/dtheta of w * ||g||^2 / g_ref^2 is 2 w H g / g_ref^2, and H g = (g(theta + eps g) - g) / eps."""
@@ -494,11 +499,9 @@ class MetaObjective:
             after_objective += share * after
         if prior is not None:
             keep_salient(theta, prior, self.salient)
-        if collected is not None and self.salient is not None:
-            collected = [only_salient(c, m) for c, m in zip(collected, self.salient)]
         after_terms = bool(logs.keys() & AFTER_LOGS)  # a post-attack term was taken
         if collected is not None and after_terms:
-            terms["meta_after"] = linear_surrogate(theta, collected)
+            terms["meta_after"] = linear_surrogate(self._post_attack(theta), collected)
         elif self.in_place and (after_terms or "meta/forget_grad_ratio" in logs):  # its gradients are in .grad
             terms["meta_after"] = torch.zeros((), device=self.model.device)  # already: the surrogates' value, 0
         logs.update({"meta/inner_lr": attacker.lr, "meta/inner_steps": float(attacker.steps),
@@ -530,8 +533,8 @@ class MetaObjective:
         moved, n = self.attacked, self.n_trained
         start = moved if offset is None else [p + d for p, d in zip(moved, offset)]
         # second order: the graph through theta's own tensors; the frozen ones the attacker moves are leaves
-        current = [(p if self.salient is None else masked_gradient(p, self.salient[i])) if second and i < n
-                   else p.detach().requires_grad_(True) for i, p in enumerate(start)]
+        current = self._post_attack(start[:n]) + start[n:] if second else start
+        current = [p if second and i < n else p.detach().requires_grad_(True) for i, p in enumerate(current)]
         outer_total = torch.zeros((), device=self.model.device)
         for k, weight in enumerate(trajectory_weights(attacker.steps, cfg.trajectory)):
             state = ctx.generator.get_state() if k == 0 and cfg.forget_sharpness and sharpness else None

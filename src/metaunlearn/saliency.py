@@ -26,6 +26,8 @@ from .model import DiffusionModel
 
 BATCHES = 8  # batches per role: the Fisher estimate's sample
 DELTA = 1e-3  # of the unrelated Fisher's mean: the ratio's floor
+NEEDS_UNRELATED = ("meta.salient ranks weights against the unrelated concepts' use of them: name some in "
+                   "concepts.unrelated, or set meta.salient to null")
 THRESHOLD_SAMPLE = 2 ** 24  # elements the top-fraction threshold is estimated from (exact below this)
 
 
@@ -49,8 +51,7 @@ def salient_masks(model: DiffusionModel, forget: RoleData, unrelated: RoleData |
     """One boolean mask per tensor of `params`: True where the post-attack terms may reach (the top
     `fraction` by score, and every element of the tensors named in `whole`)."""
     if unrelated is None or len(unrelated) == 0:
-        raise ConfigError("meta.salient ranks weights against the unrelated concepts' use of them: "
-                          "name some in concepts.unrelated, or set meta.salient to null")
+        raise ConfigError(NEEDS_UNRELATED)
     if fraction >= 1:
         return [torch.ones_like(p, dtype=torch.bool) for p in params.values()]
     f_forget = fisher(model, forget, params, batch_size)
