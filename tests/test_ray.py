@@ -1,6 +1,6 @@
 """`--executor ray`: a tiny study's stage graph as Ray tasks on a local Ray with
-two workers gives the results of the sequential runner, and a Ray study killed
-midway resumes (under either executor) and skips what finished."""
+two workers; killed midway it resumes, skips what finished, and gives the
+results of the sequential runner."""
 
 from __future__ import annotations
 
@@ -38,19 +38,10 @@ def comparable(run) -> dict:
     return results
 
 
-def test_a_ray_study_gives_the_sequential_results(tiny_pipeline_dir, tmp_path):
-    from metaunlearn.ray_executor import run_study_on_ray
-
-    sequential = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, tmp_path / "seq")), progress=False)
-    on_ray = run_study_on_ray(StudyConfig.from_dict(study(tiny_pipeline_dir, tmp_path / "ray")), workers=2,
-                              progress=False)
-    assert sequential.failures == [] and on_ray.failures == [] and on_ray.report is not None
-    assert comparable(tmp_path / "ray") == comparable(tmp_path / "seq")
-    log = (tmp_path / "ray" / "study.log").read_text()
-    assert log.count("finish  attack/") == 3 and "finish  report" in log
-
-
-def test_a_killed_ray_study_resumes_and_skips_what_finished(tiny_pipeline_dir, tmp_path):
+def test_a_killed_ray_study_resumes_skips_what_finished_and_gives_the_sequential_results(tiny_pipeline_dir,
+                                                                                         tmp_path):
+    """One Ray study, killed once its first model is trained, then resumed on Ray to the report: it skips
+    what finished and its results are the sequential runner's (one test: each Ray start costs seconds)."""
     run = tmp_path / "run"
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study(tiny_pipeline_dir, run)))
@@ -64,10 +55,18 @@ def test_a_killed_ray_study_resumes_and_skips_what_finished(tiny_pipeline_dir, t
     _end_orphaned_workers()  # a worker mid-task outlives its raylet a moment: it would still write the run folder
     finished = {line.split()[3] for line in _log(run).splitlines() if line[21:].startswith("finish")}
     assert finished and "report" not in finished
-    outcome = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, run)), progress=False)  # the other runner
-    assert outcome.failures == []
+
+    from metaunlearn.ray_executor import run_study_on_ray
+
+    resumed = run_study_on_ray(StudyConfig.from_dict(study(tiny_pipeline_dir, run)), workers=2, progress=False)
+    assert resumed.failures == [] and resumed.report is not None
     last = _log(run).split("stages\n")[-1]
     assert {f"skip    {name} (done)" for name in finished} <= {line[21:] for line in last.splitlines()}
+    assert last.count("finish  attack/") + sum(n.startswith("attack/") for n in finished) == 3
+    assert "finish  report" in last
+    sequential = run_study(StudyConfig.from_dict(study(tiny_pipeline_dir, tmp_path / "seq")), progress=False)
+    assert sequential.failures == []
+    assert comparable(run) == comparable(tmp_path / "seq")
 
 
 def _end_orphaned_workers(timeout: float = 30.0) -> None:
