@@ -381,12 +381,13 @@ def test_a_new_option_at_its_neutral_value_leaves_finished_runs_their_fingerprin
     config = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}})
     dumped = config.model_dump(mode="json")["meta"]
     del dumped["inner_batch"], dumped["fd_step"], dumped["attackers_per_step"], dumped["salient"]
-    del dumped["salient_lora_targets"]
+    del dumped["salient_lora_targets"], dumped["params"]
     for key in RUN_ONLY["meta"]:
         dumped.pop(key)
     before = hashlib.sha256(json.dumps({"meta": dumped}, sort_keys=True, separators=(",", ":")).encode())
     assert config.fingerprint("meta") == before.hexdigest()[:16]
-    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}, {"salient": 0.5}):
+    for changed in ({"inner_batch": 16}, {"fd_step": 1e-5}, {"attackers_per_step": 2}, {"salient": 0.5},
+                    {"params": "full"}):
         other = StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}, "unrelated": {"prompts": ["y"]}},
                                        "meta": changed})  # salient needs unrelated concepts
         assert other.fingerprint("meta") != config.fingerprint("meta")
@@ -419,6 +420,55 @@ def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, t
     assert [r["step"] for r in records] == [1, 2]
     assert all("meta/after_objective" in r and ("esd" in r) == (method == "esd") for r in records)
     assert all(("preserve" in r) == (method == "esd") for r in records)
+
+
+def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_terms_only(tiny_model, tiny_pipeline_dir,
+                                                                                        tmp_path):
+    """meta.params 'full' over ESD-u: cross-attention (which ESD-u leaves frozen) moves, trained by the meta terms
+    and preservation; ESD's own loss still has no gradient there."""
+    from metaunlearn.params import restricted
+    from metaunlearn.unlearn import training_engine
+
+    config = make_config(tiny_pipeline_dir, "method.name=esd", "method.params=noxattn", "meta.params=full",
+                         "method.steps=2")
+    xattn = set(select_names(tiny_model.unet, "xattn"))
+    original = weights(tiny_model.unet)
+    data = concept_data(tiny_model)
+    engine = training_engine(config, tiny_model, data, make_method(config.method), _cpu(), 0)
+    assert set(engine.params) == set(select_names(tiny_model.unet, "full"))
+    ctx = StepContext(0, torch.Generator().manual_seed(0), BATCH)
+    engine.objectives["method"](ctx).losses["esd"].backward()
+    got = {n for n, p in engine.params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got and not got & xattn  # the method's loss: its own weights only
+    assert all(p.requires_grad for p in engine.params.values())  # back on for the meta terms
+    tiny_model.unet.zero_grad(set_to_none=True)
+    engine.objectives["preserve"](ctx).losses["preserve"].backward()
+    assert all(engine.params[n].grad is not None for n in xattn)
+    tiny_model.unet.zero_grad(set_to_none=True)
+    for p in engine.params.values():
+        p.requires_grad_(False)
+
+    run(config, tiny_model, data, tmp_path / "run")
+    moved = {n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, original[n])}
+    assert len(moved & xattn) > len(xattn) // 2
+    # the wrapper leaves an objective with nothing to keep out as it is
+    objective = lambda ctx: None  # noqa: E731
+    assert restricted(objective, []) is objective
+
+
+def test_meta_params_must_contain_the_methods_weights(tiny_model, tiny_pipeline_dir, tmp_path):
+    from metaunlearn.errors import ConfigError
+
+    config = make_config(tiny_pipeline_dir, "method.name=esd", "method.params=full", "meta.params=noxattn")
+    with pytest.raises(ConfigError, match="does not contain the weights method.params 'full'"):
+        run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def _cpu():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
 
 
 META_KEYS = ("meta/after_objective", "meta_related_before", "meta_unrelated_before", "meta/forget_after",

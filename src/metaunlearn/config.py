@@ -333,6 +333,11 @@ class MetaConfig(_Section):
         "steps and post-attack terms (second order also keeps its graph until the step's backward pass). The "
         "logged per-attack values (meta/forget_before, meta/*_after, meta/inner_lr, ...) are the last "
         "attacker's, meta/after_objective the mean. Not with `persistent`, whose episode follows one attacker."))
+    params: Optional[Literal["noxattn", "xattn", "full", "selfattn"]] = Field(None, description=(
+        "The UNet weights the meta terms and preservation train (null: the method's own, `method.params`). A wider "
+        "selection than the method's (ESD-u's noxattn with 'full') lets the meta objective shape the weights the "
+        "base method's loss never moves, e.g. the cross-attention a LoRA attacker adapts, while the method's own "
+        "loss still reaches only its weights. Must contain the method's selection."))
     persistent: int = Field(0, ge=0, description=(
         "Episode length R of a persistent simulated attacker; 0: every outer step attacks from theta afresh. "
         "On, the attacker drawn at an episode's start keeps its displacement between outer steps: each outer "
@@ -677,7 +682,7 @@ BATCH_ONLY = {"data": DataConfig, "evaluation": EvaluationConfig}
 # Settings added after runs were made, with the value that computes what those runs computed: left out of the
 # fingerprint while they hold it, so a new option does not redo every finished run. Any other value counts.
 ADDED_NEUTRAL = {"meta": {"inner_batch": None, "fd_step": 1e-4, "attackers_per_step": 1, "salient": None,
-                           "salient_lora_targets": False}}
+                           "salient_lora_targets": False, "params": None}}
 
 
 def _with_file_digests(dumped: dict) -> dict:

@@ -108,3 +108,22 @@ def swapped_in_per_layer(unet: torch.nn.Module, copy: LowPrecisionCopy):
             path, _, leaf = name.rpartition(".")
             getattr(modules[path], leaf).data = data
         torch.clear_autocast_cache()
+
+
+def restricted(objective: Callable, frozen: list[torch.nn.Parameter]) -> Callable:
+    """`objective` with `frozen` out of its graph: its loss's gradient reaches the other trained weights
+    only. For a base method's loss when the meta stage trains a wider selection than the method's
+    (meta.params); requires_grad is off only while the objective builds its graph."""
+    if not frozen:
+        return objective
+
+    def call(ctx):
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return objective(ctx)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    return call

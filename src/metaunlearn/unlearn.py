@@ -18,7 +18,7 @@ from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, released_record, w
 from .methods import Method, make_method
 from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
-from .params import make_trainable
+from .params import make_trainable, restricted, select_names
 from .worlds import world_for
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
@@ -97,11 +97,19 @@ def training_engine(config: StudyConfig, model: DiffusionModel, data: ConceptDat
     """The unlearning run's engine over the method's trained weights: the method's loss, preservation,
     `extra` and the meta objective (the method set up, gradient checkpointing on where asked)."""
     cfg = config.method
-    trainable = make_trainable(model.unet, method.trained_params(cfg))
+    own = method.trained_params(cfg)
+    # meta.params: the meta terms and preservation train a wider selection; the method's loss its own
+    wider = config.meta.params if config.meta.enabled and config.meta.params not in (None, own) else None
+    own_names = set(select_names(model.unet, own))
+    if wider and not own_names <= set(select_names(model.unet, wider)):
+        raise ConfigError(f"meta.params '{wider}' does not contain the weights method.params '{own}' trains: "
+                          f"choose a selection that does (full contains every one)")
+    trainable = make_trainable(model.unet, wider or own)
+    only_meta = [p for name, p in trainable.items() if name not in own_names]
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     method.setup(model, trainable, data)
-    objectives: dict[str, Objective] = {"method": method.loss}
+    objectives: dict[str, Objective] = {"method": restricted(method.loss, only_meta)}
     benign = preservation_data(data) if cfg.preservation_weight > 0 else None
     if benign is not None:
         objectives["preserve"] = denoising_objective(model, benign, "preserve", cfg.preservation_weight)
