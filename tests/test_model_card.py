@@ -199,6 +199,9 @@ def test_a_fresh_model_card_says_nothing_is_measured_yet(study, tmp_path, tiny_p
     base = front_matter(write_model_card(tmp_path / "base", config, 0, "base"))
     assert "meta-unlearning" not in base["tags"]
     assert "Meta-unlearning objective" not in (tmp_path / "base" / "README.md").read_text()
+    wider = config.model_copy(update={"meta": config.meta.model_copy(update={"params": "full"})})
+    text = write_model_card(folder, wider, 0, "meta").read_text()
+    assert "- trained UNet weights: noxattn (the meta terms and preservation: full)" in text
 
 
 def test_hub_ids_and_the_built_in_world(tmp_path, monkeypatch):

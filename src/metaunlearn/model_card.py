@@ -154,6 +154,8 @@ def _write(out: Path, config: StudyConfig, variant: str, label: str, seed: int |
     title = method_title(config) + (" + meta-unlearning" if variant == "meta" else "")
     settings = [(f"{m.name}.{k}", _value(v)) for k, v in m.options().model_dump(mode="json").items()]
     params = METHODS.get(m.name).impl.trained_params(m) if m.name in METHODS else m.params
+    if variant == "meta" and config.meta.params not in (None, params):  # the meta terms train more
+        params += f" (the meta terms and preservation: {config.meta.params})"
     training = f"{m.steps} steps, {m.optimizer} lr {m.lr:g}, batch {m.batch_size}, preservation weight " \
         f"{m.preservation_weight:g}"
     settings += [("trained UNet weights", params), ("training", training), ("seed", str(seed))]
