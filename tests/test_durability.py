@@ -175,6 +175,11 @@ def test_a_distance_is_summarised_without_steps_to_half_and_shown_as_it_is():
     meta = summary["rows"][0]["variants"]["meta"]
     assert summary["rate"] is False and meta["steps_to_50"] == [durability.NOT_MEASURED]
     assert meta["window"]["mean"] == pytest.approx(25.0) and "| 6.45 | 25 |" in table(summary)
+    # read as a value that rises with the concept (the default), meta/base is meta's window over base's; FID
+    # falls as the concept returns, and oriented (base's over meta's) below 1 still means "resists"
+    assert summary["rises"] is True and summary["rows"][0]["ratio"] == pytest.approx(25.0 / 6.45, rel=1e-2)
+    falls = summarise(grid, curves, "fid_forget", rate=False, rises=False)
+    assert falls["rows"][0]["ratio"] == pytest.approx(6.45 / 25.0, rel=1e-2) and falls["rows"][0]["strength"] == 1.0
     # a rate: steps to 50% counted, windows in percent
     assert summarise(grid, curves, "fid_forget")["rows"][0]["variants"]["base"]["steps_to_50"] == [0]
 

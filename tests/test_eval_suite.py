@@ -248,6 +248,9 @@ def test_fid_of_the_digits_original_is_zero_against_itself_and_not_for_an_unlear
     assert loads == [model_dir]  # the original was not sampled again: its features came from the cache
     assert unlearned["values"]["fid_forget"] > 1e3 * max(abs(original["values"]["fid_forget"]), 1e-12)
     assert unlearned["details"]["fid"]["conventions"]["features"] == "digits"
+    # on the forget role further is better (relearning brings it down: the durability summary reads it so)
+    better = {s["key"]: s["higher_is_better"] for s in unlearned["specs"]}
+    assert better["fid_forget"] and better["kid_forget"] and not better["fid_unrelated"]
 
     # against real held-out digits, with KID: the world's own reference
     real = digits_study(tmp_path, ["evaluation.fid.reference=world", "output.dir=" + str(tmp_path / "run2")])

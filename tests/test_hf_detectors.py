@@ -100,6 +100,14 @@ def test_clip_threshold_rule_is_probability_at_least_t_and_monotone(models):
     assert counts == sorted(counts, reverse=True) and counts[0] > 0 and counts[-1] == 0, counts
 
 
+def test_clip_with_one_candidate_text_is_an_error_not_every_image_present(models):
+    one = ClipDetector(ClipOptions(model=models["clip"], labels=["Monet"]))
+    with pytest.raises(MetaunlearnError, match="one candidate text only \\('Monet'\\)"):
+        one.present(images(2), "Monet")
+    with_negative = ClipDetector(ClipOptions(model=models["clip"], labels=["Monet"], negatives=["a photo"]))
+    assert with_negative.scores(images(2), "Monet").shape == (2,)
+
+
 def test_clip_without_labels_scores_the_prompts_against_each_other(models):
     prompts = ["a dog", "a cat", "a church"]
     d = ClipDetector(ClipOptions(model=models["clip"], negatives=["a photo"]))
@@ -209,3 +217,20 @@ def test_concept_rate_is_the_mean_of_present(models, name):
     assert [e["concept"] for e in result.details["roles"]["forget"]["prompts"]] == ["a church", "a dog"]
     assert 0 < result.values["forget_rate"] < 1, "the check needs both verdicts"
     assert result.details["conventions"]["model"] == options["model"]
+
+
+def test_a_methods_held_out_judge_keeps_a_label_free_clips_candidates():
+    """RECE judges candidate edits on the forget prompts alone: a label-free clip detector still scores them
+    against the related and unrelated prompts (as negatives, templated as the evaluation writes them)."""
+    from metaunlearn.unlearn import held_out_config
+
+    study = {"concepts": {"forget": {"prompts": ["a dog"]}, "related": {"prompts": ["a cat"]},
+                          "unrelated": {"prompts": ["a church"]}},
+             "evaluation": {"concept_rate": {"detector": "clip", "clip": {"template": "art of {}",
+                                                                         "negatives": ["a photo"]}}}}
+    config = StudyConfig.from_dict(study)
+    judge = held_out_config(config).evaluation.options("concept_rate").options("clip")
+    assert judge.negatives == ["art of a cat", "art of a church", "a photo"]
+    assert config.evaluation.options("concept_rate").options("clip").negatives == ["a photo"]  # a copy changed
+    labelled = StudyConfig.from_dict(study, ["evaluation.concept_rate.clip.labels=[dog, cat]"])
+    assert held_out_config(labelled).evaluation.options("concept_rate").options("clip").negatives == ["a photo"]

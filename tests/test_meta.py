@@ -425,19 +425,21 @@ def test_meta_training_moves_only_the_selection(tiny_model, tiny_pipeline_dir, t
 def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_terms_only(tiny_model, tiny_pipeline_dir,
                                                                                         tmp_path):
     """meta.params 'full' over ESD-u: cross-attention (which ESD-u leaves frozen) moves, trained by the meta terms
-    and preservation; ESD's own loss still has no gradient there."""
-    from metaunlearn.params import restricted
+    and preservation; ESD's own loss still has no gradient there, with gradient checkpointing too (its backward
+    pass recomputes the graph the forward pass built)."""
+    from metaunlearn.params import kept_out
     from metaunlearn.unlearn import training_engine
 
     config = make_config(tiny_pipeline_dir, "method.name=esd", "method.params=noxattn", "meta.params=full",
-                         "method.steps=2")
+                         "method.steps=2", "method.gradient_checkpointing=true")
     xattn = set(select_names(tiny_model.unet, "xattn"))
     original = weights(tiny_model.unet)
     data = concept_data(tiny_model)
     engine = training_engine(config, tiny_model, data, make_method(config.method), _cpu(), 0)
     assert set(engine.params) == set(select_names(tiny_model.unet, "full"))
     ctx = StepContext(0, torch.Generator().manual_seed(0), BATCH)
-    engine.objectives["method"](ctx).losses["esd"].backward()
+    with kept_out(engine.objectives["method"]):
+        engine.objectives["method"](ctx).losses["esd"].backward()
     got = {n for n, p in engine.params.items() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got and not got & xattn  # the method's loss: its own weights only
     assert all(p.requires_grad for p in engine.params.values())  # back on for the meta terms
@@ -451,18 +453,21 @@ def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_term
     run(config, tiny_model, data, tmp_path / "run")
     moved = {n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, original[n])}
     assert len(moved & xattn) > len(xattn) // 2
-    # the wrapper leaves an objective with nothing to keep out as it is
-    objective = lambda ctx: None  # noqa: E731
-    assert restricted(objective, []) is objective
 
 
-def test_meta_params_must_contain_the_methods_weights(tiny_model, tiny_pipeline_dir, tmp_path):
+def test_meta_params_must_contain_the_methods_weights_and_name_a_wider_selection():
     from metaunlearn.errors import ConfigError
 
-    config = make_config(tiny_pipeline_dir, "method.name=esd", "method.params=full", "meta.params=noxattn")
+    study = {"concepts": {"forget": {"prompts": ["x"]}}, "meta": {"enabled": True}}
     with pytest.raises(ConfigError, match="does not contain the weights method.params 'full'"):
-        run(config, tiny_model, concept_data(tiny_model), tmp_path / "run")
-    assert not (tmp_path / "run" / "model").exists()
+        StudyConfig.from_dict(study, ["method.params=full", "meta.params=noxattn"])
+    with pytest.raises(ConfigError, match="not to 'uce': its meta stage trains method.params"):
+        StudyConfig.from_dict(study, ["method.name=uce", "method.params=noxattn", "meta.params=full"])
+    # the method's own selection is null: the same run
+    own = StudyConfig.from_dict(study, ["method.params=noxattn", "meta.params=noxattn"])
+    assert own.meta.params is None and own.fingerprint() == StudyConfig.from_dict(study, ["method.params=noxattn"]
+                                                                                   ).fingerprint()
+    assert StudyConfig.from_dict(study, ["meta.params=full"]).meta.params == "full"  # ESD-u under it
 
 
 def _cpu():

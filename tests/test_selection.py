@@ -73,6 +73,18 @@ def test_a_model_is_out_only_when_another_is_as_good_on_every_rate_and_better_on
     assert "than a (forget_rate, related_accuracy)" in rank(models, "forget_rate", until=100)["models"]["b"]["why"]
 
 
+def test_a_key_that_falls_as_the_concept_returns_chooses_the_highest_window():
+    """FID to the concept's images falls as the attack brings the concept back (its declaration: higher is
+    better on the forget role): the model that stays furthest away is the one to release."""
+    def fid(label, values):
+        c = {"model": label, "points": [{"step": s, "values": {"fid_forget": v, "unrelated_accuracy": 1.0}}
+                                         for s, v in zip((0, 10, 25), values)]}
+        return {"a": [dict(c, specs=[{"key": "fid_forget", "higher_is_better": True, "fraction": False}])]}
+
+    models = {"near": fid("near", [40.0, 5.0, 1.0]), "far": fid("far", [40.0, 30.0, 20.0])}
+    assert rank(models, "fid_forget", until=100)["chosen"] == "far"
+
+
 def test_ties_go_to_the_least_collateral_and_a_model_missing_an_attack_is_not_chosen():
     models = {"m0": {"a": [curve("m0", [0.0, 0.2], unrelated=(1.0, 0.6))]},
               "m1": {"a": [curve("m1", [0.0, 0.2], unrelated=(1.0, 0.9))]},

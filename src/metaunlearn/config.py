@@ -585,6 +585,27 @@ class StudyConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _meta_params_contain_the_methods(self) -> StudyConfig:
+        """meta.params widens what a loss-based method's meta stage trains: checked before any work. Naming the
+        method's own selection is null (the same run, the same fingerprint)."""
+        meta, method = self.meta, self.method
+        if meta.params is None or method.name not in METHODS:
+            return self
+        impl = METHODS.get(method.name).impl
+        own = impl.trained_params(method)
+        if impl.closed_form:
+            raise ValueError(f"meta.params applies to methods trained by a loss, not to '{method.name}': its meta "
+                             f"stage trains method.params ('{own}'); set that instead")
+        from .params import CONTAINS
+
+        if own not in CONTAINS[meta.params]:
+            raise ValueError(f"meta.params '{meta.params}' does not contain the weights method.params '{own}' "
+                             f"trains; choose one that does (full contains every selection)")
+        if meta.params == own:
+            meta.params = None
+        return self
+
+    @model_validator(mode="after")
     def _salient_needs_unrelated(self) -> StudyConfig:
         """meta.salient ranks weights against the unrelated concepts' use of them: checked before any work."""
         meta = self.meta

@@ -100,14 +100,16 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     stages.preflight(config, attacks=grid.attacks(world_for(config.model)))  # the grid's, not the study's
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
-    rate = next(v.fraction for v in metrics.values if v.key == key)
+    spec = next(v for v in metrics.values if v.key == key)
+    rate, rises = spec.fraction, durability.rises_with_concept(spec.higher_is_better)
     failed: list[dict] = []
     curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
     runs = RunLayout.of(config)
     # a model chosen on this very grid (`metaunlearn select`) is not judged on held-out attacks here
     chosen_here = [f.name for f in (runs.file(f"selection-{v}-{grid.name}.json") for v in ("base", "meta"))
                    if f.is_file()]
-    summary = {**summarise(grid, curves, key=key, world=world_for(config.model), rate=rate), "failed": failed,
+    summary = {**summarise(grid, curves, key=key, world=world_for(config.model), rate=rate, rises=rises),
+               "failed": failed,
                "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
@@ -172,30 +174,33 @@ def attack_cost(curves: list[dict], key: str) -> float | None:
     return before["mean"] - after["mean"] if before and after else None
 
 
-def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool = True) -> dict:
+def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool = True, rises: bool = True) -> dict:
     """Per attacker: each variant's durability over its curves, meta/base, the accuracies after the
     attack; and the worst cases over the grid, up to the reference's strength and beyond it. `world`:
     the study's built-in world, which a grid attacker's own classes need (GridConfig.attacks); `rate`:
-    whether `key` is a share in [0, 1] (steps to 50% mean nothing for a distance such as FID)."""
+    whether `key` is a share in [0, 1] (steps to 50% mean nothing for a distance such as FID); `rises`:
+    whether `key` rises as the concept comes back. For one that falls (FID to the concept's images) the
+    ratio and the strength are base/meta and reference/base, so below 1 still means "resists" and "weaker"."""
+    def relative(a: dict | None, b: dict | None) -> float | None:  # a's window over b's, oriented
+        return durability.ratio(a, b) if rises else durability.ratio(b, a)
+
     rows = []
     for attack in grid.attacks(world):
         by_variant = curves[attack.name]
-        summaries = {v: durability.summary(c, key, grid.window_until, rate) for v, c in by_variant.items()}
+        summaries = {v: durability.summary(c, key, grid.window_until, rate, rises) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
         name = attack.name[len(grid.name) + 1:]  # the grid's name may hold dots too
         rows.append({"attacker": name, "settings": attack.model_dump(mode="json"),
                      "benign": benign, "variants": summaries,
-                     "ratio": None if benign else durability.ratio(summaries.get("meta"), summaries.get("base")),
+                     "ratio": None if benign else relative(summaries.get("meta"), summaries.get("base")),
                      "after": {v: {k: mean_at(c, k, None) for k in QUALITY} for v, c in by_variant.items()},
                      "cost": {v: {k: attack_cost(c, k) for k in QUALITY} for v, c in by_variant.items()}})
     for row in rows:  # an attack that wrecks the base is no measure of relearning: kept apart
         base_cost = row["cost"].get("base", {}).get("unrelated_accuracy")
         row["destructive"] = base_cost is not None and base_cost > DESTRUCTIVE
     reference = next(r for r in rows if r["attacker"] == grid.reference)
-    ref_window = (reference["variants"].get("base") or {}).get("window")
     for row in rows:
-        base = (row["variants"].get("base") or {}).get("window")
-        row["strength"] = base["mean"] / ref_window["mean"] if base and ref_window and ref_window["mean"] else None
+        row["strength"] = relative(row["variants"].get("base"), reference["variants"].get("base"))
     ratios = [r for r in rows if r["ratio"] is not None and not r["destructive"]]
     up_to_default = [r for r in ratios if r["strength"] is not None and r["strength"] <= 1 + 1e-9]
     stronger = [r for r in ratios if r["strength"] is not None and r["strength"] > 1 + 1e-9]
@@ -207,7 +212,7 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
     extra = {k: max((r["cost"]["meta"][k] - r["cost"]["base"][k] for r in rows if r["benign"] and
                      {"base", "meta"} <= r["cost"].keys() and None not in (r["cost"]["meta"][k], r["cost"]["base"][k])),
                     default=None) for k in QUALITY}
-    return {"grid": grid.name, "key": key, "rate": rate, "reference": grid.reference, "rows": rows,
+    return {"grid": grid.name, "key": key, "rate": rate, "rises": rises, "reference": grid.reference, "rows": rows,
             "worst": worst(ratios), "worst_up_to_default": worst(up_to_default), "worst_stronger": worst(stronger),
             "benign_extra_cost": extra}
 

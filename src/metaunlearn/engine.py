@@ -35,6 +35,7 @@ from .checkpoint import load_newest_intact, save_checkpoint
 from .config import ModelConfig, OptimizerSettings
 from .errors import TrainingError
 from .layout import write_text
+from .params import kept_out
 from .precision import forward_autocast
 
 
@@ -280,17 +281,18 @@ class Engine:
         losses: dict[str, float] = {}
         logs: dict[str, float] = {}
         for objective in self.objectives.values():
-            with forward_autocast(self.module, acc.autocast if acc.native_amp else None, acc.device.type):
-                terms = objective(ctx)
-            logs.update(terms.logs)
-            if terms.losses:
-                # backpropagated now: this objective's graph is freed before the next one builds its own
-                self._check_finite(terms.losses, losses, step)
-                total = sum(terms.losses.values())
-                # no graph: every part capped, or the objective backpropagated its terms itself (meta in place)
-                if total.requires_grad:
-                    acc.backward(total)
-                losses.update({k: v.item() for k, v in terms.losses.items()})
+            with kept_out(objective):
+                with forward_autocast(self.module, acc.autocast if acc.native_amp else None, acc.device.type):
+                    terms = objective(ctx)
+                logs.update(terms.logs)
+                if terms.losses:
+                    # backpropagated now: this objective's graph is freed before the next one builds its own
+                    self._check_finite(terms.losses, losses, step)
+                    total = sum(terms.losses.values())
+                    # no graph: every part capped, or the objective backpropagated its terms itself (meta in place)
+                    if total.requires_grad:
+                        acc.backward(total)
+                    losses.update({k: v.item() for k, v in terms.losses.items()})
         if not losses:
             raise TrainingError("nothing to train: no objective returned a loss term")
         value = sum(losses.values())

@@ -110,20 +110,31 @@ def swapped_in_per_layer(unet: torch.nn.Module, copy: LowPrecisionCopy):
         torch.clear_autocast_cache()
 
 
-def restricted(objective: Callable, frozen: list[torch.nn.Parameter]) -> Callable:
-    """`objective` with `frozen` out of its graph: its loss's gradient reaches the other trained weights
-    only. For a base method's loss when the meta stage trains a wider selection than the method's
-    (meta.params); requires_grad is off only while the objective builds its graph."""
-    if not frozen:
-        return objective
+# which selection contains which: meta.params must contain the method's own (checked with the config)
+CONTAINS = {"full": set(SELECTIONS), "noxattn": {"noxattn", "selfattn"}, "xattn": {"xattn"}, "selfattn": {"selfattn"}}
 
-    def call(ctx):
+
+class Restricted:
+    """`objective` with `frozen` kept out of its gradient: the engine turns their requires_grad off around
+    the objective's call and its backward pass (both, so that gradient checkpointing recomputes the graph
+    the forward built). For a base method's loss when the meta stage trains a wider selection than the
+    method's (meta.params)."""
+
+    def __init__(self, objective: Callable, frozen: list[torch.nn.Parameter]):
+        self.objective, self.frozen = objective, frozen
+
+    def __call__(self, ctx):
+        return self.objective(ctx)
+
+
+@contextlib.contextmanager
+def kept_out(objective: Callable):
+    """While an objective computes and backpropagates: a Restricted one's frozen weights need no gradient."""
+    frozen = objective.frozen if isinstance(objective, Restricted) else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
         for p in frozen:
-            p.requires_grad_(False)
-        try:
-            return objective(ctx)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    return call
+            p.requires_grad_(True)

@@ -35,6 +35,7 @@ from .layout import (
     write_text,
 )
 from .metrics import durability
+from .model_card import attack_text
 from .metrics.durability import FORGET_RATE, WINDOW_UNTIL
 
 
@@ -267,9 +268,7 @@ def build(folder: RunFolder, rows: list[Row], results: dict) -> list[tuple]:
     doc += conventions_blocks(results["conventions"])
     for attack in config.attacks:
         res = results["attacks"][attack.name]
-        doc += [("h2", f"Attack {attack.name}"),
-                ("p", f"{attack.kind} finetuning on {attack.data} data, {attack.optimizer} lr {attack.lr:g}, "
-                      f"{attack.steps} steps, batch {attack.batch_size}.")]
+        doc += [("h2", f"Attack {attack.name}"), ("p", attack_text(attack))]
         if primary is not None:
             columns = ["before"] + [str(s) for s in res["steps"]]
             doc += [("p", f"{primary['label'].capitalize()} before and at each attack step:"),

@@ -49,10 +49,15 @@ def _mean(values) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _declared(models: dict) -> dict[str, dict]:
+    """key -> its value declaration, as the curves carry them."""
+    return {s.get("key"): s for by in models.values() for cs in by.values() for c in cs for s in c.get("specs", [])}
+
+
 def _rates(models: dict, keys: tuple[str, ...]) -> dict[str, bool]:
     """The keys that are rates (a tolerance in points means something for them), each with whether higher
     is better, as the curves' own value declarations say (without any: the forget rate lower, others higher)."""
-    specs = {s.get("key"): s for by in models.values() for cs in by.values() for c in cs for s in c.get("specs", [])}
+    specs = _declared(models)
     return {k: specs.get(k, {}).get("higher_is_better", k != durability.FORGET_RATE) for k in keys
             if specs.get(k, {}).get("fraction", True)}
 
@@ -100,7 +105,9 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
         if beaten := beaten_by(label, slack):
             row.update(eligible=False, why="worse before or in the attacks than " + ", ".join(
                 f"{o} ({', '.join(by)})" for o, by in beaten.items()))
-    eligible = [(r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
+    # the lowest window, of a key that rises as the concept comes back (the highest of a distance, FID)
+    sign = 1 if durability.rises_with_concept(_declared(models).get(key, {}).get("higher_is_better", False)) else -1
+    eligible = [(sign * r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
     # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model
     return {"key": key, "tolerance": slack, "collateral": collateral, "models": rows,

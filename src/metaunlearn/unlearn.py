@@ -18,7 +18,7 @@ from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, released_record, w
 from .methods import Method, make_method
 from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
-from .params import make_trainable, restricted, select_names
+from .params import Restricted, make_trainable, select_names
 from .worlds import world_for
 
 NOTHING_TO_TRAIN = "nothing to train: method '{name}' needs the meta objective (meta.enabled: true)"
@@ -57,12 +57,33 @@ def held_out_config(config: StudyConfig) -> StudyConfig:
     from .config import RoleConfig
     from .metrics.evaluate import evaluation_entries
 
-    ev = config.evaluation
-    forget = [e.prompt for e in evaluation_entries(config, world_for(config.model)).get("forget", [])]
+    ev, world = config.evaluation, world_for(config.model)
+    entries = evaluation_entries(config, world)
+    forget = [e.prompt for e in entries.get("forget", [])]
+    ev = ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
+                               "prompts": {"forget": forget} if forget else {}}, deep=True)
+    _keep_clip_candidates(ev, [e.prompt for role in ("related", "unrelated") for e in entries.get(role, [])], world)
     return config.model_copy(update={
-        "evaluation": ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
-                                            "prompts": {"forget": forget} if forget else {}}),
+        "evaluation": ev,
         "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
+
+
+def _keep_clip_candidates(ev, others: list[str], world) -> None:
+    """A label-free clip detector scores each image against every evaluation prompt it has seen: with the
+    related and unrelated prompts gone from the judge's evaluation, they stay as negatives (templated, as the
+    evaluation's detector writes them), so a candidate edit is judged as the evaluation judges it."""
+    from .metrics.concept_rate import detector_name
+
+    if "concept_rate" not in ev.metrics or not others:
+        return
+    section = ev.options("concept_rate")
+    if detector_name(section, world) != "clip" or section.options("clip").labels:
+        return
+    clip = section.options("clip")
+    texts = [clip.template.replace("{}", p) for p in others]
+    section.__pydantic_extra__["clip"] = clip.model_copy(update={"negatives": list(dict.fromkeys(
+        [*texts, *clip.negatives]))})
+    ev.__pydantic_extra__["concept_rate"] = section
 
 
 def recorded_judge(judge: Callable[[], float], replay: list[float] | None) -> tuple[Callable[[], float], list]:
@@ -98,18 +119,15 @@ def training_engine(config: StudyConfig, model: DiffusionModel, data: ConceptDat
     `extra` and the meta objective (the method set up, gradient checkpointing on where asked)."""
     cfg = config.method
     own = method.trained_params(cfg)
-    # meta.params: the meta terms and preservation train a wider selection; the method's loss its own
-    wider = config.meta.params if config.meta.enabled and config.meta.params not in (None, own) else None
+    # meta.params (a selection containing the method's: the config checks it): the meta terms and
+    # preservation train it, the method's loss its own weights only
+    trainable = make_trainable(model.unet, config.meta.params if config.meta.enabled and config.meta.params else own)
     own_names = set(select_names(model.unet, own))
-    if wider and not own_names <= set(select_names(model.unet, wider)):
-        raise ConfigError(f"meta.params '{wider}' does not contain the weights method.params '{own}' trains: "
-                          f"choose a selection that does (full contains every one)")
-    trainable = make_trainable(model.unet, wider or own)
     only_meta = [p for name, p in trainable.items() if name not in own_names]
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     method.setup(model, trainable, data)
-    objectives: dict[str, Objective] = {"method": restricted(method.loss, only_meta)}
+    objectives: dict[str, Objective] = {"method": Restricted(method.loss, only_meta) if only_meta else method.loss}
     benign = preservation_data(data) if cfg.preservation_weight > 0 else None
     if benign is not None:
         objectives["preserve"] = denoising_objective(model, benign, "preserve", cfg.preservation_weight)

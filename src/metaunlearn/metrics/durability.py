@@ -53,9 +53,17 @@ def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | s
     return next((s for s, v in series if v >= level), None) if series else NOT_MEASURED
 
 
-def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None, rate: bool = True) -> dict:
+def rises_with_concept(higher_is_better: bool) -> bool:
+    """Whether a forget-role value rises as the concept comes back (a rate, a CLIP score) or falls (a distance
+    to the concept's images, FID): the opposite of what its declaration calls better."""
+    return not higher_is_better
+
+
+def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None, rate: bool = True,
+            rises: bool = True) -> dict:
     """Mean and std over curves (seeds) of the window (up to step `until`) and the
-    auc (the whole attack), and each curve's steps to 50% (when `key` is a rate)."""
+    auc (the whole attack), and each curve's steps to 50% (when `key` is a rate). `rises`: whether `key`
+    rises as the concept comes back (else the best model of `spread` is the one with the highest window)."""
     def stat(values):
         values = [v for v in values if v is not None]
         return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "n": len(values)} \
@@ -64,10 +72,10 @@ def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None
     return {"window": stat([window(c, key, until) for c in curves]), "auc": stat([auc(c, key) for c in curves]),
             "steps_to_50": [steps_to(c, 0.5, key) if rate else NOT_MEASURED for c in curves],
             "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None),
-            "spread": spread(curves, key, until)}
+            "spread": spread(curves, key, until, rises)}
 
 
-def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None) -> dict | None:
+def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None, rises: bool = True) -> dict | None:
     """Each unlearned model's mean window over its attack seeds, the std of those means (between models:
     what the unlearning run's own draws decide) and the mean std over one model's attack seeds (what the
     attack's draws decide; None with one attack per model). None for fewer than two models.
@@ -88,7 +96,7 @@ def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None)
     out = {"by_model": means, "between_models": statistics.pstdev(means.values()),
            "within_model": statistics.mean(within) if within else None, "best_of": None}
     if all(len(ws) > 1 for ws in runs.values()):
-        best = min(runs, key=lambda m: runs[m][0])
+        best = (min if rises else max)(runs, key=lambda m: runs[m][0])
         out["best_of"] = {"models": len(runs), "chosen": best, "chosen_on": runs[best][0],
                           "held_out": statistics.mean(runs[best][1:])}
     return out

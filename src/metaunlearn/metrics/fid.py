@@ -66,8 +66,12 @@ class Fid(Metric):
         self.features_name = name = features_name(options, context.world)
         self.features: Features = FEATURES.get(name, "evaluation.fid.features").impl(options.options(name), context)
         self.values = [v for role in options.roles for v in (
-            Value(f"fid_{role}", f"FID {role}", role, higher_is_better=False, fraction=False, group="utility"),
-            *([Value(f"kid_{role}", f"KID {role}", role, higher_is_better=False, fraction=False, group="utility")]
+            # the forget role's: further from the concept's images (the original's samples, real ones) is the
+            # goal, and relearning brings it down
+            Value(f"fid_{role}", f"FID {role}", role, higher_is_better=role == "forget", fraction=False,
+                  group="utility"),
+            *([Value(f"kid_{role}", f"KID {role}", role, higher_is_better=role == "forget", fraction=False,
+                     group="utility")]
               if options.kid else []))]
         self._references: dict[str, torch.Tensor] = {}
         self._folders: dict[str, str] = {}  # a reference folder's signature, taken once per evaluator

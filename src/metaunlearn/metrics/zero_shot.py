@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from pydantic import Field, field_validator
 
+from ..errors import MetaunlearnError
 from ..registry import DETECTORS, Options
 from .base import device_of
 from .concept_rate import Detector
@@ -101,6 +102,10 @@ class ClipDetector(Detector):
         if concept not in (self.options.labels or self.prompts):
             raise ValueError(f"the clip detector has no label '{concept}'; its labels: {self.options.labels}")
         candidates = self.candidates()
+        if len(candidates) < 2:  # a softmax over one text is 1 for every image: always "present"
+            raise MetaunlearnError(f"the clip detector has one candidate text only ('{candidates[0]}'), so every "
+                                   "image would match it: give evaluation.concept_rate.clip two or more labels, or "
+                                   "negatives (e.g. ['a photo', 'a painting'])")
         text = self._texts(candidates)
         images_emb = torch.cat([self.clip.image_embeddings(images[i:i + BATCH_SIZE])
                                 for i in range(0, len(images), BATCH_SIZE)])
