@@ -243,7 +243,7 @@ def test_an_fp16_overflow_holds_the_schedule_with_a_fused_optimizer_too(monkeypa
     assert records == [(1, False, False), (0, True, True)]
 
 
-def test_fp16_steps_that_overflow_at_every_scale_stop_the_run_clearly():
+def test_fp16_steps_that_overflow_at_every_scale_stop_the_run_clearly(tmp_path):
     """A gradient that is NaN whatever the loss scale halves the scale at every step, and the scaler would
     skip steps forever. MAX_OVERFLOWS_IN_A_ROW in a row stop the run with the losses named; a step taken
     in between starts the count again (sporadic overflows are the scaler's to handle)."""
@@ -267,6 +267,13 @@ def test_fp16_steps_that_overflow_at_every_scale_stop_the_run_clearly():
     broken[0] = True
     for step in range(MAX_OVERFLOWS_IN_A_ROW, 2 * MAX_OVERFLOWS_IN_A_ROW - 1):
         engine.step(step)
+    # a checkpoint keeps the count: resumed, the run gives up where the uninterrupted one would
+    engine.save(tmp_path / "checkpoints", 2 * MAX_OVERFLOWS_IN_A_ROW - 1)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    engine = Engine(module, dict(module.named_parameters()), {"toy": objective},
+                    OptimizerSettings(lr=0.1, steps=100, batch_size=1, grad_clip=0.0), seed=0, accelerator=accelerator)
+    assert engine.resume(tmp_path / "checkpoints") == 2 * MAX_OVERFLOWS_IN_A_ROW - 1
+    assert engine.overflows_in_a_row == MAX_OVERFLOWS_IN_A_ROW - 1
     with pytest.raises(TrainingError, match=rf"{MAX_OVERFLOWS_IN_A_ROW} fp16 steps in a row overflowed.*mse="):
         engine.step(2 * MAX_OVERFLOWS_IN_A_ROW - 1)
 

@@ -167,6 +167,11 @@ def test_a_method_that_judges_its_edits_by_sampling_depends_on_what_the_judge_re
     assert rece == fingerprint("rece", "evaluation.prompts.related=[a dog]")
     assert rece == fingerprint("rece", "evaluation.metrics=[concept_rate,clip_score]")
     assert fingerprint("esd") == fingerprint("esd", "evaluation.samples_per_prompt=50")
+    # a label-free clip detector judges against the other roles' prompts too
+    clip = ("evaluation.concept_rate.detector=clip", "evaluation.concept_rate.clip.negatives=[a photo]")
+    assert fingerprint("rece", *clip) != fingerprint("rece", *clip, "evaluation.prompts.related=[a dog]")
+    labelled = (*clip, "evaluation.concept_rate.clip.labels=[cat, dog]")
+    assert fingerprint("rece", *labelled) == fingerprint("rece", *labelled, "evaluation.prompts.related=[a dog]")
 
 
 def test_a_folder_of_weights_counts_by_its_files_and_a_hub_id_by_its_name(tmp_path):

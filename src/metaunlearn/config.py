@@ -191,7 +191,8 @@ class ConceptsConfig(_Section):
 
 
 class DataConfig(_Section):
-    images_per_prompt: int = Field(8, gt=0, description="Generated roles: N train and N test images per prompt.")
+    images_per_prompt: int = Field(8, gt=0, description=(
+        "Generated roles: N train, N test and N attack images per prompt."))
     generation_steps: int = Field(25, gt=0, description="Sampling steps when generating role data.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance when generating role data.")
     batch_size: int = Field(32, gt=0, description="Batch size for generating and encoding role data.")

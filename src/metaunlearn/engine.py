@@ -33,7 +33,7 @@ import torch
 
 from .checkpoint import load_newest_intact, save_checkpoint
 from .config import ModelConfig, OptimizerSettings
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .layout import write_text
 from .params import kept_out
 from .precision import forward_autocast
@@ -149,6 +149,8 @@ def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
     elif settings.optimizer == "adafactor":
+        if not hasattr(torch.optim, "Adafactor"):  # pyproject allows torch 2.1; Adafactor came in 2.5
+            raise ConfigError(f"optimizer adafactor needs torch 2.5 or later (this is torch {torch.__version__})")
         optimizer = torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     elif settings.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -347,6 +349,7 @@ class Engine:
                  "seconds": self.seconds}
         if getattr(self.accelerator, "scaler", None) is not None:  # fp16: a resumed run keeps its loss scale
             state["scaler"] = self.accelerator.scaler.state_dict()
+            state["overflows_in_a_row"] = self.overflows_in_a_row  # and its count toward giving up
         extra = {f"{i}.{k}": v for i, hook in enumerate(self.stateful) for k, v in hook.state_dict().items()}
         self.last_good = save_checkpoint(folder, done, self.params, state, extra).name
 
@@ -371,6 +374,7 @@ class Engine:
         self.scheduler.load_state_dict(state["training_state"]["scheduler"])
         if "scaler" in state["training_state"] and getattr(self.accelerator, "scaler", None) is not None:
             self.accelerator.scaler.load_state_dict(state["training_state"]["scaler"])
+            self.overflows_in_a_row = int(state["training_state"].get("overflows_in_a_row", 0))
         for i, hook in enumerate(self.stateful):
             prefix = f"{i}."
             hook.load_state_dict({k[len(prefix):]: v for k, v in state["extra"].items() if k.startswith(prefix)})

@@ -344,13 +344,18 @@ JUDGE_READS = ("samples_per_prompt", "steps", "guidance_scale", "seed_offset", "
 
 def judge_inputs(config: StudyConfig) -> dict:
     """How the judge samples and judges, and the forget prompts it samples (a prompt file by content): not
-    the other roles' prompts, metrics or batch size, which leave its verdicts as they are."""
+    the metrics or batch size, which leave its verdicts as they are, nor the other roles' prompts, except
+    for a label-free clip detector, which judges against them (unlearn._keep_clip_candidates)."""
     from .prompt_files import file_digest
 
     evaluation = config.evaluation.model_dump(mode="json")
-    forget = evaluation["prompts"].get("forget")
+    rate = evaluation.get("concept_rate") or {}
+    read = ["forget"] + ["related", "unrelated"] * (rate.get("detector") == "clip" and
+                                                   not (rate.get("clip") or {}).get("labels"))
+    given = {role: evaluation["prompts"].get(role) for role in read}
     return {**{k: evaluation.get(k) for k in JUDGE_READS},
-            "forget": f"{forget}#{file_digest(forget)}" if isinstance(forget, str) else forget}
+            **{role: f"{p}#{file_digest(p)}" if isinstance(p, str) else p for role, p in given.items()
+               if role == "forget" or p}}
 
 
 def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> str:
