@@ -40,7 +40,8 @@ class GridConfig(Options):
     attackers: list[dict[str, Any]] = Field(min_length=1, description="Attackers, as entries of `attacks:`.")
     reference: str = Field(description="The attacker of the study's default strength.")
     original: bool = Field(False, description="Also attack the original model (first seed): destructive or not.")
-    key: Optional[str] = Field(None, description="The value whose return is measured (default: the first).")
+    key: Optional[str] = Field(None, description=(
+        "The value whose return is measured (default: the forget rate when the study measures it, else the first)."))
     window_until: int = Field(100, gt=0, description=(
         "The relearning window is the mean over evaluated steps in (0, window_until]; AUC and steps to 50% "
         "use the whole attack."))
