@@ -180,6 +180,17 @@ def test_a_distance_is_summarised_without_steps_to_half_and_shown_as_it_is():
     assert summary["rises"] is True and summary["rows"][0]["ratio"] == pytest.approx(25.0 / 6.45, rel=1e-2)
     falls = summarise(grid, curves, "fid_forget", rate=False, rises=False)
     assert falls["rows"][0]["ratio"] == pytest.approx(6.45 / 25.0, rel=1e-2) and falls["rows"][0]["strength"] == 1.0
+    assert "base/meta (the key falls as the concept returns)" in table(falls)
+    # a second attacker that brings FID down further on the base is the stronger one; the best of two models
+    # under the first attack seed is the one furthest from the concept (the highest window)
+    two = GridConfig.model_validate({**grid.model_dump(), "attackers": [{"name": "ref"}, {"name": "hard"}]})
+    hard = {"base": fid([40.0, 2.0, 0.1]), "meta": fid([40.0, 10.0, 5.0])}
+    rows = summarise(two, {**curves, "g.hard": hard}, "fid_forget", rate=False, rises=False)["rows"]
+    assert rows[1]["strength"] == pytest.approx(6.45 / 1.05, rel=1e-2) and rows[1]["strength"] > 1
+    models = [dict(c, model=m, seed=s) for m, values in (("near", [40.0, 2.0, 1.0]), ("far", [40.0, 30.0, 20.0]))
+              for s in (0, 1) for c in fid(values)]
+    assert durability.spread(models, "fid_forget", rises=False)["best_of"]["chosen"] == "far"
+    assert durability.spread(models, "fid_forget")["best_of"]["chosen"] == "near"
     # a rate: steps to 50% counted, windows in percent
     assert summarise(grid, curves, "fid_forget")["rows"][0]["variants"]["base"]["steps_to_50"] == [0]
 

@@ -101,9 +101,12 @@ def test_clip_threshold_rule_is_probability_at_least_t_and_monotone(models):
 
 
 def test_clip_with_one_candidate_text_is_an_error_not_every_image_present(models):
-    one = ClipDetector(ClipOptions(model=models["clip"], labels=["Monet"]))
-    with pytest.raises(MetaunlearnError, match="one candidate text only \\('Monet'\\)"):
-        one.present(images(2), "Monet")
+    with pytest.raises(ConfigError, match="has one label \\('Monet'\\) and no negatives"):
+        StudyConfig.from_dict({"concepts": {"forget": {"prompts": ["x"]}}, "evaluation": {"concept_rate": {
+            "detector": "clip", "clip": {"labels": ["Monet"]}}}})
+    one = ClipDetector(ClipOptions(model=models["clip"], negatives=["a dog"]))  # its one prompt, no other
+    with pytest.raises(MetaunlearnError, match="one candidate text only \\('a dog'\\)"):
+        one.present(images(2), "a dog")
     with_negative = ClipDetector(ClipOptions(model=models["clip"], labels=["Monet"], negatives=["a photo"]))
     assert with_negative.scores(images(2), "Monet").shape == (2,)
 
@@ -129,8 +132,9 @@ def test_clip_options_are_checked_by_the_study_config():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"clip\.threshold"):
         study({"threshold": 0})
-    options = study({"labels": ["Monet"], "threshold": 0.5}).evaluation.options("concept_rate").options("clip")
-    assert options == ClipOptions(labels=["Monet"], threshold=0.5)
+    options = study({"labels": ["Monet", "Picasso"], "threshold": 0.5}).evaluation.options("concept_rate").options(
+        "clip")
+    assert options == ClipOptions(labels=["Monet", "Picasso"], threshold=0.5)
 
 
 def direct_logits(folder: str, imgs: torch.Tensor, device: str = "cpu", chunk: int = BATCH_SIZE) -> torch.Tensor:

@@ -447,6 +447,15 @@ def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_term
     engine.objectives["preserve"](ctx).losses["preserve"].backward()
     assert all(engine.params[n].grad is not None for n in xattn)
     tiny_model.unet.zero_grad(set_to_none=True)
+    # the engine's own step with the method's loss alone (under gradient checkpointing): cross-attention stays
+    engine.objectives = {"method": engine.objectives["method"]}
+    engine.step(0)
+    after = weights(tiny_model.unet)
+    assert all(torch.equal(after[n], original[n]) for n in xattn)
+    assert any(not torch.equal(after[n], original[n]) for n in engine.params if n not in xattn)
+    with torch.no_grad():
+        for name, p in tiny_model.unet.named_parameters():
+            p.copy_(original[name])
     for p in engine.params.values():
         p.requires_grad_(False)
 

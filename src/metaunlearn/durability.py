@@ -8,11 +8,14 @@ study's `attacks:` list, `defaults` shared by all, and `reference`, the
 attacker of the study's default strength. An attacker's strength is how fast
 it relearns the base model: the base's window under it over the base's window
 under the reference, so "up to the default strength" means what it did, not
-what its lr looks like. An attacker that costs the base more than 20 points of
-unrelated accuracy destroys the model rather than relearning the concept (its
-forget rate then measures what a detector makes of wrecked images): it is
-listed, marked, and left out of the worst cases. Attacks are ordinary attack stages (attacks/<model>/
-<grid>.<attacker>-seed<s>/), cached and resumable like a study's.
+what its lr looks like. For a key that falls as the concept returns (FID to the
+concept's images) both ratios are taken the other way round (base over meta,
+reference over base), so below 1 still means "resists" and "weaker". An
+attacker that costs the base more than 20 points of unrelated accuracy
+destroys the model rather than relearning the concept (its forget rate then
+measures what a detector makes of wrecked images): it is listed, marked, and
+left out of the worst cases. Attacks are ordinary attack stages
+(attacks/<model>/<grid>.<attacker>-seed<s>/), cached and resumable like a study's.
 """
 
 from __future__ import annotations
@@ -225,7 +228,8 @@ def table(summary: dict) -> str:
 
     window = pct if summary.get("rate", True) else (lambda s: pct(s, lambda x: f"{x:.4g}"))  # a distance as it is
 
-    head = ("| attacker | strength | base window | meta window | meta/base | base steps to 50% | meta steps to 50% "
+    ratio = "meta/base" if summary.get("rises", True) else "base/meta (the key falls as the concept returns)"
+    head = (f"| attacker | strength | base window | meta window | {ratio} | base steps to 50% | meta steps to 50% "
             "| unrelated after (base / meta) | related after (base / meta) |\n|" + "---|" * 9)
     lines = [head]
     for r in summary["rows"]:

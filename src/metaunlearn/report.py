@@ -165,6 +165,7 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
     config, specs = folder.config, folder.specs(rows)
     keys = [s["key"] for s in specs]
     rate = bool(specs) and specs[0].get("fraction", True)  # steps to 50% of a distance (FID, CLIP score): none
+    rises = not specs or durability.rises_with_concept(specs[0].get("higher_is_better", False))
     before = {row.name: {k: stat([folder.evaluation(label).get("values", {}).get(k) for label, _ in row.models])
                          for k in keys} for row in rows}
     attacks = {}
@@ -176,7 +177,8 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
             table[row.name] = {
                 "values": {k: {"before": before[row.name][k], **{str(s): at_step(curves, s, k) for s in steps}}
                            for k in keys},
-                "durability": durability.summary(curves, keys[0], WINDOW_UNTIL, rate) if keys and curves else None,
+                "durability": durability.summary(curves, keys[0], WINDOW_UNTIL, rate, rises)
+                if keys and curves else None,
                 "per_curve": [{"model": c["model"], "seed": c["seed"], "auc": durability.auc(c, keys[0]),
                                "steps_to_50": durability.steps_to(c, 0.5, keys[0]) if rate else durability.NOT_MEASURED}
                               for c in curves] if keys else [],

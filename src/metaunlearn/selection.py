@@ -13,7 +13,8 @@ the one that relearns slowest. The rule:
    and related and unrelated accuracy, and its collateral, the unrelated
    accuracy the attacks cost it (mean over its attacks: a self-destruct that
    spills onto unrelated concepts wins windows by wrecking the model);
-2. of the others, the lowest mean relearning window over the grid's
+2. of the others, the least relearned: the lowest mean relearning window (the
+   highest, for a key that falls as the concept returns, such as FID) over the grid's
    relearning attackers (each attacker weighs the same, averaged over its
    attack seeds); ties go to the least collateral, then to the first in the
    study's seed order.
@@ -203,6 +204,7 @@ def card_section(selection: dict) -> str:
             f"attacked by the relearning attackers of the selection grid '{selection['grid']}'. A model was ruled "
             f"out when another was at least as good on every rate below"
             f"{'' if selection.get('collateral', True) else ' (before the attacks)'} and better by more than "
-            f"{100 * selection['tolerance']:g} points on one; of the rest, the lowest mean relearning window "
-            f"(mean {selection['key']} over the evaluated attack steps) was chosen. Windows and rates in %; "
+            f"{100 * selection['tolerance']:g} points on one; of the rest, the one least relearned was chosen: the "
+            f"lowest mean {selection['key']} over the evaluated attack steps (the highest for a key that falls as "
+            "the concept returns, such as FID). Windows and rates in %; "
             "judge the model on attacks this choice never saw.\n\n" + table(selection))

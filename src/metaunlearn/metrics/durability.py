@@ -81,8 +81,8 @@ def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None,
     attack's draws decide; None with one attack per model). None for fewer than two models.
 
     With two or more attack seeds per model, also what releasing the best of the models would give: the
-    model with the lowest window under the first attack seed, judged on the others only (held out, so the
-    choice does not flatter its own number)."""
+    model with the lowest window (the highest, for a key that falls as the concept returns) under the first
+    attack seed, judged on the others only (held out, so the choice does not flatter its own number)."""
     by_model: dict[str, list[tuple[int, float]]] = {}
     for c in curves:
         w = window(c, key, until)

@@ -11,7 +11,7 @@ import re
 from typing import Optional
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import MetaunlearnError
 from ..registry import DETECTORS, Options
@@ -41,6 +41,13 @@ class ClipOptions(Options):
     threshold: Optional[float] = Field(None, gt=0, le=1, description=(
         "None: present when the concept's text is CLIP's top-1 among all candidates; a number: present "
         "when its softmax probability over the candidates is at least this."))
+
+    @model_validator(mode="after")
+    def _two_candidates(self) -> "ClipOptions":
+        if len(set(self.labels)) == 1 and not [n for n in self.negatives if n not in self.labels]:
+            raise ValueError(f"has one label ('{self.labels[0]}') and no negatives: a softmax over one text says "
+                             "every image shows it; add labels, or negatives such as ['a photo', 'a painting']")
+        return self
 
     @field_validator("template")
     @classmethod
