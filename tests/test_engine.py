@@ -56,6 +56,14 @@ def test_the_optimizer_and_its_settings():
         assert not torch.equal(flat(module), before) and losses[-1] < losses[0], name  # it trains
 
 
+def test_adafactor_on_a_torch_without_it_is_a_one_line_error(monkeypatch):
+    from metaunlearn.errors import ConfigError
+
+    monkeypatch.delattr(torch.optim, "Adafactor")  # torch before 2.5, which pyproject allows
+    with pytest.raises(ConfigError, match="optimizer adafactor needs torch 2.5 or later"):
+        toy({"optimizer": "adafactor"})
+
+
 def test_adam_adds_weight_decay_to_the_gradient_where_adamw_decouples_it():
     """The two differ only there: with decay, Adam's first step is still lr per weight (the decay is inside the
     normalised gradient), AdamW's is lr plus lr x decay x weight."""
