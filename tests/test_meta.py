@@ -427,6 +427,8 @@ def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_term
     """meta.params 'full' over ESD-u: cross-attention (which ESD-u leaves frozen) moves, trained by the meta terms
     and preservation; ESD's own loss still has no gradient there, with gradient checkpointing too (its backward
     pass recomputes the graph the forward pass built)."""
+    from accelerate import Accelerator
+
     from metaunlearn.params import kept_out
     from metaunlearn.unlearn import training_engine
 
@@ -435,7 +437,7 @@ def test_meta_params_wider_than_the_methods_reach_the_rest_through_the_meta_term
     xattn = set(select_names(tiny_model.unet, "xattn"))
     original = weights(tiny_model.unet)
     data = concept_data(tiny_model)
-    engine = training_engine(config, tiny_model, data, make_method(config.method), _cpu(), 0)
+    engine = training_engine(config, tiny_model, data, make_method(config.method), Accelerator(cpu=True), 0)
     assert set(engine.params) == set(select_names(tiny_model.unet, "full"))
     ctx = StepContext(0, torch.Generator().manual_seed(0), BATCH)
     with kept_out(engine.objectives["method"]):
@@ -477,12 +479,6 @@ def test_meta_params_must_contain_the_methods_weights_and_name_a_wider_selection
     assert own.meta.params is None and own.fingerprint() == StudyConfig.from_dict(study, ["method.params=noxattn"]
                                                                                    ).fingerprint()
     assert StudyConfig.from_dict(study, ["meta.params=full"]).meta.params == "full"  # ESD-u under it
-
-
-def _cpu():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
 
 
 META_KEYS = ("meta/after_objective", "meta_related_before", "meta_unrelated_before", "meta/forget_after",

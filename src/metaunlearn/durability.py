@@ -104,8 +104,9 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
     stages.preflight(config, attacks=grid.attacks(world_for(config.model)))  # the grid's, not the study's
     metrics = stages.evaluator(config)
     key = relearning_key(grid, [v.key for v in metrics.values])  # checked before any attack
-    spec = next(v for v in metrics.values if v.key == key)
-    rate, rises = spec.fraction, durability.rises_with_concept(spec.higher_is_better)
+    specs = [v.as_dict() for v in metrics.values]
+    rate = next(s["fraction"] for s in specs if s["key"] == key)
+    rises = durability.rises_with_concept(specs, key)
     failed: list[dict] = []
     curves = attack_grid(config, grid, progress, log, failed=failed, metrics=metrics)
     runs = RunLayout.of(config)

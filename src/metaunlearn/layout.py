@@ -342,6 +342,16 @@ def folder_of_weights(source: str | os.PathLike) -> bool:
 JUDGE_READS = ("samples_per_prompt", "steps", "guidance_scale", "seed_offset", "half_precision", "concept_rate")
 
 
+def label_free_clip(evaluation) -> bool:
+    """Whether the concept rate's detector is clip without labels: it judges each image against every
+    evaluation prompt, so RECE's judge keeps the other roles' prompts (unlearn._keep_clip_candidates) and
+    depends on them ('auto' never picks clip)."""
+    if "concept_rate" not in evaluation.metrics:
+        return False
+    section = evaluation.options("concept_rate")
+    return section.detector == "clip" and not section.options("clip").labels
+
+
 def judge_inputs(config: StudyConfig) -> dict:
     """How the judge samples and judges, and the forget prompts it samples (a prompt file by content): not
     the metrics or batch size, which leave its verdicts as they are, nor the other roles' prompts, except
@@ -349,9 +359,7 @@ def judge_inputs(config: StudyConfig) -> dict:
     from .prompt_files import file_digest
 
     evaluation = config.evaluation.model_dump(mode="json")
-    rate = evaluation.get("concept_rate") or {}
-    read = ["forget"] + ["related", "unrelated"] * (rate.get("detector") == "clip" and
-                                                   not (rate.get("clip") or {}).get("labels"))
+    read = ["forget"] + ["related", "unrelated"] * label_free_clip(config.evaluation)
     given = {role: evaluation["prompts"].get(role) for role in read}
     return {**{k: evaluation.get(k) for k in JUDGE_READS},
             **{role: f"{p}#{file_digest(p)}" if isinstance(p, str) else p for role, p in given.items()

@@ -165,7 +165,7 @@ def collect(folder: RunFolder, rows: list[Row]) -> dict:
     config, specs = folder.config, folder.specs(rows)
     keys = [s["key"] for s in specs]
     rate = bool(specs) and specs[0].get("fraction", True)  # steps to 50% of a distance (FID, CLIP score): none
-    rises = not specs or durability.rises_with_concept(specs[0].get("higher_is_better", False))
+    rises = not keys or durability.rises_with_concept(specs, keys[0])
     before = {row.name: {k: stat([folder.evaluation(label).get("values", {}).get(k) for label, _ in row.models])
                          for k in keys} for row in rows}
     attacks = {}

@@ -107,7 +107,7 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
             row.update(eligible=False, why="worse before or in the attacks than " + ", ".join(
                 f"{o} ({', '.join(by)})" for o, by in beaten.items()))
     # the lowest window, of a key that rises as the concept comes back (the highest of a distance, FID)
-    sign = 1 if durability.rises_with_concept(_declared(models).get(key, {}).get("higher_is_better", False)) else -1
+    sign = 1 if durability.rises_with_concept(list(_declared(models).values()), key) else -1
     eligible = [(sign * r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
     # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model

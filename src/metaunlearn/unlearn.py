@@ -14,7 +14,7 @@ from .config import StudyConfig
 from .data import ConceptData, RoleData
 from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
 from .errors import ConfigError, TrainingError
-from .layout import MODEL, RUN_STATUS, atomic_dir, read_json, released_record, write_json, write_text
+from .layout import MODEL, RUN_STATUS, atomic_dir, label_free_clip, read_json, released_record, write_json, write_text
 from .methods import Method, make_method
 from .metrics.durability import FORGET_RATE
 from .model import DiffusionModel
@@ -57,28 +57,23 @@ def held_out_config(config: StudyConfig) -> StudyConfig:
     from .config import RoleConfig
     from .metrics.evaluate import evaluation_entries
 
-    ev, world = config.evaluation, world_for(config.model)
-    entries = evaluation_entries(config, world)
+    ev, entries = config.evaluation, evaluation_entries(config, world_for(config.model))
     forget = [e.prompt for e in entries.get("forget", [])]
     ev = ev.model_copy(update={"seed_offset": ev.seed_offset + HELD_OUT_SEEDS,
                                "prompts": {"forget": forget} if forget else {}}, deep=True)
-    _keep_clip_candidates(ev, [e.prompt for role in ("related", "unrelated") for e in entries.get(role, [])], world)
+    _keep_clip_candidates(ev, [e.prompt for role in ("related", "unrelated") for e in entries.get(role, [])])
     return config.model_copy(update={
         "evaluation": ev,
         "concepts": config.concepts.model_copy(update={"related": RoleConfig(), "unrelated": RoleConfig()})})
 
 
-def _keep_clip_candidates(ev, others: list[str], world) -> None:
+def _keep_clip_candidates(ev, others: list[str]) -> None:
     """A label-free clip detector scores each image against every evaluation prompt it has seen: with the
     related and unrelated prompts gone from the judge's evaluation, they stay as negatives (templated, as the
     evaluation's detector writes them), so a candidate edit is judged as the evaluation judges it."""
-    from .metrics.concept_rate import detector_name
-
-    if "concept_rate" not in ev.metrics or not others:
+    if not others or not label_free_clip(ev):
         return
     section = ev.options("concept_rate")
-    if detector_name(section, world) != "clip" or section.options("clip").labels:
-        return
     clip = section.options("clip")
     texts = [clip.template.replace("{}", p) for p in others]
     section.__pydantic_extra__["clip"] = clip.model_copy(update={"negatives": list(dict.fromkeys(

@@ -53,10 +53,11 @@ def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | s
     return next((s for s, v in series if v >= level), None) if series else NOT_MEASURED
 
 
-def rises_with_concept(higher_is_better: bool) -> bool:
-    """Whether a forget-role value rises as the concept comes back (a rate, a CLIP score) or falls (a distance
-    to the concept's images, FID): the opposite of what its declaration calls better."""
-    return not higher_is_better
+def rises_with_concept(specs: list[dict], key: str) -> bool:
+    """Whether forget-role value `key` rises as the concept comes back (a rate, a CLIP score) or falls (a distance
+    to the concept's images, FID): the opposite of what its declaration among `specs` (Value.as_dict) calls
+    better. Undeclared: it rises, as the forget rate does."""
+    return not next((s.get("higher_is_better", False) for s in specs if s.get("key") == key), False)
 
 
 def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None, rate: bool = True,
