@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# the processes tests start (console scripts, Ray's workers) take one thread too: `make test` runs two
+# pytest workers on the CI's two cores, and a third process spinning on both would stall them
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One intra-op thread: tiny models gain nothing from more, a busy 2-core machine
 # slows two spinning threads per process badly, and one thread keeps runs bitwise
 # comparable (resume tests compare weights exactly).
