@@ -72,6 +72,8 @@ BAD_INPUT = [
     (["demo", "--out", "{file}"], "is a file, not a folder"),
     (["export", "{tmp}/m", "--base", "{tmp}/m", "--as", "ckpt"], "cannot export as 'ckpt'"),
     (["run", "{study}", "--executor", "dask"], "--executor 'dask' is not known"),
+    (["run", "{study}", "--workers", "2"], "--address and --workers apply to --executor ray only"),
+    (["run", "{study}", "--executor", "ray", "--address", "auto", "--workers", "2"], "a cluster at --address has"),
     # found before the first stage, not after every model was trained and sampled
     (["run", "{study}", "--set", "evaluation.metrics=[concept_rate,fid]", "--set",
       "evaluation.fid.reference={tmp}/no-coco"], "FID reference folder '{tmp}/no-coco' does not exist"),

@@ -217,6 +217,20 @@ def test_numbers_must_be_finite(tmp_path):
         assert key.split("=")[0] in message and ("finite" in message or "greater than" in message), message
 
 
+def test_what_would_fail_only_after_unlearning_fails_before_it(tmp_path):
+    """Mistakes the stages would meet hours into a run: a metric listed twice, an attack on a role the study
+    does not give, Ray resources that are not amounts, a key written twice in the YAML."""
+    assert "names concept_rate more than once" in error_of(
+        tmp_path, MINIMAL, ["evaluation.metrics=[concept_rate, concept_rate]"])
+    message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "clean", "data": "related"}]})
+    assert "attack 'clean' finetunes on concepts.related, which the study does not give" in message
+    for key in ("executor.cpus.unlearn=.nan", "executor.gpus.attack=.inf", "executor.cpus.default=-1"):
+        assert "negative or non-finite" in error_of(tmp_path, MINIMAL, [key]), key
+    assert "a fraction above 1" in error_of(tmp_path, MINIMAL, ["executor.gpus.unlearn=1.5"])
+    message = error_of(tmp_path, "concepts:\n  forget:\n    prompts: [a]\nmethod:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
+    assert "the key 'lr' appears twice in one mapping" in message and "line 6" in message
+
+
 def test_duplicate_attack_names_fail(tmp_path):
     message = error_of(tmp_path, {**MINIMAL, "attacks": [{"name": "a"}, {"name": "a", "kind": "lora"}]})
     assert "attacks has duplicate names: a" in message

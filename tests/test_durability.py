@@ -71,12 +71,17 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
                          ({**good, "attackers": [{"name": "a"}, {"name": "a", "lr": 1e-3}]},
                           "attacker names must be unique; repeated: a"),
                          ({**good, "attackers": [{"name": "a"}, {"lr": 1e-3}]},
-                          "every attacker needs a name (attacker 1 has none)"),
+                          "every attacker needs a name as text (attacker 1 has None)"),
+                         ({**good, "attackers": [{"name": "a"}, {"name": 5}]},
+                          "every attacker needs a name as text (attacker 1 has 5)"),
                          ({**good, "attackers": [{"name": "a", "data": {"classes": ["two"]}}]},
                           "grid attackers.0.data.classes needs a built-in world")):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_grid(path).attacks()
+    path.write_text("name: g\nreference: a\nattackers:\n  - name: a\n    lr: 1.0e-4\n    lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match="the key 'lr' appears twice"):
+        load_grid(path)
     # an attacker's own classes, checked and normalised by the study's world as a study's own attacks are
     world = world_for(ModelConfig(source="digits"))
     classes = {**good, "attackers": [{"name": "a", "data": {"classes": ["2"]}}]}

@@ -309,3 +309,26 @@ def test_a_checkpoint_a_gpu_run_saved_resumes_on_a_machine_without_one(tmp_path,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no checkpoint reported damaged
         assert resumed.resume(tmp_path) > 0
+
+
+def test_makers_of_one_cached_file_take_turns(tmp_path):
+    """`exclusive`: a second holder (here a thread with its own open file, as another process has) waits
+    until the first lets go, so it finds the first one's file instead of making it again."""
+    import threading
+    import time
+
+    from metaunlearn.layout import exclusive
+
+    lock, order = tmp_path / "cache" / ".role.lock", []
+
+    def second():
+        with exclusive(lock):
+            order.append("second")
+
+    with exclusive(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first")
+    thread.join(timeout=10)
+    assert order == ["first", "second"]

@@ -223,10 +223,12 @@ def test_the_attack_split_is_planned_only_for_attacks_on_a_role_s_data(tiny_pipe
     assert "data/attack" not in stages(())
     own = {**FULL, "name": "own", "data": {"prompts": ["a cat"]}}
     planned = stages((own,))
-    assert "data/attack" not in planned and planned["attack/esd-seed0/own-seed0"] == ("unlearn/esd-seed0",)
+    assert "data/attack" not in planned and planned["attack/esd-seed0/own-seed0"] == ("evaluate/esd-seed0",)
     planned = stages((own, FULL))
-    assert planned["attack/esd-seed0/full-seed0"] == ("data/attack", "unlearn/esd-seed0")
-    assert planned["attack/original/own-seed0"] == ("model",)  # the world is built once, by its stage
+    assert planned["attack/esd-seed0/full-seed0"] == ("data/attack", "evaluate/esd-seed0")
+    # step 0 is the model's evaluation, made once; the world is built once, by its stage
+    assert planned["attack/original/own-seed0"] == ("evaluate/original",) and planned["evaluate/original"] == (
+        "model",)
 
 
 def test_a_ray_task_gets_the_run_folder_by_its_absolute_path(tmp_path, monkeypatch):

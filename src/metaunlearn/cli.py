@@ -268,6 +268,10 @@ def run(config: ConfigArg, set_: SetOpt = None,
         workers: Annotated[Optional[int], typer.Option(min=1, help="With --executor ray and no address: CPUs of "
                                                                    "the local Ray (default: every core).")] = None):
     """Run (or resume) every stage of a study and write its report; exits non-zero if a stage failed."""
+    if executor != "ray" and (address or workers):
+        raise MetaunlearnError("--address and --workers apply to --executor ray only")
+    if address and workers:
+        raise MetaunlearnError("--workers sizes a local Ray; a cluster at --address has its own")
     cfg = _config(config, set_)
     if executor == "ray":
         from .ray_executor import run_study_on_ray

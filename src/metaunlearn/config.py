@@ -434,6 +434,14 @@ class EvaluationConfig(PluginSection):
         "Registered metrics computed on every evaluated model (the first value of the first metric is the "
         "relearning curve's)."))
     samples_per_prompt: int = Field(10, gt=0, description="Images generated per evaluation prompt.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _listed_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({m for m in value if value.count(m) > 1})
+        if repeated:  # checked here, not when the first evaluation builds them after hours of unlearning
+            raise ValueError(f"names {', '.join(repeated)} more than once; list each metric once")
+        return value
     steps: int = Field(20, gt=0, description="Sampling steps for evaluation images.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance for evaluation images.")
     batch_size: int = Field(64, gt=0, description="Batch size for sampling and detection.")
@@ -501,8 +509,10 @@ class ExecutorConfig(_Section):
         bad = [k for k in value if k not in kinds]
         if bad:
             raise ValueError(f"has '{bad[0]}', not a stage kind; use {', '.join(kinds)}")
-        if any(v < 0 for v in value.values()):
-            raise ValueError("has a negative amount")
+        if any(not math.isfinite(v) or v < 0 for v in value.values()):
+            raise ValueError("has a negative or non-finite amount")
+        if any(v > 1 and v != int(v) for v in value.values()):  # Ray's rule for GPUs; whole CPUs set the threads
+            raise ValueError("has a fraction above 1; use a fraction of one (shared) or a whole number")
         return value
 
 
@@ -615,6 +625,15 @@ class StudyConfig(_Section):
             from .saliency import NEEDS_UNRELATED
 
             raise ValueError(NEEDS_UNRELATED)
+        return self
+
+    @model_validator(mode="after")
+    def _attacked_roles_given(self) -> StudyConfig:
+        """An attacker finetuning on a role needs that role's data: checked before the unlearning it follows."""
+        for attack in self.attacks:
+            if isinstance(attack.data, str) and not getattr(self.concepts, attack.data).given():
+                raise ValueError(f"attack '{attack.name}' finetunes on concepts.{attack.data}, which the study "
+                                 "does not give (no classes, prompts, prompt_file or images)")
         return self
 
     @model_validator(mode="after")
@@ -742,11 +761,30 @@ def prompt_file_digests(config: StudyConfig) -> dict[str, str]:
     return {holder[key]: file_digest(holder[key]) for holder, key in _prompt_file_slots(config.model_dump(mode="json"))}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a study or grid file with `lr:` twice is a mistake to report."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' appears twice in one "
+                                                        "mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, except that a key repeated in one mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> StudyConfig:
     """Read a study YAML file and apply `dotted.key=value` overrides (`attacks.0.lr=1e-3`)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file '{path}': {err.strerror}") from None
     except UnicodeDecodeError:

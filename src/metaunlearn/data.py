@@ -229,6 +229,14 @@ def prepare_role(config: StudyConfig, name: str, spec: RoleConfig, model: Diffus
                  split: str, folder: Path, progress: bool = True) -> RoleData:
     """One role outside the study's three (e.g. an attacker's own concept), cached in
     `folder` under `name` with the key of what made it; `model` may be a loader."""
+    from .layout import exclusive
+
+    with exclusive(Path(folder) / f".{name}.lock"):  # attacks on several models under Ray make it once
+        return _prepare_role(config, name, spec, model, split, folder, progress)
+
+
+def _prepare_role(config: StudyConfig, name: str, spec: RoleConfig, model, split: str, folder: Path,
+                  progress: bool) -> RoleData:
     from .layout import digest, read_json
 
     key = digest(data_manifest_key(config), with_prompt_file_digest(spec.model_dump(mode="json")), split,

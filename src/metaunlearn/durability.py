@@ -26,7 +26,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config import NAME_PATTERN, AttackConfig, RoleConfig, StudyConfig
+from .config import NAME_PATTERN, AttackConfig, RoleConfig, StudyConfig, read_yaml
 from .errors import ConfigError, MetaunlearnError
 from .layout import RunLayout, attack_seeds, unlearned_models, write_json, write_text
 from .metrics import durability
@@ -53,7 +53,8 @@ class GridConfig(Options):
     def _reference_is_listed(self) -> GridConfig:
         names = [a.get("name") for a in self.attackers]
         if not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"every attacker needs a name (attacker {[bool(n) for n in names].index(False)} has none)")
+            first = [isinstance(n, str) and bool(n) for n in names].index(False)
+            raise ValueError(f"every attacker needs a name as text (attacker {first} has {names[first]!r})")
         repeated = sorted({str(n) for n in names if names.count(n) > 1})
         if repeated:  # one folder per attacker name: two would overwrite each other's curves
             raise ValueError(f"attacker names must be unique; repeated: {', '.join(repeated)}")
@@ -85,7 +86,7 @@ class GridConfig(Options):
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
         return GridConfig.model_validate(data)
     except OSError as err:
         raise ConfigError(f"cannot read grid file '{path}': {err.strerror}") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import stages
 from .config import StudyConfig
 from .errors import MetaunlearnError
-from .study import Book, Outcome, error_line, plan, report_stage
+from .study import Book, Outcome, error_line, plan, report_stage, stage_lock
 
 
 def _import_ray():
@@ -42,21 +42,24 @@ def kind_of(stage_name: str) -> str:
 def run_stage(config_data: dict, name: str, threads: int, cwd: str, *needed: dict) -> dict:
     """In a worker: run one stage of the study unless it is done or something it needs failed. The study's
     relative paths are read from the driver's folder `cwd` where this node sees it (a shared filesystem)."""
-    import torch
-
-    if os.path.isdir(cwd):
-        os.chdir(cwd)
-    torch.set_num_threads(threads)  # its CPU share: workers that each take every core slow each other badly
     if any(n["status"] in ("failed", "blocked") for n in needed):
         return {"name": name, "status": "blocked", "needs": [n["name"] for n in needed if n["status"] != "done"
                                                               and n["status"] != "skip"]}
-    try:
+    try:  # the set-up too: its failure is the stage's, not a worker that died
+        import torch
+
+        if not os.path.isdir(cwd):  # relative model, prompt and image paths would resolve elsewhere
+            raise MetaunlearnError(f"the study's folder {cwd} is not on this node: Ray workers need it on a "
+                                   "shared filesystem")
+        os.chdir(cwd)
+        torch.set_num_threads(threads)  # its CPU share: workers that each take every core slow each other badly
         config = StudyConfig.from_dict(config_data)
         step = next(s for s in plan(config) if s.name == name)
-        if step.done():
-            return {"name": name, "status": "skip"}
-        start = time.perf_counter()
-        step.run()
+        with stage_lock(config, name):
+            if step.done():
+                return {"name": name, "status": "skip"}
+            start = time.perf_counter()
+            step.run()
         return {"name": name, "status": "done", "seconds": time.perf_counter() - start}
     except Exception as err:  # noqa: BLE001 - reported by the driver, the other stages go on
         return {"name": name, "status": "failed", "error": error_line(err), "traceback": traceback.format_exc()}
@@ -92,13 +95,18 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
         needs, status = {step.name: step.needs for step in steps}, {}
         with tqdm(total=len(pending) + 1, desc="study (ray)", unit="stage", disable=not progress,
                   dynamic_ncols=True) as bar:
+            order = {ref: i for i, ref in enumerate(pending)}
             while pending:
                 finished, pending = ray.wait(pending, num_returns=1)
-                name = names[finished[0]]
-                result = outcome(ray, finished[0], name, needs[name], status)
-                status[name] = result["status"]
-                _record(book, result)
-                bar.update(1)
+                if pending:  # and whatever else is ready: in plan order, so a dead worker's stage is recorded
+                    more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)  # before its dependents
+                    finished += more
+                for ref in sorted(finished, key=order.__getitem__):
+                    name = names[ref]
+                    result = outcome(ray, ref, name, needs[name], status)
+                    status[name] = result["status"]
+                    _record(book, result)
+                    bar.update(1)
             _run_report(book, config)
             bar.update(1)
         return book.close()

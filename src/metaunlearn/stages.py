@@ -6,7 +6,6 @@ hold no state.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from . import imagefolder, layout
@@ -101,22 +100,11 @@ def run_unlearn(config: StudyConfig, seed: int, progress: bool = True) -> Path:
     if layout.unlearn_done(config, seed):
         return folder / layout.MODEL
     fingerprint = layout.unlearn_fingerprint(config, seed)
-    # a finished model of these inputs that a try of others left in place: restored, not trained (its
-    # timing.json stays the training's)
-    restores = (layout.released_record(folder) or {}).get("fingerprint") == fingerprint
     model = load_model(config)
     data = concept_data(config, model, "train", progress=progress)
-    start = time.perf_counter()
-    out = unlearn(config, model, data, folder, seed, fingerprint, progress=progress)
-    from .model_card import write_model_card
-
-    write_model_card(out, config, seed, "meta" if config.meta.enabled else "base")  # numbers come with the report
-    # the time of the run that finished it, plus the training steps an interrupted run had checkpointed
-    # (its set-up and the steps after its last checkpoint are not counted)
-    earlier = read_json(folder / layout.RUN_STATUS).get("earlier_seconds", 0.0)
-    if not restores:
-        write_json(folder / "timing.json", {"seconds": round(time.perf_counter() - start + earlier, 2)})
-    return out
+    # a finished model of these inputs that a try of others left in place is restored, not trained: its
+    # model card and timing.json stay the training's
+    return unlearn(config, model, data, folder, seed, fingerprint, progress=progress)
 
 
 def evaluator(config: StudyConfig):
@@ -197,8 +185,8 @@ def run_one_attack(config: StudyConfig, attack: AttackConfig, seed: int, model_d
     curve["settings_key"] = attack_settings_key(config)
     if attack.save_final:
         make_attack(attack).save(model, out)
-    write_json(out / layout.CURVE, curve)
     plot_curves([curve], out / "curve.png", title=f"{attack.name} on {label} (seed {seed})")
+    write_json(out / layout.CURVE, curve)  # last: the attack's done record
     return curve
 
 

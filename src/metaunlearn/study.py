@@ -42,6 +42,14 @@ class Stage:
     needs: tuple[str, ...] = ()
 
 
+def stage_lock(config: StudyConfig, name: str):
+    """Held while a stage is checked and run, under either executor: a worker a killed Ray driver left
+    behind finishes its stage before a resumed run looks at it, and never writes beside it."""
+    from .layout import exclusive
+
+    return exclusive(config.run_dir() / ".locks" / f"{name.replace('/', '--')}.lock")
+
+
 @dataclass
 class Outcome:
     run_dir: Path
@@ -103,14 +111,14 @@ def plan(config: StudyConfig, log: Callable[[str], None] = lambda _: None) -> li
                           (f"unlearn/{m.label}",)))
     targets = [(ORIGINAL, None, config, None)] + [(m.label, m.seed, m.config, runs.model(m.label)) for m in models]
     for label, seed, vcfg, model_dir in targets:
-        model_needs = ("model",) if seed is None else (f"unlearn/{label}",)  # the original: the world built once
+        # after the model's evaluation, whose images and numbers are the attack's step 0 (under Ray as well)
+        model_needs = (f"evaluate/{label}",)
         for attack in config.attacks:
             needs = (("data/attack",) if layout.needs_attack_split([attack]) else ()) + model_needs
             for s in layout.attack_seeds(config, attack, seed):
-                source = (lambda d=model_dir, c=vcfg: d or original(c))
                 out.append(Stage(f"attack/{label}/{attack.name}-seed{s}",
-                                  lambda c=vcfg, a=attack, s=s, src=source, lb=label: layout.attack_done(
-                                      c, a, s, src(), lb),
+                                  lambda c=vcfg, a=attack, s=s, d=model_dir, lb=label: layout.attack_done(
+                                      c, a, s, d or original(c), lb),
                                   lambda c=vcfg, a=attack, s=s, d=model_dir: stages.run_one_attack(
                                       c, a, s, d, progress=quiet), needs))
     return out
@@ -186,12 +194,13 @@ def run_study(config: StudyConfig, progress: bool = True) -> Outcome:
         if book.blocked(step):
             continue
         try:
-            if step.done():
-                book.log(f"skip    {step.name} (done)")
-                continue
-            book.log(f"start   {step.name}")
-            start = time.perf_counter()
-            step.run()
+            with stage_lock(config, step.name):
+                if step.done():
+                    book.log(f"skip    {step.name} (done)")
+                    continue
+                book.log(f"start   {step.name}")
+                start = time.perf_counter()
+                step.run()
         except KeyboardInterrupt:
             book.log(f"stopped {step.name}: interrupted")
             raise

@@ -7,6 +7,7 @@ objective, trained by the engine into a run folder that resumes after a kill.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         if status.get("status") != "done":  # back to the inputs of the finished model a try of others left
             write_json(out_dir / RUN_STATUS, done)
         return out_dir / MODEL
+    start = time.perf_counter()
     method = make_method(cfg, config.concepts.guide)
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
         raise TrainingError(NOTHING_TO_TRAIN.format(name=cfg.name))
@@ -200,6 +202,14 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
             world = world_for(config.model)
             if world is not None:  # a study on top of this model keeps the world's classes and detector
                 world.mark(tmp)
+            from .model_card import write_model_card
+
+            write_model_card(tmp, config, seed, "meta" if config.meta.enabled else "base")  # numbers: the report's
+        # before the done record, so a run killed in between redoes it: the time of the run that finished it,
+        # plus the training steps an interrupted run had checkpointed (not its set-up, nor the steps after its
+        # last checkpoint)
+        seconds = time.perf_counter() - start + earlier.get("earlier_seconds", 0.0)
+        write_json(out_dir / "timing.json", {"seconds": round(seconds, 2)})
         write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,
                                           **earlier, **method.record()})
     return out_dir / MODEL
