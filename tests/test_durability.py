@@ -75,7 +75,11 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
                          ({**good, "attackers": [{"name": "a"}, {"name": 5}]},
                           "every attacker needs a name as text (attacker 1 has 5)"),
                          ({**good, "attackers": [{"name": "a", "data": {"classes": ["two"]}}]},
-                          "grid attackers.0.data.classes needs a built-in world")):
+                          "grid attackers.0.data.classes needs a built-in world"),
+                         ({**good, "attackers": [{"name": "a"}, {"name": "b", "eval_at": [2, 4]}]},
+                          "must evaluate at step 0 (the model before the attack): add 0 to the eval_at of g.b"),
+                         ({**good, "attackers": [{"name": "a"}, {"name": "b", "eval_at": [0, 2, 4]}]},
+                          "grid attackers.1: evaluates steps [2, 4] within the window, the reference a [4]")):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_grid(path).attacks()
@@ -157,7 +161,7 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
                                                                            ("m1", 0, 0.6), ("m1", 1, 0.6))
                                   for c in run([0, f, f], keep)]
     assert ("meta window under ref by unlearned model: m0 30.0, m1 60.0 (std between models 15.0; between attack "
-            "seeds on one model 5.0); the best of 2 on the first attack seed, m0 (20.0), under the other attack "
+            "seeds on one model 5.0); the best of 2 on the lowest attack seed, m0 (20.0), under the other attack "
             "seeds: 40.0") in table(summarise(grid, curves, "forget_rate"))
     # an attacker with classes of its own (the shipped grid's new concept) is summarised with the study's world
     own = GridConfig.model_validate({**grid.model_dump(), "attackers": [

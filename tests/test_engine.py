@@ -96,10 +96,11 @@ def test_clipping_bounds_the_update(clip):
 
 
 def test_warmup_applies_to_the_constant_schedule_too():
+    # each step's record holds the lr it ran at: diffusers' warmup starts from 0, as its training scripts do
     _, engine = toy({"warmup_steps": 4, "steps": 8})  # diffusers' "constant" alone ignores warmup
-    assert [engine.step(i).lr for i in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert [engine.step(i).lr for i in range(6)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
     _, linear = toy({"lr_schedule": "linear", "warmup_steps": 2, "steps": 6})
-    assert [linear.step(i).lr for i in range(6)] == pytest.approx([0.05, 0.1, 0.075, 0.05, 0.025, 0.0])
+    assert [linear.step(i).lr for i in range(6)] == pytest.approx([0.0, 0.05, 0.1, 0.075, 0.05, 0.025])
 
 
 def test_a_non_finite_gradient_stops_the_step_before_it_reaches_the_weights():
@@ -132,6 +133,24 @@ def test_the_fp16_loss_scale_is_checkpointed(tmp_path):
     # without clipping the logged norm is the true one, not times the loss scale
     plain, fp16 = toy({})[1].step(0), toy({}, accelerator=scaled())[1].step(0)
     assert fp16.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+
+
+def test_an_fp16_run_whose_every_term_backpropagates_itself_steps():
+    """GradScaler makes its scale at its first scale(): with no term through the engine's backward (the
+    in-place meta objective alone: method none, no preservation) the step still unscales and steps."""
+    module = torch.nn.Linear(4, 3)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+
+    def in_place(ctx):
+        module.weight.grad = torch.full_like(module.weight, ctx.loss_scale)  # a gradient of one, scaled
+        return Terms({"meta_after": torch.zeros(())}, {})
+
+    settings = OptimizerSettings(lr=0.1, steps=2, batch_size=2, grad_clip=0.0)
+    engine = Engine(module, dict(module.named_parameters()), {"meta": in_place}, settings, 3, accelerator)
+    before = module.weight.detach().clone()
+    record = engine.step(0)
+    assert record.grad_norm == pytest.approx(12 ** 0.5) and not torch.equal(module.weight, before)
 
 
 def test_steps_replay_their_randomness_and_callbacks_see_every_step():

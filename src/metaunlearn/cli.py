@@ -232,14 +232,16 @@ def select(config: ConfigArg,
                                                 show_default=False)],
            set_: SetOpt = None,
            variant: Annotated[str, typer.Option(help="Which of the study's variants to choose from.")] = "meta",
-           tolerance: Annotated[float, typer.Option(help="Before-attack quality (as a share) a model may lose "
-                                                         "against the best of them and still be chosen.")] = 0.05,
+           tolerance: Annotated[float, typer.Option(help="How much (as a share) a model may trail another on a "
+                                                         "rate (before-attack quality, collateral) and still "
+                                                         "be chosen.")] = 0.05,
            to: Annotated[Optional[Path], typer.Option(help="Copy the chosen model to this new folder.")] = None,
            collateral: Annotated[bool, typer.Option("--collateral/--no-collateral", help=(
                "Whether unrelated accuracy lost in the attacks can rule a model out (it trades against the "
                "window)."))] = True):
     """Attack each seed's unlearned model with a selection grid and name the one to release: the lowest
-    relearning window among those as good as the best before any attack (unlearns what is missing first)."""
+    relearning window among those no other model beats on quality or collateral (unlearns what is missing
+    first)."""
     from .durability import load_grid
     from .selection import run_select, table
 

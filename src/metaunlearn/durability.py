@@ -80,7 +80,23 @@ class GridConfig(Options):
                 except ValueError as err:
                     raise ConfigError(f"grid attackers.{i}.data.classes {err}") from None
             out.append(attack)
+        self._comparable(out)
         return out
+
+    def _comparable(self, attacks: list[AttackConfig]) -> None:
+        """Every attacker is measured at step 0 (its cost; whether it destroys the base) and, when it relearns,
+        at the reference's steps within the window: a strength or a worst case over other steps means nothing."""
+        def steps(a: AttackConfig) -> list[int]:
+            return [s for s in a.eval_at if 0 < s <= self.window_until]
+
+        reference = next(a for a in attacks if a.name == f"{self.name}.{self.reference}")
+        for i, attack in enumerate(attacks):
+            if 0 not in attack.eval_at:
+                raise ConfigError(f"grid attackers.{i}: attackers must evaluate at step 0 (the model before the "
+                                  f"attack): add 0 to the eval_at of {attack.name}")
+            if attack.data == "forget" and steps(attack) != steps(reference):
+                raise ConfigError(f"grid attackers.{i}: evaluates steps {steps(attack)} within the window, the "
+                                  f"reference {self.reference} {steps(reference)}; give them the same eval_at")
 
 
 def load_grid(path: str | Path) -> GridConfig:
@@ -248,7 +264,8 @@ def table(summary: dict) -> str:
     reference = next((r for r in summary["rows"] if r["attacker"] == summary["reference"]), None)
     for variant, s in (reference["variants"].items() if reference else []):
         if s.get("spread"):
-            lines.append(f"\n{variant} window under {reference['attacker']} by unlearned model: {_spread(s['spread'])}")
+            lines.append(f"\n{variant} window under {reference['attacker']} by unlearned model: "
+                         f"{_spread(s['spread'], summary.get('rate', True))}")
     for name in ("worst_up_to_default", "worst_stronger", "worst"):
         w = summary[name]
         lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
@@ -263,14 +280,17 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _spread(s: dict) -> str:
+def _spread(s: dict, rate: bool = True) -> str:
+    def f(x: float) -> str:  # a rate in %, a distance (FID) as it is
+        return f"{100 * x:.1f}" if rate else f"{x:.4g}"
+
     within, best = s["within_model"], s.get("best_of")
-    text = (", ".join(f"{m} {100 * w:.1f}" for m, w in s["by_model"].items())
-            + f" (std between models {100 * s['between_models']:.1f}; between attack seeds on one model "
-            + (f"{100 * within:.1f})" if within is not None else "not measured: one attack per model)"))
+    text = (", ".join(f"{m} {f(w)}" for m, w in s["by_model"].items())
+            + f" (std between models {f(s['between_models'])}; between attack seeds on one model "
+            + (f"{f(within)})" if within is not None else "not measured: one attack per model)"))
     if best:
-        text += (f"; the best of {best['models']} on the first attack seed, {best['chosen']} "
-                 f"({100 * best['chosen_on']:.1f}), under the other attack seeds: {100 * best['held_out']:.1f}")
+        text += (f"; the best of {best['models']} on the lowest attack seed, {best['chosen']} "
+                 f"({f(best['chosen_on'])}), under the other attack seeds: {f(best['held_out'])}")
     return text
 
 

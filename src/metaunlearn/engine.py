@@ -266,6 +266,9 @@ class Engine:
         # seconds of training steps, the checkpointed run's included (so a resumed run's time is the whole
         # run's); `resumed_seconds`: the part a checkpoint brought
         self.seconds = self.resumed_seconds = 0.0
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:  # its scale is made by the first scale(): a run whose every term backpropagates
+            scaler.scale(torch.zeros((), device=accelerator.device))  # itself (meta in place) never calls it
         if accelerator.num_processes > 1:
             atexit.unregister(_destroy_process_group)  # registered once per process
             atexit.register(_destroy_process_group)
@@ -278,6 +281,7 @@ class Engine:
     def step(self, step: int) -> StepRecord:
         """One optimizer step (0-based index `step`)."""
         begin, acc = time.perf_counter(), self.accelerator
+        lr = self.scheduler.get_last_lr()[0]  # this step's (the scheduler's step below sets the next one's)
         ctx = self.context(step)
         self.module.train()
         losses: dict[str, float] = {}
@@ -317,7 +321,8 @@ class Engine:
         self.optimizer.step()
         # an fp16 overflow skipped the step exactly when the scaler backed off (accelerate's step_was_skipped
         # misses it when the optimizer is fused: GradScaler then always calls step() and the kernel skips)
-        if scaler is None or scaler.get_scale() >= scale:
+        taken = scaler is None or scaler.get_scale() >= scale
+        if taken:
             self.scheduler.step()
             self.overflows_in_a_row = 0
         else:
@@ -330,15 +335,17 @@ class Engine:
                                     f"finite at any scale (losses: {_shown(losses, logs)}); last good "
                                     f"checkpoint: {self.last_good}; {self.hint}, or try bf16")
         self.optimizer.zero_grad(set_to_none=True)
-        for hook in self.stateful:
+        for hook in self.stateful if taken else ():  # a skipped step moved no weight (SDD's teacher follows them)
             hook.after_step()
         self.module.eval()
-        return StepRecord(step + 1, value, losses, logs, grad_norm,
-                          self.scheduler.get_last_lr()[0], time.perf_counter() - begin)
+        return StepRecord(step + 1, value, losses, logs, grad_norm, lr, time.perf_counter() - begin)
 
     def _check_finite(self, terms: dict[str, torch.Tensor], earlier: dict[str, float], step: int) -> None:
         values = {k: v.item() for k, v in terms.items()}
-        if not all(map(math.isfinite, values.values())):
+        bad = not all(map(math.isfinite, values.values()))
+        if self.accelerator.num_processes > 1:  # every process stops, not one while the others wait on it
+            bad = bool(self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), "sum"))
+        if bad:
             shown = _shown(earlier, values)
             raise TrainingError(f"the loss became {sum(values.values()) + sum(earlier.values())} at step {step + 1} "
                                 f"({shown}); last good checkpoint: {self.last_good}; {self.hint}")
@@ -382,6 +389,20 @@ class Engine:
         self.last_good = checkpoint.name
         return state["step"]
 
+    def _agree(self, start: int) -> None:
+        """Processes of one run resume from one checkpoint and hold the same weights (gradients are averaged
+        by hand, nothing else keeps them equal): a process that saw another folder, or whose closed-form edit
+        sampled otherwise, is caught or brought in line before the first step."""
+        from accelerate.utils import broadcast, gather_object
+
+        starts = gather_object([start])
+        if len(set(starts)) > 1:
+            raise TrainingError(f"the processes found different checkpoints to resume from (steps {starts}): "
+                                "keep the run folder on a filesystem every process sees")
+        with torch.no_grad():
+            for param in self.params.values():
+                param.copy_(broadcast(param.detach().clone(), from_process=0))
+
     # --------------------------------------------------------------- the loop
     def run(self, *, checkpoints: Path | None = None, checkpoint_every: int = 0, log: Path | None = None,
             log_every: int = 1, after: Callable[[int], None] | None = None, desc: str = "train",
@@ -393,6 +414,8 @@ class Engine:
 
         acc, steps = self.accelerator, self.settings.steps
         start = self.resume(checkpoints) if checkpoints is not None else 0
+        if acc.num_processes > 1:
+            self._agree(start)
         jsonl = JsonlLog(log, keep_until_step=start) if log is not None and acc.is_main_process else None
         tracking = bool(acc.log_with)
         if tracking:

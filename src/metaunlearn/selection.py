@@ -88,7 +88,8 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
         curves = [c for cs in by_attacker.values() for c in cs]
         windows = {a: _mean(durability.window(c, key, until) for c in by_attacker.get(a, [])) for a in full}
         before = {k: (mean_at(curves, k, 0) or {}).get("mean") for k in (key, *QUALITY)}
-        lost = attack_cost(curves, "unrelated_accuracy")
+        # each attacker weighs the same, however many attack seeds it has (as in the window)
+        lost = _mean(attack_cost(cs, "unrelated_accuracy") for cs in by_attacker.values())
         short = [a for a, n in full.items() if len(by_attacker.get(a, [])) < n or windows[a] is None]
         rows[label] = {"windows": windows, "window": None if short else _mean(windows.values()), "before": before,
                        "collateral": lost, "eligible": not short and bool(full),
@@ -111,7 +112,8 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     eligible = [(sign * r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
     # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model
-    return {"key": key, "tolerance": slack, "collateral": collateral, "models": rows,
+    return {"key": key, "rate": _declared(models).get(key, {}).get("fraction", True), "tolerance": slack,
+            "collateral": collateral, "models": rows,
             "chosen": min(eligible)[3] if eligible else None}
 
 
@@ -136,11 +138,7 @@ def run_select(config: StudyConfig, grid: GridConfig, variant: str = "meta", tol
         raise ConfigError(f"grid '{grid.name}' has no relearning attacker (data: forget) to choose by")
     # honest finetunes and the original model choose nothing: not run
     grid = grid.model_copy(update={"attackers": [spec for spec, _ in relearning], "original": False})
-    attacks = [a for _, a in relearning]
-    without_before = [a.name for a in attacks if 0 not in a.eval_at]
-    if without_before:  # the rule compares models before any attack: step 0
-        raise ConfigError(f"selection attackers must evaluate at step 0 (before the attack): add 0 to the eval_at "
-                          f"of {', '.join(without_before)}")
+    attacks = [a for _, a in relearning]  # each evaluates step 0 (GridConfig.attacks): the rule compares them there
     config = config.model_copy(update={"variants": [variant]})
     stages.preflight(config, attacks=attacks)
     metrics = stages.evaluator(config)
@@ -182,13 +180,18 @@ def table(selection: dict) -> str:
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
 
+    rate = selection.get("rate", True)
+
+    def window(v):  # the key's values: a rate in %, a distance (FID) as it is
+        return pct(v) if rate or v is None else f"{v:.4g}"
+
     lines = ["| model | " + " | ".join(attackers) + " | mean window | before: key / related / unrelated | "
              "unrelated lost in the attacks | chosen |", "|" + "---|" * (len(attackers) + 5)]
     for label, r in models.items():
         b = r["before"]
         mark = "**chosen**" if label == selection["chosen"] else (r["why"] or "")
-        lines.append(f"| {label} | " + " | ".join(pct(r["windows"][a]) for a in attackers) +
-                     f" | {pct(r['window'])} | {pct(b[selection['key']])} / {pct(b.get('related_accuracy'))} / "
+        lines.append(f"| {label} | " + " | ".join(window(r["windows"][a]) for a in attackers) +
+                     f" | {window(r['window'])} | {window(b[selection['key']])} / {pct(b.get('related_accuracy'))} / "
                      f"{pct(b.get('unrelated_accuracy'))} | {pct(r['collateral'])} | {mark} |")
     for f in selection.get("failed", []):
         lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
@@ -202,9 +205,9 @@ def card_section(selection: dict) -> str:
     return (f"## How this model was chosen\n\n`metaunlearn select` chose it among {len(selection['models'])} "
             f"unlearned models of the study (variant '{selection['variant']}', one per unlearning seed), each "
             f"attacked by the relearning attackers of the selection grid '{selection['grid']}'. A model was ruled "
-            f"out when another was at least as good on every rate below"
+            f"out when another was as good, within the tolerance, on every rate below"
             f"{'' if selection.get('collateral', True) else ' (before the attacks)'} and better by more than "
             f"{100 * selection['tolerance']:g} points on one; of the rest, the one least relearned was chosen: the "
-            f"lowest mean {selection['key']} over the evaluated attack steps (the highest for a key that falls as "
-            "the concept returns, such as FID). Windows and rates in %; "
+            f"lowest mean {selection['key']} over the evaluated attack steps of its window (the highest for a key "
+            "that falls as the concept returns, such as FID). Rates in %; "
             "judge the model on attacks this choice never saw.\n\n" + table(selection))

@@ -162,16 +162,19 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         # each process's episode (attacker, displacement) differs and a checkpoint holds the main one's only
         raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
                           "every process the main process's attacker; set meta.persistent=0 or run one process")
-    checkpoints = out_dir / "checkpoints"
-    if status.get("fingerprint") not in (None, fingerprint):
+    checkpoints, main = out_dir / "checkpoints", accelerator.is_main_process  # the one process that writes
+    if main and status.get("fingerprint") not in (None, fingerprint):
         shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
-    write_text(out_dir / "config.yaml", config.to_yaml())
+    if main:
+        write_text(out_dir / "config.yaml", config.to_yaml())
     running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
     # an interrupted run's verdicts on candidate edits: replayed, so the resumed run keeps the edit its
     # checkpoints were trained from (sampling on a GPU need not repeat bit for bit), without sampling again
     judged = status.get("judged") if status.get("fingerprint") == fingerprint else None
     released = {"released": done} if done else {}
-    write_json(out_dir / RUN_STATUS, {**running, **released})
+    if main:
+        write_json(out_dir / RUN_STATUS, {**running, **released})
+    accelerator.wait_for_everyone()  # no process reads the folder while the main one clears it
 
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it)
@@ -179,7 +182,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     method.edit(model, data, judge)
     if verdicts:
         running["judged"] = verdicts
-        write_json(out_dir / RUN_STATUS, {**running, **released})
+        if main:
+            write_json(out_dir / RUN_STATUS, {**running, **released})
     steps, earlier = 0, {}
     if not method.closed_form or config.meta.enabled or extra:
         engine = training_engine(config, model, data, method, accelerator, seed, extra)
@@ -212,4 +216,5 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         write_json(out_dir / "timing.json", {"seconds": round(seconds, 2)})
         write_json(out_dir / RUN_STATUS, {"fingerprint": fingerprint, "seed": seed, "status": "done", "steps": steps,
                                           **earlier, **method.record()})
+    accelerator.wait_for_everyone()  # every process returns the finished model, not the one being replaced
     return out_dir / MODEL

@@ -71,7 +71,8 @@ def summary(curves: list[dict], key: str = FORGET_RATE, until: int | None = None
             if values else None
 
     return {"window": stat([window(c, key, until) for c in curves]), "auc": stat([auc(c, key) for c in curves]),
-            "steps_to_50": [steps_to(c, 0.5, key) if rate else NOT_MEASURED for c in curves],
+            # "50% relearned" is a rate that rises as the concept returns (not an accuracy of another role)
+            "steps_to_50": [steps_to(c, 0.5, key) if rate and rises else NOT_MEASURED for c in curves],
             "last_step": max((c["points"][-1]["step"] for c in curves if c["points"]), default=None),
             "spread": spread(curves, key, until, rises)}
 
