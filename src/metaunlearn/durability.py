@@ -266,9 +266,11 @@ def table(summary: dict) -> str:
         if s.get("spread"):
             lines.append(f"\n{variant} window under {reference['attacker']} by unlearned model: "
                          f"{_spread(s['spread'], summary.get('rate', True))}")
+    failed = summary.get("failed", [])
+    gaps = f" (over the attacks that ran: {len(failed)} failed, listed below)" if failed else ""
     for name in ("worst_up_to_default", "worst_stronger", "worst"):
         w = summary[name]
-        lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–"))
+        lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–") + gaps)
     for f in summary.get("failed", []):
         lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
     for name in summary.get("selected_on_this_grid", []):

@@ -64,8 +64,23 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename itself to disk (a power cut, not only a kill, then finds the new file or the old one)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -89,6 +104,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(trash, ignore_errors=True)
             try:
                 os.replace(tmp, path)
+                _sync_folder(path.parent)
                 break
             except OSError as err:  # another writer of the same folder (an orphaned worker) got there between
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
