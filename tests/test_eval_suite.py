@@ -251,6 +251,12 @@ def test_fid_of_the_digits_original_is_zero_against_itself_and_not_for_an_unlear
     # on the forget role further is better (relearning brings it down: the durability summary reads it so)
     better = {s["key"]: s["higher_is_better"] for s in unlearned["specs"]}
     assert better["fid_forget"] and better["kid_forget"] and not better["fid_unrelated"]
+    # ...unless one folder of generic images (COCO) is every role's reference: there it measures quality
+    from metaunlearn.metrics.fid import FidOptions, farther_is_better
+
+    assert farther_is_better(FidOptions(reference={"forget": "/data/eights"}), "forget")
+    assert not farther_is_better(FidOptions(reference="/data/coco"), "forget")
+    assert not farther_is_better(FidOptions(reference="world"), "related")
 
     # against real held-out digits, with KID: the world's own reference
     real = digits_study(tmp_path, ["evaluation.fid.reference=world", "output.dir=" + str(tmp_path / "run2")])

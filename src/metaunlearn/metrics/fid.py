@@ -45,7 +45,9 @@ class FidOptions(PluginSection):
     reference: Union[str, dict[Role, str]] = Field("auto", description=(
         "What samples are compared with, for every role or per role: 'original' (the original model's samples "
         "of the same prompts), 'world' (a built-in world's real held-out images of the role's classes), or a "
-        "folder of real images (e.g. COCO val2014); 'auto': 'world' in a built-in world, else 'original'."))
+        "folder of real images (e.g. COCO val2014); 'auto': 'world' in a built-in world, else 'original'. On "
+        "the forget role a higher FID is better (further from the concept), except against one folder for "
+        "every role: generic images, where it measures image quality."))
     roles: list[Role] = Field(list(ROLES), min_length=1, description="Roles whose samples are measured.")
     kid: bool = Field(True, description="Also report KID (unbiased for small sample counts, unlike FID).")
     kid_subset_size: int = Field(1000, gt=1, description="KID subset size (capped at the smaller sample count).")
@@ -66,12 +68,10 @@ class Fid(Metric):
         self.features_name = name = features_name(options, context.world)
         self.features: Features = FEATURES.get(name, "evaluation.fid.features").impl(options.options(name), context)
         self.values = [v for role in options.roles for v in (
-            # the forget role's: further from the concept's images (the original's samples, real ones) is the
-            # goal, and relearning brings it down
-            Value(f"fid_{role}", f"FID {role}", role, higher_is_better=role == "forget", fraction=False,
-                  group="utility"),
-            *([Value(f"kid_{role}", f"KID {role}", role, higher_is_better=role == "forget", fraction=False,
-                     group="utility")]
+            Value(f"fid_{role}", f"FID {role}", role, higher_is_better=farther_is_better(options, role),
+                  fraction=False, group="utility"),
+            *([Value(f"kid_{role}", f"KID {role}", role, higher_is_better=farther_is_better(options, role),
+                     fraction=False, group="utility")]
               if options.kid else []))]
         self._references: dict[str, torch.Tensor] = {}
         self._folders: dict[str, str] = {}  # a reference folder's signature, taken once per evaluator
@@ -180,6 +180,15 @@ class Fid(Metric):
             _world_classes(world, classes, role)
             return world.reference_images(classes, size)
         return folder_images(ref, size, self.options.reference_limit)
+
+
+def farther_is_better(options: FidOptions, role: str) -> bool:
+    """Whether a higher FID means a better model. The forget role's reference shows the concept (the original's
+    samples, the world's real images of it, or a folder given for that role), so further from it is the goal
+    and relearning brings it down; one folder for every role (COCO) is generic images, where lower is better
+    for the forget role too (image quality)."""
+    given = options.reference
+    return role == "forget" and (isinstance(given, dict) or given in ("auto", "original", "world"))
 
 
 def _reference(options: FidOptions, role: str, world) -> str:
