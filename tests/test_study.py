@@ -103,6 +103,13 @@ def test_a_study_runs_every_stage_then_skips_them_and_redoes_only_what_changed(
     started = events(last_run(run / "study.log"), "start")
     assert started == {"report"} | {f"{stage}/esd-meta-seed{s}" for stage in ("unlearn", "evaluate") for s in (0, 1)} \
         | {f"attack/esd-meta-seed{s}/full-seed{s}" for s in (0, 1)}
+    # data whose manifest is there but a role file gone is not done (made again, not failed at load)
+    from metaunlearn.layout import RunLayout, data_done
+
+    config = StudyConfig.from_dict(study)
+    assert data_done(config, "train")
+    (RunLayout.of(config).data("train") / "forget.safetensors").unlink()
+    assert not data_done(config, "train")
 
 
 def test_an_interrupted_study_resumes_where_it_stopped(tiny_pipeline_dir, tmp_path, monkeypatch):

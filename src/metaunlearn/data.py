@@ -190,7 +190,14 @@ def prepare_concept_data(config: StudyConfig, model: DiffusionModel | Callable[[
     `model` may be a loader, called only when the cache cannot serve the split."""
     if split not in SPLITS:
         raise MetaunlearnError(f"unknown data split '{split}'; choose one of {', '.join(SPLITS)}")
-    folder = Path(cache_dir) / split
+    from .layout import exclusive
+
+    with exclusive(Path(cache_dir) / f".{split}.lock"):  # Ray's workers: one makes it, the others read it
+        return _prepare_concept_data(config, model, split, Path(cache_dir) / split, progress, log)
+
+
+def _prepare_concept_data(config: StudyConfig, model, split: str, folder: Path, progress: bool,
+                          log: Callable[[str], None]) -> ConceptData:
     key = data_manifest_key(config)
     cached = _load_cached(folder, key)
     if cached is not None:

@@ -431,8 +431,17 @@ def attack_inputs(attack: AttackConfig) -> dict:
 
 # ----------------------------------------------------------------- done checks
 def data_done(config: StudyConfig, split: str) -> bool:
-    manifest = read_json(RunLayout.of(config).data(split) / MANIFEST)
-    return bool(manifest) and all(manifest.get(k) == v for k, v in data_manifest_key(config).items())
+    folder = RunLayout.of(config).data(split)
+    manifest = read_json(folder / MANIFEST)
+    return bool(manifest) and all(manifest.get(k) == v for k, v in data_manifest_key(config).items()) and all(
+        _nonempty(folder / f"{role}.safetensors") for role, n in manifest.get("counts", {}).items() if n is not None)
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def unlearn_done(config: StudyConfig, seed: int) -> bool:
