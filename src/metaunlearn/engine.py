@@ -301,6 +301,10 @@ class Engine:
                     losses.update({k: v.item() for k, v in terms.losses.items()})
         if not losses:
             raise TrainingError("nothing to train: no objective returned a loss term")
+        if acc.num_processes > 1:  # the logged losses are every process's batch, as the gradient is
+            keys = list(losses)  # the same objectives, in the same order, on every process
+            mean = acc.reduce(torch.tensor([losses[k] for k in keys], device=acc.device), "mean")
+            losses = dict(zip(keys, mean.tolist()))
         value = sum(losses.values())
         if acc.num_processes > 1:  # the UNet is not DDP-wrapped (functional calls): average by hand
             for param in self.params.values():
