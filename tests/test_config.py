@@ -229,6 +229,11 @@ def test_what_would_fail_only_after_unlearning_fails_before_it(tmp_path):
     assert "a fraction above 1" in error_of(tmp_path, MINIMAL, ["executor.gpus.unlearn=1.5"])
     message = error_of(tmp_path, "concepts:\n  forget:\n    prompts: [a]\nmethod:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
     assert "the key 'lr' appears twice in one mapping" in message and "line 6" in message
+    assert "a key must be a name or a number" in error_of(tmp_path, "concepts:\n  ? [a, b]\n  : 1\n")
+    merged = "x: &base {lr: 1.0e-4, steps: 3}\nmethod:\n  <<: *base\n  lr: 2.0e-4\n"  # merge keys still work
+    from metaunlearn.config import read_yaml
+
+    assert read_yaml(merged)["method"] == {"lr": 2.0e-4, "steps": 3}
 
 
 def test_duplicate_attack_names_fail(tmp_path):

@@ -256,6 +256,8 @@ def test_fid_of_the_digits_original_is_zero_against_itself_and_not_for_an_unlear
 
     assert farther_is_better(FidOptions(reference={"forget": "/data/eights"}), "forget")
     assert not farther_is_better(FidOptions(reference="/data/coco"), "forget")
+    assert not farther_is_better(FidOptions(reference={r: "/data/coco" for r in ("forget", "related", "unrelated")}),
+                                 "forget")
     assert not farther_is_better(FidOptions(reference="world"), "related")
 
     # against real held-out digits, with KID: the world's own reference

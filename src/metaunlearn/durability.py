@@ -89,12 +89,12 @@ class GridConfig(Options):
         def steps(a: AttackConfig) -> list[int]:
             return [s for s in a.eval_at if 0 < s <= self.window_until]
 
-        reference = next(a for a in attacks if a.name == f"{self.name}.{self.reference}")
+        reference = next((a for a in attacks if a.name == f"{self.name}.{self.reference}"), None)
         for i, attack in enumerate(attacks):
             if 0 not in attack.eval_at:
                 raise ConfigError(f"grid attackers.{i}: attackers must evaluate at step 0 (the model before the "
                                   f"attack): add 0 to the eval_at of {attack.name}")
-            if attack.data == "forget" and steps(attack) != steps(reference):
+            if reference is not None and attack.data == "forget" and steps(attack) != steps(reference):
                 raise ConfigError(f"grid attackers.{i}: evaluates steps {steps(attack)} within the window, the "
                                   f"reference {self.reference} {steps(reference)}; give them the same eval_at")
 

@@ -110,6 +110,15 @@ def available_device(device: str) -> str:
     return device
 
 
+def rank_zeros(tensors) -> None:
+    """Every process's `tensors` set to the main process's (a collective: every process calls it)."""
+    from accelerate.utils import broadcast
+
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(broadcast(tensor.detach().clone(), from_process=0))
+
+
 def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, project_dir: Path | None = None):
     from accelerate import Accelerator
 
@@ -397,15 +406,13 @@ class Engine:
         """Processes of one run resume from one checkpoint and hold the same weights (gradients are averaged
         by hand, nothing else keeps them equal): a process that saw another folder, or whose closed-form edit
         sampled otherwise, is caught or brought in line before the first step."""
-        from accelerate.utils import broadcast, gather_object
+        from accelerate.utils import gather_object
 
         starts = gather_object([start])
         if len(set(starts)) > 1:
             raise TrainingError(f"the processes found different checkpoints to resume from (steps {starts}): "
                                 "keep the run folder on a filesystem every process sees")
-        with torch.no_grad():
-            for param in self.params.values():
-                param.copy_(broadcast(param.detach().clone(), from_process=0))
+        rank_zeros(self.params.values())
 
     # --------------------------------------------------------------- the loop
     def run(self, *, checkpoints: Path | None = None, checkpoint_every: int = 0, log: Path | None = None,

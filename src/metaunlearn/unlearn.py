@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .data import ConceptData, RoleData
-from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator
+from .engine import Engine, Objective, StepContext, Terms, check_finite, make_accelerator, rank_zeros
 from .errors import ConfigError, TrainingError
 from .layout import MODEL, RUN_STATUS, atomic_dir, label_free_clip, read_json, released_record, write_json, write_text
 from .methods import Method, make_method
@@ -180,6 +180,8 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     # closed form: before any training step (deterministic, so a resumed run redoes it)
     judge, verdicts = recorded_judge(forget_judge(config, model), judged)
     method.edit(model, data, judge)
+    if accelerator.num_processes > 1 and method.closed_form:  # its judge's sampling may differ by process:
+        rank_zeros(model.unet.parameters())  # the main one's edit, before the meta stage copies its targets
     if verdicts:
         running["judged"] = verdicts
         if main:

@@ -188,7 +188,11 @@ def farther_is_better(options: FidOptions, role: str) -> bool:
     and relearning brings it down; one folder for every role (COCO) is generic images, where lower is better
     for the forget role too (image quality)."""
     given = options.reference
-    return role == "forget" and (isinstance(given, dict) or given in ("auto", "original", "world"))
+    if role != "forget":
+        return False
+    mine = given.get("forget", "auto") if isinstance(given, dict) else given
+    others = {given.get(r, "auto") for r in ROLES if r != "forget"} if isinstance(given, dict) else {given}
+    return mine in ("auto", "original", "world") or mine not in others  # a folder of the forget role's own
 
 
 def _reference(options: FidOptions, role: str, world) -> str:
