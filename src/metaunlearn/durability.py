@@ -241,10 +241,12 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
 
 def table(summary: dict) -> str:
     """The summary as Markdown: one row per attacker."""
-    def pct(s, fmt=lambda x: f"{100 * x:.1f}"):
-        return "–" if not s else fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if s.get("std") else "")
+    def pct(s, rate=True):
+        return "–" if not s else durability.shown(s["mean"], rate) + (
+            f" ± {durability.shown(s['std'], rate)}" if s.get("std") else "")
 
-    window = pct if summary.get("rate", True) else (lambda s: pct(s, lambda x: f"{x:.4g}"))  # a distance as it is
+    def window(s):
+        return pct(s, summary.get("rate", True))
 
     ratio = "meta/base" if summary.get("rises", True) else "base/meta (the key falls as the concept returns)"
     head = (f"| attacker | strength | base window | meta window | {ratio} | base steps to 50% | meta steps to 50% "
@@ -283,8 +285,8 @@ def table(summary: dict) -> str:
 
 
 def _spread(s: dict, rate: bool = True) -> str:
-    def f(x: float) -> str:  # a rate in %, a distance (FID) as it is
-        return f"{100 * x:.1f}" if rate else f"{x:.4g}"
+    def f(x: float) -> str:
+        return durability.shown(x, rate)
 
     within, best = s["within_model"], s.get("best_of")
     text = (", ".join(f"{m} {f(w)}" for m, w in s["by_model"].items())

@@ -177,13 +177,10 @@ def table(selection: dict) -> str:
     models = selection["models"]
     attackers = list(next(iter(models.values()))["windows"]) if models else []
 
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.1f}"
-
-    rate = selection.get("rate", True)
+    pct = durability.shown
 
     def window(v):  # the key's values: a rate in %, a distance (FID) as it is
-        return pct(v) if rate or v is None else f"{v:.4g}"
+        return durability.shown(v, selection.get("rate", True))
 
     lines = ["| model | " + " | ".join(attackers) + " | mean window | before: key / related / unrelated | "
              "unrelated lost in the attacks | chosen |", "|" + "---|" * (len(attackers) + 5)]

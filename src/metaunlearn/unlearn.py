@@ -163,16 +163,15 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
         raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
                           "every process the main process's attacker; set meta.persistent=0 or run one process")
     checkpoints, main = out_dir / "checkpoints", accelerator.is_main_process  # the one process that writes
-    if main and status.get("fingerprint") not in (None, fingerprint):
-        shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
-    if main:
-        write_text(out_dir / "config.yaml", config.to_yaml())
     running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
     # an interrupted run's verdicts on candidate edits: replayed, so the resumed run keeps the edit its
     # checkpoints were trained from (sampling on a GPU need not repeat bit for bit), without sampling again
     judged = status.get("judged") if status.get("fingerprint") == fingerprint else None
     released = {"released": done} if done else {}
     if main:
+        if status.get("fingerprint") not in (None, fingerprint):
+            shutil.rmtree(checkpoints, ignore_errors=True)  # checkpoints of other inputs would resume the wrong run
+        write_text(out_dir / "config.yaml", config.to_yaml())
         write_json(out_dir / RUN_STATUS, {**running, **released})
     accelerator.wait_for_everyone()  # no process reads the folder while the main one clears it
 

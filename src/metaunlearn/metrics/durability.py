@@ -53,6 +53,11 @@ def steps_to(curve: dict, level: float = 0.5, key: str = FORGET_RATE) -> int | s
     return next((s for s, v in series if v >= level), None) if series else NOT_MEASURED
 
 
+def shown(x: float | None, rate: bool = True) -> str:
+    """A value as the tables print it: a rate in %, a distance (FID) as it is, '–' when not measured."""
+    return NOT_MEASURED if x is None else f"{100 * x:.1f}" if rate else f"{x:.4g}"
+
+
 def rises_with_concept(specs: list[dict], key: str) -> bool:
     """Whether forget-role value `key` rises as the concept comes back (a rate, a CLIP score) or falls (a distance
     to the concept's images, FID): the opposite of what its declaration among `specs` (Value.as_dict) calls
@@ -83,7 +88,7 @@ def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None,
     attack's draws decide; None with one attack per model). None for fewer than two models.
 
     With two or more attack seeds per model, also what releasing the best of the models would give: the
-    model with the lowest window (the highest, for a key that falls as the concept returns) under the first
+    model with the lowest window (the highest, for a key that falls as the concept returns) under the lowest
     attack seed, judged on the others only (held out, so the choice does not flatter its own number)."""
     by_model: dict[str, list[tuple[int, float]]] = {}
     for c in curves:
