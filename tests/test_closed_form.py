@@ -265,3 +265,26 @@ def test_the_anchor_term_is_float32_under_a_callers_autocast(tiny_model, tiny_pi
         autocast = method.loss(ctx).losses["uce_anchor"]
     assert exact > 0 and autocast.dtype == torch.float32
     assert torch.equal(autocast, exact)
+
+
+def test_the_esd_term_of_a_closed_form_meta_stage_targets_the_model_before_the_edit(tiny_pipeline_dir):
+    """`esd_weight`: ESD's loss beside the meta objective, its negatively guided target from the
+    weights before the edit (what ESD's own teacher would be), not from the edited model."""
+    from metaunlearn.engine import StepContext
+    from metaunlearn.params import make_trainable
+
+    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
+                         "method.uce.esd_weight=2")
+    unedited, edited = DiffusionModel.load(tiny_pipeline_dir), DiffusionModel.load(tiny_pipeline_dir)
+    data = concept_data(edited)
+    method = make_method(config.method, "")
+    method.edit(edited, data)
+    method.setup(edited, make_trainable(edited.unet, "full"), data)
+    esd = make_method(make_config(tiny_pipeline_dir, "method.name=esd", "method.params=full").method, "")
+    esd.setup(unedited, make_trainable(unedited.unet, "full"), concept_data(unedited))
+    cond = data.forget.cond[torch.tensor([0, 1])]
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
+    torch.testing.assert_close(method.esd_target(x_t, t, cond), esd.target(x_t, t, cond))
+    assert not torch.allclose(method.target(x_t, t, cond), esd.target(x_t, t, cond))  # the edit changed it
+    terms = method.loss(StepContext(0, torch.Generator().manual_seed(0), 2)).losses
+    assert terms["uce_esd"] > 0 and "uce_anchor" in terms

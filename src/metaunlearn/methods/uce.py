@@ -49,6 +49,10 @@ class UceOptions(Options):
     output_anchor_weight: float = Field(0.0, ge=0, description=(
         "With meta_route 'anchor': weight of keeping the whole UNet's predictions for the forget prompts (on "
         "forget images noised to a random t) at the edited model's, as ESD's loss keeps its target."))
+    esd_weight: float = Field(0.0, ge=0, description=(
+        "With meta on: weight of ESD's loss beside the meta objective, the forget prompts' predictions (on "
+        "forget images noised to a random t) regressed onto the pre-edit model's negatively guided one "
+        "(eta 1), so the meta stage keeps unlearning as a loss-based method's does."))
 
 
 def projections(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -165,7 +169,24 @@ class UceMethod(Method):
             pred = self.model.predict(x_t, t, cond)
             terms["uce_output_anchor"] = opts.output_anchor_weight * F.mse_loss(
                 pred.float(), self.target(x_t, t, cond).float())
+        if opts.esd_weight:
+            cond = self.forget_batch(ctx)
+            x_t, t = self.noised_x_t(ctx, len(cond))
+            pred = self.model.predict(x_t, t, cond)
+            terms["uce_esd"] = opts.esd_weight * F.mse_loss(pred.float(), self.esd_target(x_t, t, cond).float())
         return Terms(terms)
+
+    @torch.no_grad()
+    def esd_target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """ESD's negatively guided target (eta 1) from the model before the edit: the edited weights with
+        the trained projections' original values in place (frozen projections are shared, already edited)."""
+        model, edited = self.model, self.edited
+        before = type(edited)({**edited, **{n: w.to(edited[n].dtype) for n, w in self.original.items()
+                                            if n in edited}})
+        both = type(cond).cat([self.uncond.expand(len(x_t)).to(model.device, model.dtype),
+                               cond.to(model.device, model.dtype)])
+        eps_u, eps_c = model.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both, before).chunk(2)
+        return eps_u - (eps_c - eps_u)
 
     def finish(self, model, data) -> None:
         """Route 'reapply': solve again on the weights the meta stage left, toward the first edit's targets;
