@@ -107,6 +107,22 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, how)
     assert skipped == [] and state["path"] == newest  # redone and intact
 
 
+def test_a_save_after_falling_back_past_every_checkpoint_keeps_itself_and_sets_the_damaged_aside(tmp_path):
+    """Both kept checkpoints damaged: the run starts over, and its first checkpoints used to be pruned at
+    once as older than the damaged ones (the run had none it could resume from until it passed them)."""
+    _, engine = toy({"steps": 8})
+    engine.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)  # steps 4 and 6 kept (8 is the model)
+    damaged = list_checkpoints(tmp_path)
+    for checkpoint in damaged:
+        damage(checkpoint, "truncated params")
+    _, fresh = toy({"steps": 4})  # saves step 2 only
+    with pytest.warns(UserWarning, match="resuming from the start"):
+        fresh.run(checkpoints=tmp_path, checkpoint_every=2, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
+    assert load_newest_intact(tmp_path, {"weight", "bias"})[1] == []
+    assert sorted(p.name for p in tmp_path.glob("damaged-*")) == [f"damaged-{p.name}" for p in damaged]
+
+
 def test_the_temporary_folders_of_killed_checkpoint_writes_are_cleared(tmp_path):
     """kill -9 mid-write skips atomic_dir's cleanup: a whole checkpoint's worth of disk each time. An
     old one goes at the next save; a fresh one (a concurrent writer's live write) stays."""

@@ -27,7 +27,9 @@ DISK_FULL = ("unexpected pos", "No space left", "StorageFull", "os error 28")  #
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], training_state: dict,
                     extra_tensors: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
-    """Write a checkpoint of `step`; keep the newest `keep`."""
+    """Write a checkpoint of `step`; keep the newest `keep` up to it. A checkpoint of a later step can only
+    be one a resume passed over as damaged: it is set aside as `damaged-step-N` (kept for a post-mortem,
+    never loaded), so it neither counts among the kept ones nor pushes out the one just written."""
     final = Path(folder) / f"{PREFIX}{step:06d}"
     try:
         with atomic_dir(final) as tmp:
@@ -41,7 +43,12 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], tr
         if isinstance(err, OSError) or not any(s in str(err) for s in DISK_FULL):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
-    for old in list_checkpoints(folder)[:-keep] + abandoned_writes(folder):
+    found = list_checkpoints(folder)
+    for later in found[found.index(final) + 1:]:
+        aside = later.with_name(f"damaged-{later.name}")
+        shutil.rmtree(aside, ignore_errors=True)  # an older post-mortem of the same step
+        later.replace(aside)
+    for old in found[:found.index(final) + 1][:-keep] + abandoned_writes(folder):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
