@@ -50,8 +50,16 @@ def test_window_auc_and_steps_to_half():
     assert spread["by_model"] == pytest.approx({"a": 0.3, "b": 0.6})
     assert spread["between_models"] == pytest.approx(0.15) and spread["within_model"] == pytest.approx(0.05)
     # releasing the best: chosen on attack seed 0 (a: 0.2), judged on the held-out seed 1 (0.4), not on 0.2
-    assert spread["best_of"] == {"models": 2, "chosen": "a", "chosen_on": pytest.approx(0.2),
+    assert spread["best_of"] == {"models": 2, "chosen": "a", "chosen_on": pytest.approx(0.2), "chosen_seed": 0,
                                  "held_out": pytest.approx(0.4)}
+    # a's attack under seed 0 failed: both are chosen on seed 1, the lowest they share (a's 0.4 against b's
+    # 0.3, not a's seed 1 against b's seed 0), and judged on seed 2
+    failed = [dict(curve((0, 0.0), (10, w)), model=m, seed=s)
+              for m, s, w in (("a", 1, 0.4), ("a", 2, 0.1), ("b", 0, 0.9), ("b", 1, 0.3), ("b", 2, 0.5))]
+    assert durability.spread(failed)["best_of"] == {"models": 2, "chosen": "b", "chosen_on": pytest.approx(0.3),
+                                                    "chosen_seed": 1, "held_out": pytest.approx(0.7)}
+    apart = [dict(curve((0, 0.0), (10, 0.1)), model=m, seed=s) for m, s in (("a", 0), ("a", 1), ("b", 2), ("b", 3))]
+    assert durability.spread(apart)["best_of"] is None  # no attack seed in common: no fair choice
     one = durability.spread(runs[1:3])  # one attack per model
     assert one["within_model"] is None and one["best_of"] is None
     # never measured (a detector that judged no prompt) is not "never relearned"; nor is a value that is no rate
@@ -161,7 +169,7 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
                                                                            ("m1", 0, 0.6), ("m1", 1, 0.6))
                                   for c in run([0, f, f], keep)]
     assert ("meta window under ref by unlearned model: m0 30.0, m1 60.0 (std between models 15.0; between attack "
-            "seeds on one model 5.0); the best of 2 on the lowest attack seed, m0 (20.0), under the other attack "
+            "seeds on one model 5.0); the best of 2 on attack seed 0, m0 (20.0), under the other attack "
             "seeds: 40.0") in table(summarise(grid, curves, "forget_rate"))
     # an attacker with classes of its own (the shipped grid's new concept) is summarised with the study's world
     own = GridConfig.model_validate({**grid.model_dump(), "attackers": [

@@ -89,7 +89,7 @@ def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None,
 
     With two or more attack seeds per model, also what releasing the best of the models would give: the
     model with the lowest window (the highest, for a key that falls as the concept returns) under the lowest
-    attack seed, judged on the others only (held out, so the choice does not flatter its own number)."""
+    attack seed every model has, judged on the others only (held out, so the choice does not flatter its own number)."""
     by_model: dict[str, list[tuple[int, float]]] = {}
     for c in curves:
         w = window(c, key, until)
@@ -97,15 +97,19 @@ def spread(curves: list[dict], key: str = FORGET_RATE, until: int | None = None,
             by_model.setdefault(c.get("model", ""), []).append((c.get("seed", 0), w))
     if len(by_model) < 2:
         return None
-    runs = {m: [w for _, w in sorted(ws)] for m, ws in by_model.items()}
-    means = {m: statistics.mean(ws) for m, ws in runs.items()}
-    within = [statistics.pstdev(ws) for ws in runs.values() if len(ws) > 1]
+    runs = {m: dict(sorted(ws)) for m, ws in by_model.items()}
+    means = {m: statistics.mean(ws.values()) for m, ws in runs.items()}
+    within = [statistics.pstdev(ws.values()) for ws in runs.values() if len(ws) > 1]
     out = {"by_model": means, "between_models": statistics.pstdev(means.values()),
            "within_model": statistics.mean(within) if within else None, "best_of": None}
-    if all(len(ws) > 1 for ws in runs.values()):
-        best = (min if rises else max)(runs, key=lambda m: runs[m][0])
-        out["best_of"] = {"models": len(runs), "chosen": best, "chosen_on": runs[best][0],
-                          "held_out": statistics.mean(runs[best][1:])}
+    # chosen on one attack seed every model has (a failed attack must not have them judged on different
+    # seeds), judged on its other seeds
+    common = set.intersection(*(set(ws) for ws in runs.values()))
+    if common and all(len(ws) > 1 for ws in runs.values()):
+        on = min(common)
+        best = (min if rises else max)(runs, key=lambda m: runs[m][on])
+        out["best_of"] = {"models": len(runs), "chosen": best, "chosen_on": runs[best][on], "chosen_seed": on,
+                          "held_out": statistics.mean(w for s, w in runs[best].items() if s != on)}
     return out
 
 
