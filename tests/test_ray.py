@@ -131,3 +131,36 @@ def test_a_worker_that_dies_fails_its_stage_not_the_study():
         "its Ray worker died: The worker died unexpectedly while executing this task (SIGKILL: out of memory).")
     after = outcome(ray, "dead", "evaluate/esd-seed0", ("unlearn/esd-seed0",), {"unlearn/esd-seed0": "failed"})
     assert after == {"name": "evaluate/esd-seed0", "status": "blocked", "needs": ["unlearn/esd-seed0"]}
+
+
+def test_stages_that_finish_together_are_looked_at_in_plan_order():
+    """Ray fails a dead worker's dependents along with it, and may hand them back first: looked at before the
+    stage they needed, a dependent was counted as a failure of its own instead of 'blocked'."""
+    import types
+
+    from metaunlearn.ray_executor import collect
+
+    class RayError(Exception):
+        pass
+
+    calls = []
+
+    def wait(pending, num_returns, timeout=None):
+        calls.append(list(pending))
+        if len(calls) == 1:  # the dependent is ready first, alone
+            return [pending[-1]], pending[:-1]
+        return list(pending), []  # then everything else
+
+    def get(ref):
+        if ref in ("dead", "after"):
+            raise RayError("The worker died unexpectedly while executing this task.")
+        return {"name": names[ref], "status": "done", "seconds": 1.0}
+
+    ray = types.SimpleNamespace(wait=wait, get=get, exceptions=types.SimpleNamespace(RayError=RayError))
+    refs = ["data", "dead", "after"]
+    names = {"data": "data/train", "dead": "unlearn/esd-seed0", "after": "evaluate/esd-seed0"}
+    needs = {"data/train": (), "unlearn/esd-seed0": ("data/train",), "evaluate/esd-seed0": ("unlearn/esd-seed0",)}
+    results = list(collect(ray, refs, names, needs))
+    assert [r["name"] for r in results] == ["data/train", "unlearn/esd-seed0", "evaluate/esd-seed0"]
+    assert [r["status"] for r in results] == ["done", "failed", "blocked"]
+    assert results[2]["needs"] == ["unlearn/esd-seed0"]

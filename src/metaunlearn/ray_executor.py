@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import stages
@@ -91,28 +92,34 @@ def run_study_on_ray(config: StudyConfig, address: str | None = None, workers: i
                                                  name=f"metaunlearn:{step.name}")
             refs[step.name] = task.remote(data, step.name, max(1, int(cpus)), os.getcwd(),
                                           *[refs[n] for n in step.needs])
-        pending, names = list(refs.values()), {ref: name for name, ref in refs.items()}
-        needs, status = {step.name: step.needs for step in steps}, {}
-        with tqdm(total=len(pending) + 1, desc="study (ray)", unit="stage", disable=not progress,
+        names, needs = {ref: name for name, ref in refs.items()}, {step.name: step.needs for step in steps}
+        with tqdm(total=len(refs) + 1, desc="study (ray)", unit="stage", disable=not progress,
                   dynamic_ncols=True) as bar:
-            order = {ref: i for i, ref in enumerate(pending)}
-            while pending:
-                finished, pending = ray.wait(pending, num_returns=1)
-                if pending:  # and whatever else is ready: in plan order, so a dead worker's stage is recorded
-                    more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)  # before its dependents
-                    finished += more
-                for ref in sorted(finished, key=order.__getitem__):
-                    name = names[ref]
-                    result = outcome(ray, ref, name, needs[name], status)
-                    status[name] = result["status"]
-                    _record(book, result)
-                    bar.update(1)
+            for result in collect(ray, list(refs.values()), names, needs):
+                _record(book, result)
+                bar.update(1)
             _run_report(book, config)
             bar.update(1)
         return book.close()
     finally:
         if started:
             ray.shutdown()
+
+
+def collect(ray, pending: list, names: dict, needs: dict[str, tuple[str, ...]]) -> Iterator[dict]:
+    """Each task's outcome as it finishes (`pending`: the tasks in plan order). Tasks that finish together
+    come out in plan order, so a dead worker's stage is known as failed before its dependents (which Ray
+    fails along with it) are looked at: they are 'blocked', not failures of their own."""
+    order, status = {ref: i for i, ref in enumerate(pending)}, {}
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        if pending:  # and whatever else is ready
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            finished += more
+        for ref in sorted(finished, key=order.__getitem__):
+            result = outcome(ray, ref, names[ref], needs[names[ref]], status)
+            status[names[ref]] = result["status"]
+            yield result
 
 
 def portable(config: StudyConfig) -> dict:
