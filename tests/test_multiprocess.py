@@ -1,6 +1,7 @@
 """One run across processes with accelerate (2 CPU processes, gloo): gradients
 averaged, the result equal to one process with the same global batch,
-checkpoints and logs written once, resume after an interruption; and an
+checkpoints and logs written once, resume after an interruption, every process
+starting from process 0's weights and resuming from the same checkpoint; and an
 unlearning run of the CLI launched the same way."""
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ def test_two_processes_average_gradients_checkpoint_once_and_resume(tmp_path):
     for name in a:
         assert torch.equal(a[name], c[name]), name
     assert [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    # process 1 starting from other weights (a closed-form edit that sampled otherwise) is brought in line:
+    # both end where the run from equal weights did, which they would not if each kept its own start
+    perturbed = launch("perturbed", str(tmp_path / "perturbed"), "4", "0")
+    assert perturbed.returncode == 0, perturbed.stderr[-3000:]
+    for rank in (0, 1):
+        d = torch.load(tmp_path / "perturbed" / f"final-{rank}.pt")
+        for name in a:
+            assert torch.equal(a[name], d[name]), (rank, name)
+
+
+def test_processes_that_would_resume_from_different_checkpoints_stop(tmp_path):
+    """A run folder each process sees otherwise (not shared): process 0 finds the checkpoint of step 2,
+    process 1 none. Resuming them apart would train on different weights under averaged gradients."""
+    apart = tmp_path / "apart"
+    assert launch("apart", str(apart), "4", "3").returncode != 0  # interrupted after the checkpoint at 2
+    assert (apart / "checkpoints-0" / "step-000002").is_dir() and not (apart / "checkpoints-1").exists()
+    again = launch("apart", str(apart), "4", "0")
+    assert again.returncode != 0 and not (apart / "final-0.pt").exists()
+    assert "the processes found different checkpoints to resume from (steps [2, 0])" in again.stderr
 
 
 def test_an_unlearning_run_of_the_cli_across_two_processes(tiny_pipeline_dir, tmp_path):

@@ -1,6 +1,8 @@
 """Run by tests/test_multiprocess.py, under `accelerate launch` (2 CPU processes) or alone:
 a few engine steps on a small regression, tracked, then a barrier (as the CLI does).
-argv: mode (ddp | emulate), out folder, steps, stop-after (0: none)."""
+argv: mode (ddp | emulate | apart | perturbed), out folder, steps, stop-after (0: none).
+apart: each process keeps its checkpoints in a folder of its own (as if the run folder were not shared);
+perturbed: process 1 starts from other weights (as a closed-form edit that sampled otherwise would)."""
 
 import sys
 from pathlib import Path
@@ -54,13 +56,19 @@ class CountingTracker(GeneralTracker):
 
 tracker = CountingTracker()
 accelerator = Accelerator(cpu=True, log_with=[tracker])
+if mode == "perturbed" and accelerator.process_index == 1:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+checkpoints = out / (f"checkpoints-{accelerator.process_index}" if mode == "apart" else "checkpoints")
 settings = OptimizerSettings(lr=1e-2, steps=steps, batch_size=BATCH, grad_clip=1.0,
                              lr_schedule="linear")  # one schedule step per step, whatever the processes
 engine = Engine(model, dict(model.named_parameters()), {"fit": objective}, settings, SEED, accelerator)
 try:
-    engine.run(checkpoints=out / "checkpoints", checkpoint_every=2, log=out / "log.jsonl", after=stop_at,
+    engine.run(checkpoints=checkpoints, checkpoint_every=2, log=out / "log.jsonl", after=stop_at,
                progress=False)
     accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / f"final-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
         (out / "processes.txt").write_text(str(accelerator.num_processes))
