@@ -267,24 +267,29 @@ def test_the_anchor_term_is_float32_under_a_callers_autocast(tiny_model, tiny_pi
     assert torch.equal(autocast, exact)
 
 
-def test_the_esd_term_of_a_closed_form_meta_stage_targets_the_model_before_the_edit(tiny_pipeline_dir):
-    """`esd_weight`: ESD's loss beside the meta objective, its negatively guided target from the
-    weights before the edit (what ESD's own teacher would be), not from the edited model."""
+@pytest.mark.parametrize("params, route", [("full", "anchor"), ("noxattn", "paper")])
+def test_the_esd_term_of_a_closed_form_meta_stage_targets_the_model_before_the_edit(tiny_pipeline_dir, params,
+                                                                                    route):
+    """`esd_weight`: ESD's loss beside the meta objective on any route, its negatively guided target from the
+    weights before the edit (what ESD's own teacher would be), whether or not the stage trains the edited
+    projections, not from the edited model."""
     from metaunlearn.engine import StepContext
     from metaunlearn.params import make_trainable
 
-    config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
-                         "method.uce.esd_weight=2")
+    config = make_config(tiny_pipeline_dir, "method.name=uce", f"method.params={params}", "meta.enabled=true",
+                         "method.uce.esd_weight=2", f"method.uce.meta_route={route}")
     unedited, edited = DiffusionModel.load(tiny_pipeline_dir), DiffusionModel.load(tiny_pipeline_dir)
     data = concept_data(edited)
     method = make_method(config.method, "")
     method.edit(edited, data)
-    method.setup(edited, make_trainable(edited.unet, "full"), data)
-    esd = make_method(make_config(tiny_pipeline_dir, "method.name=esd", "method.params=full").method, "")
-    esd.setup(unedited, make_trainable(unedited.unet, "full"), concept_data(unedited))
+    method.setup(edited, make_trainable(edited.unet, params), data)
+    esd_config = make_config(tiny_pipeline_dir, "method.name=esd", "method.params=full").method
+    before, after = make_method(esd_config, ""), make_method(esd_config, "")
+    before.setup(unedited, make_trainable(unedited.unet, "full"), concept_data(unedited))
+    after.setup(edited, make_trainable(edited.unet, "full"), data)  # ESD's target from the edited weights
     cond = data.forget.cond[torch.tensor([0, 1])]
     x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
-    torch.testing.assert_close(method.esd_target(x_t, t, cond), esd.target(x_t, t, cond))
-    assert not torch.allclose(method.target(x_t, t, cond), esd.target(x_t, t, cond))  # the edit changed it
+    torch.testing.assert_close(method.esd_target(x_t, t, cond), before.target(x_t, t, cond))
+    assert not torch.allclose(method.esd_target(x_t, t, cond), after.target(x_t, t, cond), atol=1e-5)
     terms = method.loss(StepContext(0, torch.Generator().manual_seed(0), 2)).losses
-    assert terms["uce_esd"] > 0 and "uce_anchor" in terms
+    assert terms["uce_esd"] > 0 and ("uce_anchor" in terms) == (route == "anchor" and params == "full")

@@ -9,6 +9,7 @@ that looks whole.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
@@ -21,15 +22,14 @@ from safetensors.torch import load_file, save_file
 from .layout import atomic_dir
 
 PREFIX = "step-"
+DAMAGED = "damaged-"  # before a checkpoint's name: one a resume passed over, set aside
 STALE_SECONDS = 3600  # a checkpoint's temporary folder untouched this long belongs to a killed write
 DISK_FULL = ("unexpected pos", "No space left", "StorageFull", "os error 28")  # torch.save, safetensors
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], training_state: dict,
                     extra_tensors: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
-    """Write a checkpoint of `step`; keep the newest `keep` up to it. A checkpoint of a later step can only
-    be one a resume passed over as damaged: it is set aside as `damaged-step-N` (kept for a post-mortem,
-    never loaded), so it neither counts among the kept ones nor pushes out the one just written."""
+    """Write a checkpoint of `step`; keep the newest `keep`."""
     final = Path(folder) / f"{PREFIX}{step:06d}"
     try:
         with atomic_dir(final) as tmp:
@@ -43,12 +43,7 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], tr
         if isinstance(err, OSError) or not any(s in str(err) for s in DISK_FULL):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(final)) from None
-    found = list_checkpoints(folder)
-    for later in found[found.index(final) + 1:]:
-        aside = later.with_name(f"damaged-{later.name}")
-        shutil.rmtree(aside, ignore_errors=True)  # an older post-mortem of the same step
-        later.replace(aside)
-    for old in found[:found.index(final) + 1][:-keep] + abandoned_writes(folder):
+    for old in list_checkpoints(folder)[:-keep] + abandoned_writes(folder):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -98,6 +93,28 @@ def load_newest_intact(folder: Path, names: set[str]) -> tuple[dict | None, list
             reason = (str(error).strip().splitlines() or [""])[0][:120]
             skipped.append(f"{path} is damaged ({type(error).__name__}{': ' + reason if reason else ''})")
     return None, skipped
+
+
+def set_aside_after(folder: Path, step: int) -> list[Path]:
+    """Move the checkpoints after `step` (the damaged ones a resume from `step` passed over) out of the
+    way, as `damaged-step-N`: kept for a post-mortem, never loaded, and no longer counted among the newest
+    a save keeps (they would push out the checkpoints written after the resume). Only the newest damaged
+    one is kept: each is a whole checkpoint in size."""
+    later = [p for p in list_checkpoints(folder)
+             if p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step]
+    if not later:
+        return []
+    for old in Path(folder).glob(f"{DAMAGED}{PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)
+    moved = []
+    for path in later:
+        aside = path.with_name(DAMAGED + path.name)
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to set aside
+            path.replace(aside)
+            moved.append(aside)
+    for extra in moved[:-1]:
+        shutil.rmtree(extra, ignore_errors=True)
+    return moved[-1:]
 
 
 def load_checkpoint(path: Path) -> dict:

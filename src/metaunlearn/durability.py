@@ -293,7 +293,8 @@ def _spread(s: dict, rate: bool = True) -> str:
             + f" (std between models {f(s['between_models'])}; between attack seeds on one model "
             + (f"{f(within)})" if within is not None else "not measured: one attack per model)"))
     if best:
-        text += (f"; the best of {best['models']} on attack seed {best.get('chosen_seed', 'lowest')}, {best['chosen']} "
+        on = f"attack seed {best['chosen_seed']}" if "chosen_seed" in best else "the lowest attack seed"
+        text += (f"; the best of {best['models']} on {on}, {best['chosen']} "
                  f"({f(best['chosen_on'])}), under the other attack seeds: {f(best['held_out'])}")
     return text
 

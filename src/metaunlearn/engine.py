@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from .checkpoint import load_newest_intact, save_checkpoint
+from .checkpoint import load_newest_intact, save_checkpoint, set_aside_after
 from .config import ModelConfig, OptimizerSettings
 from .errors import ConfigError, TrainingError
 from .layout import write_text
@@ -375,10 +375,12 @@ class Engine:
 
     def resume(self, folder: Path) -> int:
         """Load the newest intact checkpoint in `folder`, if any (warning about damaged newer
-        ones, which stay for a post-mortem); returns the steps it had done."""
+        ones, set aside for a post-mortem); returns the steps it had done."""
         state, skipped = load_newest_intact(folder, set(self.params))
         for line in skipped:
             warnings.warn(f"{line}; resuming from {state['path'].name if state else 'the start'}", stacklevel=2)
+        if skipped and self.accelerator.is_main_process:  # the one process that writes checkpoints
+            set_aside_after(folder, state["step"] if state else 0)
         if state is None:
             return 0
         checkpoint = state["path"]

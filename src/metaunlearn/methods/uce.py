@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..engine import StepContext, Terms
-from ..params import snapshot
+from ..params import LowPrecisionCopy, snapshot
 from ..registry import METHODS, Options
 from .base import Method, guide_conditioning
 
@@ -140,6 +140,11 @@ class UceMethod(Method):
         super().setup(model, trainable, data)
         # the weights the meta stage starts from (the edit): also the meta objective's original, one copy
         self.edited = snapshot(trainable, self.config.frozen_dtype)
+        if self.options.esd_weight:  # the model before the edit, for ESD's target: the projections swapped back
+            low = isinstance(self.edited, LowPrecisionCopy)
+            dtype = getattr(torch, self.config.frozen_dtype)
+            self.before_edit = type(self.edited)(
+                {**self.edited, **{n: w.to(dtype) if low else w for n, w in self.original.items()}})
 
     def frozen_original(self):
         return self.edited
@@ -153,8 +158,13 @@ class UceMethod(Method):
         stay at the edit's targets (a no-op when the projections are not trained), and, weighted by
         `output_anchor_weight`, the forget prompts' predictions stay at the edited model's."""
         opts, terms = self.options, {}
+        if opts.esd_weight:
+            cond = self.forget_batch(ctx)
+            x_t, t = self.noised_x_t(ctx, len(cond))
+            pred = self.model.predict(x_t, t, cond)
+            terms["uce_esd"] = opts.esd_weight * F.mse_loss(pred.float(), self.esd_target(x_t, t, cond).float())
         if opts.meta_route != "anchor":
-            return Terms()
+            return Terms(terms)
         trained = [n for n in self.targets if n in self.trainable]
         if opts.anchor_weight and trained:
             erase = self.solved_keys["erase"]
@@ -169,20 +179,13 @@ class UceMethod(Method):
             pred = self.model.predict(x_t, t, cond)
             terms["uce_output_anchor"] = opts.output_anchor_weight * F.mse_loss(
                 pred.float(), self.target(x_t, t, cond).float())
-        if opts.esd_weight:
-            cond = self.forget_batch(ctx)
-            x_t, t = self.noised_x_t(ctx, len(cond))
-            pred = self.model.predict(x_t, t, cond)
-            terms["uce_esd"] = opts.esd_weight * F.mse_loss(pred.float(), self.esd_target(x_t, t, cond).float())
         return Terms(terms)
 
     @torch.no_grad()
     def esd_target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        """ESD's negatively guided target (eta 1) from the model before the edit: the edited weights with
-        the trained projections' original values in place (frozen projections are shared, already edited)."""
-        model, edited = self.model, self.edited
-        before = type(edited)({**edited, **{n: w.to(edited[n].dtype) for n, w in self.original.items()
-                                            if n in edited}})
+        """ESD's negatively guided target (eta 1) from the model before the edit: the stage's starting
+        weights with every edited projection's original value in place, trained or not."""
+        model, before = self.model, self.before_edit
         both = type(cond).cat([self.uncond.expand(len(x_t)).to(model.device, model.dtype),
                                cond.to(model.device, model.dtype)])
         eps_u, eps_c = model.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both, before).chunk(2)
