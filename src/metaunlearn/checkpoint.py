@@ -95,26 +95,19 @@ def load_newest_intact(folder: Path, names: set[str]) -> tuple[dict | None, list
     return None, skipped
 
 
-def set_aside_after(folder: Path, step: int) -> list[Path]:
-    """Move the checkpoints after `step` (the damaged ones a resume from `step` passed over) out of the
-    way, as `damaged-step-N`: kept for a post-mortem, never loaded, and no longer counted among the newest
-    a save keeps (they would push out the checkpoints written after the resume). Only the newest damaged
-    one is kept: each is a whole checkpoint in size."""
-    later = [p for p in list_checkpoints(folder)
-             if p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step]
+def set_aside_after(folder: Path, kept: Path | None) -> None:
+    """Move the checkpoints after `kept` (the damaged ones a resume from it passed over; all, for None) out
+    of the way: kept for a post-mortem as `damaged-step-N`, never loaded, and no longer counted among the
+    newest a save keeps (they would push out the checkpoints written after the resume). Only the newest
+    damaged one is kept: each is a whole checkpoint in size."""
+    found = list_checkpoints(folder)
+    later = found[found.index(kept) + 1:] if kept in found else found
     if not later:
-        return []
-    for old in Path(folder).glob(f"{DAMAGED}{PREFIX}*"):
+        return
+    for old in [*Path(folder).glob(f"{DAMAGED}{PREFIX}*"), *later[:-1]]:
         shutil.rmtree(old, ignore_errors=True)
-    moved = []
-    for path in later:
-        aside = path.with_name(DAMAGED + path.name)
-        with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to set aside
-            path.replace(aside)
-            moved.append(aside)
-    for extra in moved[:-1]:
-        shutil.rmtree(extra, ignore_errors=True)
-    return moved[-1:]
+    with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to set aside
+        later[-1].replace(later[-1].with_name(DAMAGED + later[-1].name))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -380,7 +380,7 @@ class Engine:
         for line in skipped:
             warnings.warn(f"{line}; resuming from {state['path'].name if state else 'the start'}", stacklevel=2)
         if skipped and self.accelerator.is_main_process:  # the one process that writes checkpoints
-            set_aside_after(folder, state["step"] if state else 0)
+            set_aside_after(folder, state["path"] if state else None)
         if state is None:
             return 0
         checkpoint = state["path"]

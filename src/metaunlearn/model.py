@@ -324,8 +324,10 @@ class DiffusionModel:
 
     def guided_prediction(self, x: torch.Tensor, t, cond: Conditioning, uncond: Conditioning,
                           guidance_scale: float, params=None) -> torch.Tensor:
-        """Classifier-free guidance: eps_u + g * (eps_c - eps_u), both in one UNet call."""
-        timesteps = torch.full((len(x),), int(t), device=self.device, dtype=torch.long)
+        """Classifier-free guidance: eps_u + g * (eps_c - eps_u), both in one UNet call (g = -eta: ESD's
+        negatively guided target). `t`: one timestep for the batch, or one per sample."""
+        timesteps = t if torch.is_tensor(t) and t.ndim == 1 else \
+            torch.full((len(x),), int(t), device=self.device, dtype=torch.long)
         if guidance_scale == 1.0:
             return self.predict(x, timesteps, cond, params)
         both = Conditioning.cat([uncond.expand(len(x)).to(self.device, self.dtype), cond.to(self.device, self.dtype)])

@@ -68,9 +68,10 @@ try:
     engine.run(checkpoints=checkpoints, checkpoint_every=2, log=out / "log.jsonl", after=stop_at,
                progress=False)
     accelerator.wait_for_everyone()  # as unlearn does after its loop: the process group outlives a tracked run
-    torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / f"final-{accelerator.process_index}.pt")
+    final = {k: v.detach() for k, v in model.state_dict().items()}
+    torch.save(final, out / f"final-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / "final.pt")
+        torch.save(final, out / "final.pt")
         (out / "processes.txt").write_text(str(accelerator.num_processes))
 except SystemExit as done:  # as the CLI's main ends
     leave(done.code)

@@ -47,12 +47,7 @@ class EsdMethod(Method):
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        model, eta = self.model, self.options.eta
-        # the concept data's conditioning is cached on the CPU; the empty prompt's is on the model's device
-        both = type(cond).cat([self.uncond.expand(len(x_t)).to(model.device, model.dtype),
-                               cond.to(model.device, model.dtype)])
-        eps_u, eps_c = model.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both, self.teacher).chunk(2)
-        return eps_u - eta * (eps_c - eps_u)
+        return self.model.guided_prediction(x_t, t, cond, self.uncond, -self.options.eta, self.teacher)
 
     def loss(self, ctx: StepContext) -> Terms:
         cond = self.forget_batch(ctx)

@@ -159,10 +159,7 @@ class UceMethod(Method):
         `output_anchor_weight`, the forget prompts' predictions stay at the edited model's."""
         opts, terms = self.options, {}
         if opts.esd_weight:
-            cond = self.forget_batch(ctx)
-            x_t, t = self.noised_x_t(ctx, len(cond))
-            pred = self.model.predict(x_t, t, cond)
-            terms["uce_esd"] = opts.esd_weight * F.mse_loss(pred.float(), self.esd_target(x_t, t, cond).float())
+            terms["uce_esd"] = opts.esd_weight * self.forget_regression(ctx, self.esd_target)
         if opts.meta_route != "anchor":
             return Terms(terms)
         trained = [n for n in self.targets if n in self.trainable]
@@ -174,22 +171,21 @@ class UceMethod(Method):
                 drift = sum(((erase @ self.trainable[n].float().T - self.targets[n]) ** 2).mean() for n in trained)
             terms["uce_anchor"] = opts.anchor_weight * drift / len(trained)
         if opts.output_anchor_weight:
-            cond = self.forget_batch(ctx)
-            x_t, t = self.noised_x_t(ctx, len(cond))
-            pred = self.model.predict(x_t, t, cond)
-            terms["uce_output_anchor"] = opts.output_anchor_weight * F.mse_loss(
-                pred.float(), self.target(x_t, t, cond).float())
+            terms["uce_output_anchor"] = opts.output_anchor_weight * self.forget_regression(ctx, self.target)
         return Terms(terms)
+
+    def forget_regression(self, ctx: StepContext, target) -> torch.Tensor:
+        """The UNet's predictions for a batch of forget prompts, on forget images noised to a random t,
+        regressed onto `target(x_t, t, cond)`."""
+        cond = self.forget_batch(ctx)
+        x_t, t = self.noised_x_t(ctx, len(cond))
+        return F.mse_loss(self.model.predict(x_t, t, cond).float(), target(x_t, t, cond).float())
 
     @torch.no_grad()
     def esd_target(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """ESD's negatively guided target (eta 1) from the model before the edit: the stage's starting
         weights with every edited projection's original value in place, trained or not."""
-        model, before = self.model, self.before_edit
-        both = type(cond).cat([self.uncond.expand(len(x_t)).to(model.device, model.dtype),
-                               cond.to(model.device, model.dtype)])
-        eps_u, eps_c = model.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both, before).chunk(2)
-        return eps_u - (eps_c - eps_u)
+        return self.model.guided_prediction(x_t, t, cond, self.uncond, -1.0, self.before_edit)
 
     def finish(self, model, data) -> None:
         """Route 'reapply': solve again on the weights the meta stage left, toward the first edit's targets;
