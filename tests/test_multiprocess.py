@@ -12,19 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 SCRIPT = Path(__file__).parent / "scripts" / "engine_run.py"
+VERDICT_SCRIPT = Path(__file__).parent / "scripts" / "shared_verdict.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 PORT = iter(range(29650, 29700))
 
 
-def launch(*args, processes: int = 2, module: bool = False, timeout: int = 300):
+def launch(*args, processes: int = 2, module: bool = False, timeout: int = 300, script: Path = SCRIPT):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if torch.cuda.device_count() < processes:  # a rank per GPU, or all on the CPU: never two ranks on one GPU
         env["CUDA_VISIBLE_DEVICES"] = ""
-    target = ["-m", *args] if module else [str(SCRIPT), *args]
+    target = ["-m", *args] if module else [str(script), *args]
     # --multi_gpu: torch.distributed's launcher; on a machine without CUDA the processes join over gloo
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(next(PORT)), *target]
@@ -80,7 +82,19 @@ def test_processes_that_would_resume_from_different_checkpoints_stop(tmp_path):
     assert "the processes found different checkpoints to resume from (steps [2, 0])" in again.stderr
 
 
-def test_an_unlearning_run_of_the_cli_across_two_processes(tiny_pipeline_dir, tmp_path):
+def test_every_process_takes_the_main_process_verdict_on_a_candidate_edit(tmp_path):
+    """RECE keeps the round its judge scores best. Each process's judge here gives its own verdict (as
+    sampling that differs by process would): every process must record the main one's, judged once."""
+    done = launch(str(tmp_path), script=VERDICT_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main, other = (json.loads((tmp_path / f"verdicts-{rank}.json").read_text()) for rank in (0, 1))
+    assert main["seen"] == main["recorded"] == other["seen"] == other["recorded"] == [0.5, 1.0]
+    assert (main["judged"], other["judged"]) == (2, 0)
+
+
+@pytest.mark.parametrize("method", ["esd", "rece"])
+def test_an_unlearning_run_of_the_cli_across_two_processes(tiny_pipeline_dir, tmp_path, method):
+    """rece: a closed form that judges its rounds by sampling, on the main process only, then a meta stage."""
     from helpers import clean_exit
     from test_study import tiny_study
     from typer.testing import CliRunner
@@ -94,10 +108,14 @@ def test_an_unlearning_run_of_the_cli_across_two_processes(tiny_pipeline_dir, tm
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     clean_exit(CliRunner().invoke(app, ["data", str(path)]))  # in this process: one torch start less
-    done = launch("metaunlearn", "unlearn", str(path), "--seed", "0", "--set", "meta.enabled=true", module=True)
+    done = launch("metaunlearn", "unlearn", str(path), "--seed", "0", "--set", "meta.enabled=true", "--set",
+                  f"method.name={method}", module=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    folder = run / "unlearn" / "esd-meta-seed0"
-    assert json.loads((folder / "run.json").read_text())["status"] == "done"
+    folder = run / "unlearn" / f"{method}-meta-seed0"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "done"
+    if method == "rece":  # every round judged (by the main process, every process taking its verdicts)
+        assert len(record["rece"]["forget_rate_by_round"]) == 3 and record["rece"]["kept_round"] in (0, 1, 2)
     assert (folder / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the main process logs, once

@@ -95,6 +95,22 @@ def recorded_judge(judge: Callable[[], float], replay: list[float] | None) -> tu
     return recorded, verdicts
 
 
+def main_process_judge(judge: Callable[[], float], accelerator) -> Callable[[], float]:
+    """`judge`, with every process taking the main process's verdict (the others wait, sampling nothing): a
+    method that chooses between candidate edits then makes the same choices in every process, where each
+    process's own sampling could have kept a different round, and the keys and targets the meta stage holds
+    would differ between processes though their weights were broadcast."""
+    if accelerator.num_processes == 1:
+        return judge
+
+    def shared() -> float:
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([judge() if accelerator.is_main_process else None], from_process=0)[0]
+
+    return shared
+
+
 def preservation_data(data: ConceptData) -> RoleData | None:
     parts = [r for r in (data.related, data.unrelated) if r is not None and len(r)]
     return RoleData.concat(parts, role="benign") if parts else None
@@ -176,11 +192,12 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     accelerator.wait_for_everyone()  # no process reads the folder while the main one clears it
 
     model.to(accelerator.device)
-    # closed form: before any training step (deterministic, so a resumed run redoes it)
-    judge, verdicts = recorded_judge(forget_judge(config, model), judged)
+    # closed form: before any training step (deterministic, so a resumed run redoes it); every process edits
+    # the main one's weights and takes its verdicts, so their edits, keys and targets agree
+    if accelerator.num_processes > 1 and method.closed_form:
+        rank_zeros(model.unet.parameters())
+    judge, verdicts = recorded_judge(main_process_judge(forget_judge(config, model), accelerator), judged)
     method.edit(model, data, judge)
-    if accelerator.num_processes > 1 and method.closed_form:  # its judge's sampling may differ by process:
-        rank_zeros(model.unet.parameters())  # the main one's edit, before the meta stage copies its targets
     if verdicts:
         running["judged"] = verdicts
         if main:
