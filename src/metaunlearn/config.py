@@ -245,7 +245,7 @@ class MethodConfig(OptimizerSettings, _MethodChoice):  # this order lists name a
         "Weight of the denoising loss on related + unrelated data that keeps them intact; 0 disables it."))
 
 
-InnerStep = Literal["sgd", "normalized", "adam", "rms"]
+InnerStep = Literal["sgd", "normalized", "adam", "rms", "adam_warm"]
 
 
 class MetaConfig(_Section):
@@ -261,8 +261,10 @@ class MetaConfig(_Section):
         "Steps M of the simulated attack, or [low, high] to draw M uniformly at every outer step."))
     inner_step: Union[InnerStep, list[InnerStep]] = Field(
         ["sgd", "adam"], description=(
-            "Inner update: plain gradient step, gradient scaled to unit norm, an Adam-like step, or the "
-            "gradient's direction at an Adam step's size ('rms'); a list: each outer step draws one."))
+            "Inner update: plain gradient step, gradient scaled to unit norm, an Adam-like step (Adam's first), "
+            "the gradient's direction at an Adam step's size ('rms'), or the step of an Adam that has been "
+            "running ('adam_warm': its moments carried across outer steps; first order in place only, two "
+            "float32 copies of the attacked weights); a list: each outer step draws one."))
     inner_batch: Optional[int] = Field(None, gt=0, description=(
         "Forget images per simulated attacker step (None: method.batch_size). A larger batch follows the "
         "cleaner gradient a large-batch finetuner follows (bench/RESULTS.md, issue 10)."))
@@ -364,6 +366,14 @@ class MetaConfig(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("is an empty list; name at least one update form")
         return value
+
+    @model_validator(mode="after")
+    def _warm_adam_in_place(self) -> MetaConfig:
+        forms = self.inner_step if isinstance(self.inner_step, list) else [self.inner_step]
+        if "adam_warm" in forms and not (self.mode == "first_order" and self.in_place):
+            raise ValueError("inner_step 'adam_warm' updates its moments as the backward pass completes each "
+                             "gradient: it needs mode first_order with in_place true")
+        return self
 
     @model_validator(mode="after")
     def _one_attacker_per_episode(self) -> MetaConfig:

@@ -55,7 +55,7 @@ from .methods.base import Method
 from .model import DiffusionModel
 from .params import snapshot
 from .saliency import keep_salient, masked_gradient, salient_masks
-from .simulated import WHOLE, Episode, LowRank, draw, inner_direction, is_lora_target, trajectory_weights
+from .simulated import WHOLE, Episode, LowRank, WarmAdam, draw, inner_direction, is_lora_target, trajectory_weights
 
 REFERENCE_BATCHES = 4  # batches that measure the original model's loss per role (capped target)
 AFTER_LOGS = {"meta/forget_after", "meta/related_after", "meta/unrelated_after", "meta/unrelated_kept"}  # _after's
@@ -115,22 +115,29 @@ class MetaObjective:
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
         self.episode = Episode(config.persistent) if config.persistent else None
+        forms = config.inner_step if isinstance(config.inner_step, list) else [config.inner_step]
+        self.warm = WarmAdam() if "adam_warm" in forms else None  # a running Adam's moments (state)
         # not state: the engine builds this objective at the stage's starting weights, before a resume loads
         whole = frozenset(n for n, p in trainable.items() if is_lora_target(n, p)) \
             if config.salient_lora_targets else frozenset()
         self.salient = salient_masks(model, data.forget, data.unrelated, trainable, config.salient,
                                      self.inner_batch, whole) if config.salient is not None else None
 
-    # Stateful (the engine checkpoints it): a persistent attacker's episode
+    # Stateful (the engine checkpoints it): a persistent attacker's episode, a running Adam's moments
     def after_step(self) -> None:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.episode.state_dict() if self.episode is not None else {}
+        state = self.episode.state_dict() if self.episode is not None else {}
+        if self.warm is not None:
+            state.update({f"warm.{k}": v for k, v in self.warm.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.episode is not None:
             self.episode.load_state_dict(state, self.attacked)
+        if self.warm is not None:
+            self.warm.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("warm.")}, self.attacked)
 
     @contextmanager
     def _attackable(self):
@@ -382,25 +389,37 @@ class MetaObjective:
             torch.clear_autocast_cache()
         return torch.sqrt(sum(squares)).item()
 
-    def _inner_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
+    def _inner_in_place(self, theta, forget, attacker, a, ctx, feed: bool = True) -> tuple[float, float]:
         """One simulated attacker step on the weights it moves (`theta` here: self.attacked) themselves;
         returns the forget loss before it and its gradient's norm. The update forms that act tensor by
-        tensor stream; 'normalized' and 'rms' need the whole gradient's norm."""
+        tensor stream; 'normalized' and 'rms' need the whole gradient's norm. With `feed` (not when a step
+        is taken again on the same batch) its gradients feed the running Adam's moments."""
         with self._attackable():
-            return self._inner_step_in_place(theta, forget, attacker, a, ctx)
+            return self._inner_step_in_place(theta, forget, attacker, a, ctx, self.warm if feed else None)
 
-    def _inner_step_in_place(self, theta, forget, attacker, a, ctx) -> tuple[float, float]:
+    def _inner_step_in_place(self, theta, forget, attacker, a, ctx, warm: WarmAdam | None) -> tuple[float, float]:
         loss = self._loss(forget, None, ctx)
+        if warm is not None:
+            warm.tick()
         if attacker.form in WHOLE:
             grads = self._grads(loss, theta)
             norm = _norm(grads)
+            for i, g in enumerate(grads if warm is not None else ()):
+                warm.feed(i, g)
             self._move(theta, self.low_rank.direction(grads, attacker.form, a) if a is not None else
                        inner_direction(grads, attacker.form, in_place=True), -attacker.lr)
             return loss.item(), norm
+        # a LoRA-like attacker's adapter starts afresh, so its first step is Adam's first
+        form = "adam" if attacker.form == "adam_warm" and a is not None else attacker.form
 
         def step(i, p, g, aside):
-            d = LowRank.direction_of(g, attacker.form, a[i]) if a is not None else \
-                inner_direction([g], attacker.form, in_place=True)[0]
+            if warm is not None:
+                warm.feed(i, g)  # before a form that works in g's memory
+            if form == "adam_warm":
+                d = self.warm.direction(i, g)
+            else:
+                d = LowRank.direction_of(g, form, a[i]) if a is not None else \
+                    inner_direction([g], form, in_place=True)[0]
             if d is not None:
                 p.data.add_(d * -attacker.lr)  # d * scale first, as the functional path computes it: same bits
 
@@ -451,7 +470,7 @@ class MetaObjective:
                         self._start(theta)
                         self._sharpness_in_place(theta, forget, ctx, state, norm)
                         ctx.generator.set_state(state)
-                        self._inner_in_place(theta, forget, attacker, a, ctx)
+                        self._inner_in_place(theta, forget, attacker, a, ctx, feed=False)  # fed already
             if not weight:
                 continue
             outer, point_logs = self._after(None, ctx, self._backward_scaled(theta[:self.n_trained], weight * share))

@@ -13,6 +13,16 @@ step at an Adam-like lr barely moves the model (|g| is about 1 on the digits
 world's 0.8M trained weights, an Adam step tau sqrt(0.8M)), while a real SGD
 attacker (lr 1e-2, momentum 0.9) moves it as far as Adam at 1e-4 does.
 
+`adam_warm` is the step of an Adam that has been running: its moments m and v
+carried across outer steps (every simulated attacker's gradients feed them,
+whatever its form), so the step is m_hat / (sqrt(v_hat) + eps) as a real
+attacker's AdamW takes it after its first steps. The first step of Adam
+(`adam`) moves every coordinate by tau, most of them along mini-batch noise;
+a running Adam moves the coordinates whose forget gradient is consistent and
+hardly those where it is noise: where a real attacker goes. First order in
+place only (its moments are updated tensor by tensor as the backward pass
+completes each gradient).
+
 Low rank: a LoRA attacker's adapter W + B A starts at B = 0 with A random, so
 its first steps move W by (step in B) A, where B's gradient is G A^T: a rank-r
 update of the adapted projections (attention q, k, v, out) and nothing else.
@@ -137,7 +147,56 @@ def _in_gradient_dtype(grad: torch.Tensor):
     return torch.autocast(grad.device.type, enabled=False)
 
 
-FORMS = ("sgd", "normalized", "adam", "rms")  # append only: checkpoints store the index
+FORMS = ("sgd", "normalized", "adam", "rms", "adam_warm")  # append only: checkpoints store the index
+WARM_BETAS = (0.9, 0.999)  # AdamW's defaults, which finetuning scripts keep
+
+
+class WarmAdam:
+    """The moments of the simulated attacker's running Adam (form `adam_warm`), one pair per attacked
+    tensor, in float32 whatever the weights' dtype. Every forget gradient the simulated attackers compute
+    feeds them (`feed`, once per inner step: `tick` first), so they follow theta as the outer optimizer
+    moves it, as a real attacker's moments follow its own weights."""
+
+    def __init__(self):
+        self.t = 0
+        self.m: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def tick(self) -> None:
+        """A new inner step: the bias corrections count it."""
+        self.t += 1
+
+    @torch.no_grad()
+    def feed(self, i: int, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        if not torch.isfinite(g).all():  # an fp16 overflow (the scaler skips the step): keep it out of the state
+            return
+        b1, b2 = WARM_BETAS
+        if i not in self.m:
+            self.m[i], self.v[i] = torch.zeros_like(g), torch.zeros_like(g)
+        self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+        self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+
+    @torch.no_grad()
+    def direction(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Tensor i's step direction, m_hat / (sqrt(v_hat) + eps), in `like`'s dtype."""
+        if i not in self.m:  # never fed a finite gradient (an fp16 overflow): no step
+            return torch.zeros_like(like)
+        b1, b2 = WARM_BETAS
+        m_hat = self.m[i] / (1 - b1 ** self.t)
+        v_hat = self.v[i] / (1 - b2 ** self.t)
+        return (m_hat / (v_hat.sqrt_().add_(ADAM_EPS))).to(like.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"t": torch.tensor(self.t)}
+        state.update({f"m.{i}": m for i, m in self.m.items()})
+        state.update({f"v.{i}": v for i, v in self.v.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], like: list[torch.Tensor]) -> None:
+        self.t = int(state.get("t", torch.tensor(0)))
+        self.m = {i: state[f"m.{i}"].to(p.device, torch.float32) for i, p in enumerate(like) if f"m.{i}" in state}
+        self.v = {i: state[f"v.{i}"].to(p.device, torch.float32) for i, p in enumerate(like) if f"v.{i}" in state}
 
 
 @dataclass
