@@ -82,14 +82,23 @@ def test_processes_that_would_resume_from_different_checkpoints_stop(tmp_path):
     assert "the processes found different checkpoints to resume from (steps [2, 0])" in again.stderr
 
 
-def test_every_process_takes_the_main_process_verdict_on_a_candidate_edit(tmp_path):
+@pytest.mark.parametrize("mode", ["own", "replay", "fail"])
+def test_every_process_takes_the_main_process_verdict_on_a_candidate_edit(tmp_path, mode):
     """RECE keeps the round its judge scores best. Each process's judge here gives its own verdict (as
-    sampling that differs by process would): every process must record the main one's, judged once."""
-    done = launch(str(tmp_path), script=VERDICT_SCRIPT)
+    sampling that differs by process would): every process must take the main one's, judged by it alone;
+    an interrupted run's verdicts are the main process's to replay; a judge that fails stops every process."""
+    done = launch(str(tmp_path), mode, script=VERDICT_SCRIPT, timeout=120)
+    if mode == "fail":
+        assert done.returncode != 0
+        assert (tmp_path / "error-0.txt").read_text() == "ConfigError: no detector for this concept"
+        assert (tmp_path / "error-1.txt").read_text() == ("TrainingError: the main process could not judge a "
+                                                          "candidate edit (ConfigError: no detector for this concept)")
+        return
     assert done.returncode == 0, done.stderr[-3000:]
     main, other = (json.loads((tmp_path / f"verdicts-{rank}.json").read_text()) for rank in (0, 1))
-    assert main["seen"] == main["recorded"] == other["seen"] == other["recorded"] == [0.5, 1.0]
-    assert (main["judged"], other["judged"]) == (2, 0)
+    expected = [0.5, 1.0] if mode == "own" else [7.0, 0.5]  # replayed, then judged afresh
+    assert main["seen"] == main["recorded"] == other["seen"] == expected and other["recorded"] == []
+    assert (main["judged"], other["judged"]) == (2 if mode == "own" else 1, 0)
 
 
 @pytest.mark.parametrize("method", ["esd", "rece"])

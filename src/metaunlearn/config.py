@@ -367,10 +367,14 @@ class MetaConfig(_Section):
             raise ValueError("is an empty list; name at least one update form")
         return value
 
+    @property
+    def forms(self) -> list[str]:
+        """The simulated attacker's update forms (inner_step as a list)."""
+        return list(self.inner_step) if isinstance(self.inner_step, list) else [self.inner_step]
+
     @model_validator(mode="after")
     def _warm_adam_in_place(self) -> MetaConfig:
-        forms = self.inner_step if isinstance(self.inner_step, list) else [self.inner_step]
-        if "adam_warm" in forms and not (self.mode == "first_order" and self.in_place):
+        if "adam_warm" in self.forms and not (self.mode == "first_order" and self.in_place):
             raise ValueError("inner_step 'adam_warm' updates its moments as the backward pass completes each "
                              "gradient: it needs mode first_order with in_place true")
         return self

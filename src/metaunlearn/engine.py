@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -119,16 +120,23 @@ def rank_zeros(tensors) -> None:
             tensor.copy_(broadcast(tensor.detach().clone(), from_process=0))
 
 
+PROCESS_WAIT = timedelta(hours=2)  # how long a process waits in a collective (torch's NCCL default: 10 minutes)
+
+
 def make_accelerator(model: ModelConfig, trackers: list[str] | None = None, project_dir: Path | None = None):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     device = available_device(model.device)
     cpu = torch.device(device).type == "cpu"  # "cpu:0" too
     if device.startswith("cuda:") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))  # a single-process run on a chosen GPU
     _forget_other_settings(device, model.mixed_precision)
+    # the processes wait on the main one while it alone samples (a closed form's verdicts on its candidate
+    # edits, one per round): NCCL's default 10 minutes is less than sampling a large prompt set takes
+    wait = InitProcessGroupKwargs(timeout=PROCESS_WAIT)
     return Accelerator(mixed_precision=model.mixed_precision, cpu=cpu, log_with=trackers or None,
-                       project_dir=str(project_dir) if project_dir else None)
+                       project_dir=str(project_dir) if project_dir else None, kwargs_handlers=[wait])
 
 
 def _forget_other_settings(device: str, mixed_precision: str) -> None:

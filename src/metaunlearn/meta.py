@@ -115,8 +115,7 @@ class MetaObjective:
             if config.low_rank > 0 else None
         self.grad_reference = self._forget_grad_norm() if config.forget_sharpness else None
         self.episode = Episode(config.persistent) if config.persistent else None
-        forms = config.inner_step if isinstance(config.inner_step, list) else [config.inner_step]
-        self.warm = WarmAdam() if "adam_warm" in forms else None  # a running Adam's moments (state)
+        self.warm = WarmAdam() if "adam_warm" in config.forms else None  # a running Adam's moments (state)
         # not state: the engine builds this objective at the stage's starting weights, before a resume loads
         whole = frozenset(n for n, p in trainable.items() if is_lora_target(n, p)) \
             if config.salient_lora_targets else frozenset()
@@ -399,8 +398,6 @@ class MetaObjective:
 
     def _inner_step_in_place(self, theta, forget, attacker, a, ctx, warm: WarmAdam | None) -> tuple[float, float]:
         loss = self._loss(forget, None, ctx)
-        if warm is not None:
-            warm.tick()
         if attacker.form in WHOLE:
             grads = self._grads(loss, theta)
             norm = _norm(grads)

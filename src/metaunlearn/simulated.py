@@ -153,50 +153,47 @@ WARM_BETAS = (0.9, 0.999)  # AdamW's defaults, which finetuning scripts keep
 
 class WarmAdam:
     """The moments of the simulated attacker's running Adam (form `adam_warm`), one pair per attacked
-    tensor, in float32 whatever the weights' dtype. Every forget gradient the simulated attackers compute
-    feeds them (`feed`, once per inner step: `tick` first), so they follow theta as the outer optimizer
-    moves it, as a real attacker's moments follow its own weights."""
+    tensor, in float32 whatever the weights' dtype, and the number of gradients each was fed (its bias
+    correction's t). Every forget gradient the simulated attackers compute feeds them, once per inner step,
+    so they follow theta as the outer optimizer moves it, as a real attacker's moments follow its weights."""
 
     def __init__(self):
-        self.t = 0
+        self.t: dict[int, int] = {}
         self.m: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-
-    def tick(self) -> None:
-        """A new inner step: the bias corrections count it."""
-        self.t += 1
 
     @torch.no_grad()
     def feed(self, i: int, grad: torch.Tensor) -> None:
         g = grad.detach().float()
-        if not torch.isfinite(g).all():  # an fp16 overflow (the scaler skips the step): keep it out of the state
-            return
         b1, b2 = WARM_BETAS
         if i not in self.m:
-            self.m[i], self.v[i] = torch.zeros_like(g), torch.zeros_like(g)
-        self.m[i].mul_(b1).add_(g, alpha=1 - b1)
-        self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            self.m[i], self.v[i], self.t[i] = torch.zeros_like(g), torch.zeros_like(g), 0
+        # an element an fp16 overflow made non-finite keeps its moments (checked on the device: no sync)
+        finite = torch.isfinite(g)
+        g = torch.where(finite, g, 0.0)
+        self.m[i].copy_(torch.where(finite, self.m[i] * b1 + g * (1 - b1), self.m[i]))
+        self.v[i].copy_(torch.where(finite, self.v[i] * b2 + g * g * (1 - b2), self.v[i]))
+        self.t[i] += 1
 
     @torch.no_grad()
     def direction(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Tensor i's step direction, m_hat / (sqrt(v_hat) + eps), in `like`'s dtype."""
-        if i not in self.m:  # never fed a finite gradient (an fp16 overflow): no step
-            return torch.zeros_like(like)
         b1, b2 = WARM_BETAS
-        m_hat = self.m[i] / (1 - b1 ** self.t)
-        v_hat = self.v[i] / (1 - b2 ** self.t)
+        m_hat = self.m[i] / (1 - b1 ** self.t[i])
+        v_hat = self.v[i] / (1 - b2 ** self.t[i])
         return (m_hat / (v_hat.sqrt_().add_(ADAM_EPS))).to(like.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"t": torch.tensor(self.t)}
+        state = {f"t.{i}": torch.tensor(t) for i, t in self.t.items()}
         state.update({f"m.{i}": m for i, m in self.m.items()})
         state.update({f"v.{i}": v for i, v in self.v.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], like: list[torch.Tensor]) -> None:
-        self.t = int(state.get("t", torch.tensor(0)))
-        self.m = {i: state[f"m.{i}"].to(p.device, torch.float32) for i, p in enumerate(like) if f"m.{i}" in state}
-        self.v = {i: state[f"v.{i}"].to(p.device, torch.float32) for i, p in enumerate(like) if f"v.{i}" in state}
+        fed = [i for i in range(len(like)) if f"t.{i}" in state]
+        self.t = {i: int(state[f"t.{i}"]) for i in fed}
+        self.m = {i: state[f"m.{i}"].to(like[i].device, torch.float32) for i in fed}
+        self.v = {i: state[f"v.{i}"].to(like[i].device, torch.float32) for i in fed}
 
 
 @dataclass

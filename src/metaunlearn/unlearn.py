@@ -99,14 +99,27 @@ def main_process_judge(judge: Callable[[], float], accelerator) -> Callable[[], 
     """`judge`, with every process taking the main process's verdict (the others wait, sampling nothing): a
     method that chooses between candidate edits then makes the same choices in every process, where each
     process's own sampling could have kept a different round, and the keys and targets the meta stage holds
-    would differ between processes though their weights were broadcast."""
+    would differ between processes though their weights were broadcast. The main process's judge is the one
+    that replays an interrupted run's verdicts (the others may have read the run's record after the main
+    one rewrote it). A judge that fails in the main process fails in every process, not leaving the others
+    waiting for a verdict."""
     if accelerator.num_processes == 1:
         return judge
 
     def shared() -> float:
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([judge() if accelerator.is_main_process else None], from_process=0)[0]
+        verdict, failure = None, None
+        if accelerator.is_main_process:
+            try:
+                verdict = judge()
+            except Exception as error:
+                broadcast_object_list([(None, f"{type(error).__name__}: {error}")], from_process=0)
+                raise
+        verdict, failure = broadcast_object_list([(verdict, failure)], from_process=0)[0]
+        if failure is not None:
+            raise TrainingError(f"the main process could not judge a candidate edit ({failure})")
+        return verdict
 
     return shared
 
@@ -174,10 +187,15 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
         raise TrainingError(NOTHING_TO_TRAIN.format(name=cfg.name))
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
-    if config.meta.enabled and config.meta.persistent and accelerator.num_processes > 1:
-        # each process's episode (attacker, displacement) differs and a checkpoint holds the main one's only
-        raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
-                          "every process the main process's attacker; set meta.persistent=0 or run one process")
+    if config.meta.enabled and accelerator.num_processes > 1:
+        # each process's episode (attacker, displacement) or Adam moments differ, and a checkpoint holds the
+        # main one's only
+        if config.meta.persistent:
+            raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
+                              "every process the main process's attacker; set meta.persistent=0 or run one process")
+        if "adam_warm" in config.meta.forms:
+            raise ConfigError("meta.inner_step 'adam_warm' runs in one process only: a resumed multi-process run "
+                              "would give every process the main process's moments; use another form or one process")
     checkpoints, main = out_dir / "checkpoints", accelerator.is_main_process  # the one process that writes
     running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
     # an interrupted run's verdicts on candidate edits: replayed, so the resumed run keeps the edit its
@@ -193,11 +211,15 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
 
     model.to(accelerator.device)
     # closed form: before any training step (deterministic, so a resumed run redoes it); every process edits
-    # the main one's weights and takes its verdicts, so their edits, keys and targets agree
+    # the main one's weights and takes its verdicts, so their edits, keys and targets agree (and, should a
+    # solve differ in its last bits between devices, the main one's edit is every process's after it)
     if accelerator.num_processes > 1 and method.closed_form:
         rank_zeros(model.unet.parameters())
-    judge, verdicts = recorded_judge(main_process_judge(forget_judge(config, model), accelerator), judged)
-    method.edit(model, data, judge)
+    judge, verdicts = recorded_judge(forget_judge(config, model), judged)
+    method.edit(model, data, main_process_judge(judge, accelerator))
+    del judge  # its evaluator (the detector's models) is not needed by the meta stage
+    if accelerator.num_processes > 1 and method.closed_form:
+        rank_zeros(model.unet.parameters())
     if verdicts:
         running["judged"] = verdicts
         if main:
