@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metaunlearn import DiffusionModel
+from metaunlearn.engine import Terms
 from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.methods import make_method
 from metaunlearn.methods.rece import adversarial_keys
@@ -230,17 +231,48 @@ def test_the_judge_of_rece_rounds_never_draws_a_prompt_file_s_evaluation_seeds(t
     assert not set(drawn[0]) & {5, 6, 9, 10}  # the evaluation's own samples of these prompts
 
 
-def test_a_resumed_rece_run_replays_its_verdicts_and_keeps_its_round(tiny_pipeline_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_again", [False, True])
+def test_a_resumed_rece_run_replays_its_verdicts_and_keeps_its_round(tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                                    killed_again):
+    """killed_again: the resumed run is itself killed after rewriting its record and before its edit; the
+    run after it must still find the first run's verdicts there and replay them."""
     import metaunlearn.unlearn as unlearn_module
+    from test_train import Crash
 
-    verdicts = {"first": iter([0.5, 0.2, 0.4]), "again": iter([0.0, 0.9, 0.9])}  # a second judging would keep 0
-    runs = iter(["first", "again"])
+    never = [0.0, 0.9, 0.9]  # a second judging would keep round 0
+    verdicts = {"first": iter([0.5, 0.2, 0.4]), "killed": iter(never), "again": iter(never)}
+    runs = iter(["first", "killed", "again"] if killed_again else ["first", "again"])
     monkeypatch.setattr(unlearn_module, "forget_judge", lambda config, model: (lambda it: lambda: next(it))(
         verdicts[next(runs)]))
     config = make_config(tiny_pipeline_dir, "method.name=rece", "method.rece.rounds=2", "method.params=full",
                          "meta.enabled=true", "method.lr=1e-4")
-    crash_then_resume(config, tiny_pipeline_dir, tmp_path / "run")
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    out, shared = tmp_path / "run", unlearn_module.shared_judge
+    if killed_again:
+        def killed(judge, replay, accelerator):
+            assert replay == [0.5, 0.2, 0.4]
+            raise Crash
+
+        def interrupted_then_killed_before_the_edit(ctx):
+            if ctx.step == 5:
+                monkeypatch.setattr(unlearn_module, "shared_judge", killed)
+                raise Crash
+            return Terms()
+
+        model = DiffusionModel.load(tiny_pipeline_dir)
+        fingerprint = unlearn_fingerprint(config, 0)
+        with pytest.raises(Crash):
+            unlearn(config, model, concept_data(model), out, 0, fingerprint,
+                    extra={"crash": interrupted_then_killed_before_the_edit}, progress=False)
+        with pytest.raises(Crash):  # the resumed run, killed before its edit
+            unlearn(config, DiffusionModel.load(tiny_pipeline_dir), concept_data(model), out, 0, fingerprint,
+                    progress=False)
+        assert json.loads((out / "run.json").read_text())["judged"] == [0.5, 0.2, 0.4]
+        monkeypatch.setattr(unlearn_module, "shared_judge", shared)
+        unlearn(config, DiffusionModel.load(tiny_pipeline_dir), concept_data(model), out, 0, fingerprint,
+                progress=False)
+    else:
+        crash_then_resume(config, tiny_pipeline_dir, out)
+    record = json.loads((out / "run.json").read_text())
     assert record["status"] == "done" and record["rece"] == {"forget_rate_by_round": [0.5, 0.2, 0.4], "kept_round": 1}
     assert next(verdicts["again"]) == 0.0  # the resumed run judged nothing
 

@@ -144,3 +144,15 @@ def test_a_warm_attacker_across_processes_is_refused_before_any_work(tiny_pipeli
         unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
                 progress=False)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_launch_across_processes_is_refused_before_the_model_loads(tiny_pipeline_dir, monkeypatch):
+    from metaunlearn.errors import ConfigError
+    from metaunlearn.stages import preflight
+
+    config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.inner_step=adam_warm")
+    preflight(config)  # one process: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each process
+    with pytest.raises(ConfigError, match="'adam_warm' runs in one process only"):
+        preflight(config)
+    preflight(config, unlearns=False, attacks=[])  # evaluating or attacking across processes trains no meta stage

@@ -168,11 +168,11 @@ class WarmAdam:
         b1, b2 = WARM_BETAS
         if i not in self.m:
             self.m[i], self.v[i], self.t[i] = torch.zeros_like(g), torch.zeros_like(g), 0
-        # an element an fp16 overflow made non-finite keeps its moments (checked on the device: no sync)
+        # an element an fp16 overflow made non-finite keeps its moments (checked on the device: no sync; its
+        # count still moves on, a slight under-correction of that element's bias)
         finite = torch.isfinite(g)
-        g = torch.where(finite, g, 0.0)
-        self.m[i].copy_(torch.where(finite, self.m[i] * b1 + g * (1 - b1), self.m[i]))
-        self.v[i].copy_(torch.where(finite, self.v[i] * b2 + g * g * (1 - b2), self.v[i]))
+        self.m[i].lerp_(torch.where(finite, g, self.m[i]), 1 - b1)  # b1 m + (1 - b1) g, as torch's Adam
+        self.v[i].lerp_(torch.where(finite, g * g, self.v[i]), 1 - b2)
         self.t[i] += 1
 
     @torch.no_grad()

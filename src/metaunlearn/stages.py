@@ -6,6 +6,7 @@ hold no state.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import imagefolder, layout
@@ -53,7 +54,7 @@ def preflight(config: StudyConfig, unlearns: bool = True, attacks: list[AttackCo
     from .metrics.durability import FORGET_RATE
     from .metrics.evaluate import evaluation_entries
     from .registry import METHODS, METRICS
-    from .unlearn import JUDGE_NEEDS_RATE
+    from .unlearn import JUDGE_NEEDS_RATE, check_one_process_settings
 
     world = world_for(config.model)
     evaluation_entries(config, world)
@@ -64,6 +65,8 @@ def preflight(config: StudyConfig, unlearns: bool = True, attacks: list[AttackCo
                 for name in config.evaluation.metrics)
     if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits and not rates:
         raise ConfigError(JUDGE_NEEDS_RATE)
+    if unlearns and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched across processes (torchrun sets it)
+        check_one_process_settings(config)
     for name in config.evaluation.metrics:
         METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
 

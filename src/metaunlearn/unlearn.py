@@ -124,6 +124,28 @@ def main_process_judge(judge: Callable[[], float], accelerator) -> Callable[[], 
     return shared
 
 
+def shared_judge(judge: Callable[[], float], replay: list[float] | None,
+                 accelerator) -> tuple[Callable[[], float], list]:
+    """The judge a closed form's edit asks, and the list of its verdicts (the main process's, for the run's
+    record): `judge` recorded, replaying `replay` first, in the main process alone; every process takes its
+    verdicts (main_process_judge)."""
+    recorded, verdicts = recorded_judge(judge, replay)
+    return main_process_judge(recorded, accelerator), verdicts
+
+
+def check_one_process_settings(config: StudyConfig) -> None:
+    """Meta settings with state of each process's own (a persistent attacker's episode, a running Adam's
+    moments), which a checkpoint holds of the main process only: refused for a run across processes."""
+    if not config.meta.enabled:
+        return
+    if config.meta.persistent:
+        raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
+                          "every process the main process's attacker; set meta.persistent=0 or run one process")
+    if "adam_warm" in config.meta.forms:
+        raise ConfigError("meta.inner_step 'adam_warm' runs in one process only: a resumed multi-process run "
+                          "would give every process the main process's moments; use another form or one process")
+
+
 def preservation_data(data: ConceptData) -> RoleData | None:
     parts = [r for r in (data.related, data.unrelated) if r is not None and len(r)]
     return RoleData.concat(parts, role="benign") if parts else None
@@ -187,20 +209,14 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     if method.needs_meta and not config.meta.enabled and not extra:  # else preservation alone would pass for a result
         raise TrainingError(NOTHING_TO_TRAIN.format(name=cfg.name))
     accelerator = make_accelerator(config.model, config.output.trackers, out_dir)
-    if config.meta.enabled and accelerator.num_processes > 1:
-        # each process's episode (attacker, displacement) or Adam moments differ, and a checkpoint holds the
-        # main one's only
-        if config.meta.persistent:
-            raise ConfigError("meta.persistent runs in one process only: a resumed multi-process run would give "
-                              "every process the main process's attacker; set meta.persistent=0 or run one process")
-        if "adam_warm" in config.meta.forms:
-            raise ConfigError("meta.inner_step 'adam_warm' runs in one process only: a resumed multi-process run "
-                              "would give every process the main process's moments; use another form or one process")
+    if accelerator.num_processes > 1:
+        check_one_process_settings(config)
     checkpoints, main = out_dir / "checkpoints", accelerator.is_main_process  # the one process that writes
-    running = {"fingerprint": fingerprint, "seed": seed, "status": "running"}
     # an interrupted run's verdicts on candidate edits: replayed, so the resumed run keeps the edit its
-    # checkpoints were trained from (sampling on a GPU need not repeat bit for bit), without sampling again
+    # checkpoints were trained from (sampling on a GPU need not repeat bit for bit), without sampling again;
+    # kept in the record from the start, so a run killed again before the edit still replays them
     judged = status.get("judged") if status.get("fingerprint") == fingerprint else None
+    running = {"fingerprint": fingerprint, "seed": seed, "status": "running", **({"judged": judged} if judged else {})}
     released = {"released": done} if done else {}
     if main:
         if status.get("fingerprint") not in (None, fingerprint):
@@ -210,13 +226,14 @@ def unlearn(config: StudyConfig, model: DiffusionModel, data: ConceptData, out_d
     accelerator.wait_for_everyone()  # no process reads the folder while the main one clears it
 
     model.to(accelerator.device)
-    # closed form: before any training step (deterministic, so a resumed run redoes it); every process edits
-    # the main one's weights and takes its verdicts, so their edits, keys and targets agree (and, should a
-    # solve differ in its last bits between devices, the main one's edit is every process's after it)
+    # closed form: before any training step (deterministic, so a resumed run redoes it). Every process edits
+    # the main one's weights and takes its verdicts, so each solves the same keys and targets from the same
+    # inputs; should a solve differ in its last bits between devices, the main one's edited weights are every
+    # process's after it (the keys and targets stay each process's own)
     if accelerator.num_processes > 1 and method.closed_form:
         rank_zeros(model.unet.parameters())
-    judge, verdicts = recorded_judge(forget_judge(config, model), judged)
-    method.edit(model, data, main_process_judge(judge, accelerator))
+    judge, verdicts = shared_judge(forget_judge(config, model), judged, accelerator)
+    method.edit(model, data, judge)
     del judge  # its evaluator (the detector's models) is not needed by the meta stage
     if accelerator.num_processes > 1 and method.closed_form:
         rank_zeros(model.unet.parameters())

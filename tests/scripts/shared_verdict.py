@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from metaunlearn.engine import leave
 from metaunlearn.errors import ConfigError
-from metaunlearn.unlearn import main_process_judge, recorded_judge
+from metaunlearn.unlearn import shared_judge
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 accelerator = Accelerator(cpu=True)
@@ -27,8 +27,7 @@ def own_verdict() -> float:
 
 
 replay = [7.0] if mode == "replay" and accelerator.is_main_process else None
-judge, verdicts = recorded_judge(own_verdict, replay)
-shared = main_process_judge(judge, accelerator)
+shared, verdicts = shared_judge(own_verdict, replay, accelerator)  # as unlearn() pairs them
 try:
     seen = [shared(), shared()]
 except Exception as error:  # as the CLI: a one-line error and a non-zero exit
