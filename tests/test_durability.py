@@ -87,10 +87,17 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
                          ({**good, "attackers": [{"name": "a"}, {"name": "b", "eval_at": [2, 4]}]},
                           "must evaluate at step 0 (the model before the attack): add 0 to the eval_at of g.b"),
                          ({**good, "attackers": [{"name": "a"}, {"name": "b", "eval_at": [0, 2, 4]}]},
-                          "grid attackers.1: evaluates steps [2, 4] within the window, the reference a [4]")):
+                          "grid attackers.1: evaluates steps [2, 4] within the window, the reference a [4]"),
+                         ({**good, "window_until": 3},
+                          "the reference a evaluates no step within the window (0, 3]")):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_grid(path).attacks()
+    # nested sections of the defaults merged key by key, not replaced by an attacker's own
+    nested = {**good, "defaults": {**good["defaults"], "kind": "lora", "lora": {"rank": 16, "alpha": 16}},
+              "attackers": [{"name": "a"}, {"name": "b", "lora": {"targets": ["to_q"]}}]}
+    lora = GridConfig.model_validate(nested).attacks()[1].options()
+    assert (lora.rank, lora.alpha, lora.targets) == (16, 16, ["to_q"])
     path.write_text("name: g\nreference: a\nattackers:\n  - name: a\n    lr: 1.0e-4\n    lr: 1.0e-3\n")
     with pytest.raises(ConfigError, match="the key 'lr' appears twice"):
         load_grid(path)
@@ -164,6 +171,13 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     assert summary["worst_stronger"]["attacker"] == "strong" and summary["worst"]["attacker"] == "strong"
     assert summary["benign_extra_cost"]["unrelated_accuracy"] == pytest.approx(0.1)
     assert "by unlearned model" not in table(summary)  # one model per variant: no spread to show
+    # a base the attacker never brings the concept back to, a meta model it does: worst, whatever the ratios
+    weak = dict(curves, **{"g.v2.strong": {"base": run([0, 0, 0], keep), "meta": run([0, 0.1, 0.2], keep)}})
+    worse = summarise(grid, weak, "forget_rate")
+    assert worse["worst_up_to_default"] == {"attacker": "strong", "ratio": None, "only_meta_relearns": True}
+    assert worse["worst"]["attacker"] == "strong" and "strong (meta relearns, the base does not)" in table(worse)
+    both_zero = dict(curves, **{"g.v2.strong": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], keep)}})
+    assert summarise(grid, both_zero, "forget_rate")["worst"]["attacker"] == "ref"  # neither relearns: no case
     # two unlearned models of the meta variant, two attack seeds each, under the reference attacker
     curves["g.v2.ref"]["meta"] = [dict(c, model=m, seed=s) for m, s, f in (("m0", 0, 0.2), ("m0", 1, 0.4),
                                                                            ("m1", 0, 0.6), ("m1", 1, 0.6))

@@ -204,3 +204,16 @@ def test_a_built_world_s_folder_and_a_world_s_name_count_by_name(tmp_path, monke
     config = StudyConfig.from_dict({"model": {"source": "digits", "device": "cpu"},
                                     "concepts": {"forget": {"classes": ["eight"]}}})
     assert unlearn_fingerprint(config, 0) == f"{config.fingerprint('model', 'concepts', 'data', 'method')}-0"
+
+
+def test_adding_a_seed_to_an_attack_keeps_the_curves_already_made(tmp_path):
+    """Each curve is one attack seed's (its fingerprint holds it): a longer list of seeds must not re-run or
+    hide the seeds already done, while any setting the curve depends on does."""
+    config = study(tmp_path)
+    one, two = AttackConfig(name="full", seeds=[0]), AttackConfig(name="full", seeds=[0, 1])
+    assert attack_fingerprint(config, one, 0, "m") == attack_fingerprint(config, two, 0, "m")
+    assert attack_fingerprint(config, two, 0, "m") != attack_fingerprint(config, two, 1, "m")
+    faster = AttackConfig(name="full", seeds=[0, 1], lr=1e-3)
+    assert attack_fingerprint(config, faster, 0, "m") != attack_fingerprint(config, two, 0, "m")
+    curve = {"attack": one.model_dump(mode="json")}  # as a curve records its attack's settings, seeds included
+    assert two.made_curve(curve) and not faster.made_curve(curve) and not two.made_curve({})

@@ -414,6 +414,19 @@ class AttackConfig(OptimizerSettings, _AttackChoice):  # this order lists name, 
     save_final: bool = Field(False, description=(
         "Also save the attacked weights (full: a pipeline folder; lora: the adapter). Off: curves only."))
 
+    def curve_settings(self) -> dict:
+        """The settings one attack seed's curve depends on: all but the list of seeds (each curve is one seed's,
+        which its fingerprint holds), so adding a seed to an attack leaves the curves already made valid."""
+        dumped = self.model_dump(mode="json")
+        dumped.pop("seeds", None)
+        return dumped
+
+    def made_curve(self, curve: dict) -> bool:
+        """Whether `curve` (a curve.json) was made with these settings (one written with a seed list too)."""
+        stored = dict(curve.get("attack") or {})
+        stored.pop("seeds", None)
+        return bool(stored) and stored == self.curve_settings()
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, value: Optional[list[int]]) -> Optional[list[int]]:

@@ -67,7 +67,7 @@ class GridConfig(Options):
         and normalised by it, as a study's own attacks are."""
         out = []
         for i, spec in enumerate(self.attackers):
-            data = {**self.defaults, **spec, "name": f"{self.name}.{spec.get('name')}"}
+            data = {**merged(self.defaults, spec), "name": f"{self.name}.{spec.get('name')}"}
             try:
                 attack = AttackConfig.model_validate(data)
             except ValidationError as err:
@@ -90,6 +90,10 @@ class GridConfig(Options):
             return [s for s in a.eval_at if 0 < s <= self.window_until]
 
         reference = next((a for a in attacks if a.name == f"{self.name}.{self.reference}"), None)
+        if reference is not None and not steps(reference):
+            raise ConfigError(f"the reference {self.reference} evaluates no step within the window (0, "
+                              f"{self.window_until}]: every window would be empty; add such a step to its eval_at "
+                              "or raise window_until")
         for i, attack in enumerate(attacks):
             if 0 not in attack.eval_at:
                 raise ConfigError(f"grid attackers.{i}: attackers must evaluate at step 0 (the model before the "
@@ -196,6 +200,18 @@ def attack_cost(curves: list[dict], key: str) -> float | None:
     return before["mean"] - after["mean"] if before and after else None
 
 
+ONLY_META = "meta relearns, the base does not"  # a ratio over a base window of 0
+
+
+def merged(defaults: dict, spec: dict) -> dict:
+    """An attacker's settings over the grid's defaults, nested sections merged key by key (defaults
+    `lora: {rank: 16}` and an attacker's `lora: {targets: [...]}` give both), not replaced whole."""
+    out = dict(defaults)
+    for key, value in spec.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool = True, rises: bool = True) -> dict:
     """Per attacker: each variant's durability over its curves, meta/base, the accuracies after the
     attack; and the worst cases over the grid, up to the reference's strength and beyond it. `world`:
@@ -223,11 +239,18 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
     reference = next(r for r in rows if r["attacker"] == grid.reference)
     for row in rows:
         row["strength"] = relative(row["variants"].get("base"), reference["variants"].get("base"))
-    ratios = [r for r in rows if r["ratio"] is not None and not r["destructive"]]
+    for row in rows:  # the worst case of all, which no ratio expresses: the base never relearns, meta does
+        base, meta = (row["variants"].get(v, {}).get("window") for v in ("base", "meta"))
+        row["only_meta_relearns"] = bool(rises and not row["benign"] and base and meta
+                                         and base["mean"] == 0 < meta["mean"])
+    ratios = [r for r in rows if (r["ratio"] is not None or r["only_meta_relearns"]) and not r["destructive"]]
     up_to_default = [r for r in ratios if r["strength"] is not None and r["strength"] <= 1 + 1e-9]
     stronger = [r for r in ratios if r["strength"] is not None and r["strength"] > 1 + 1e-9]
 
     def worst(group: list[dict]) -> dict | None:
+        unbounded = [r for r in group if r["only_meta_relearns"]]
+        if unbounded:
+            return {"attacker": unbounded[0]["attacker"], "ratio": None, "only_meta_relearns": True}
         top = max(group, key=lambda r: r["ratio"], default=None)
         return {"attacker": top["attacker"], "ratio": top["ratio"]} if top else None
 
@@ -261,7 +284,8 @@ def table(summary: dict) -> str:
                  for k in ("unrelated_accuracy", "related_accuracy")}
         mark = " (destroys the base)" if r.get("destructive") else ""
         lines.append(f"| {r['attacker']}{mark} | {_num(r['strength'])} | {window(v.get('base', {}).get('window'))} | "
-                     f"{window(v.get('meta', {}).get('window'))} | {_num(r['ratio'])} | {steps['base']} | "
+                     f"{window(v.get('meta', {}).get('window'))} | "
+                     f"{ONLY_META if r.get('only_meta_relearns') else _num(r['ratio'])} | {steps['base']} | "
                      f"{steps['meta']} | {after['unrelated_accuracy']} | {after['related_accuracy']} |")
     reference = next((r for r in summary["rows"] if r["attacker"] == summary["reference"]), None)
     for variant, s in (reference["variants"].items() if reference else []):
@@ -272,7 +296,9 @@ def table(summary: dict) -> str:
     gaps = f" (over the attacks that ran: {len(failed)} failed, listed below)" if failed else ""
     for name in ("worst_up_to_default", "worst_stronger", "worst"):
         w = summary[name]
-        lines.append(f"\n{name.replace('_', ' ')}: " + (f"{w['attacker']} ({w['ratio']:.2f}x)" if w else "–") + gaps)
+        shown = "–" if not w else f"{w['attacker']} ({ONLY_META})" if w.get("only_meta_relearns") else \
+            f"{w['attacker']} ({w['ratio']:.2f}x)"
+        lines.append(f"\n{name.replace('_', ' ')}: {shown}{gaps}")
     for f in summary.get("failed", []):
         lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
     for name in summary.get("selected_on_this_grid", []):

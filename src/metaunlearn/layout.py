@@ -415,10 +415,11 @@ def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, sou
 
 
 def attack_inputs(attack: AttackConfig) -> dict:
-    """The attack's settings, with its own concept's prompt file by content and image folder by signature."""
+    """The attack's settings (but its list of seeds: a curve is one seed's), with its own concept's prompt file
+    by content and image folder by signature."""
     from .imagefolder import signature
 
-    dumped = attack.model_dump(mode="json")
+    dumped = attack.curve_settings()
     data = dumped["data"]
     if isinstance(data, dict):
         with_prompt_file_digest(data)

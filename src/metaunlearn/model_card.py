@@ -201,7 +201,7 @@ def write_model_cards(run_dir: Path, config: StudyConfig, results: dict) -> list
                         # saved by this attack as the study configures it now, from the weights the label's run
                         # made last (not an earlier model of the label); its numbers: curves of these settings
                         curve = read_json(out / CURVE)
-                        if (out / name).is_dir() and curve.get("attack") == attack.model_dump(mode="json") and \
+                        if (out / name).is_dir() and attack.made_curve(curve) and \
                                 folder.same_weights(curve, label):
                             numbers = measured(folder, results, row, label, (attack.name, s))
                             written.append(_write(out / name, config, row.variant, label, seed, numbers,

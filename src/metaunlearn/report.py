@@ -116,7 +116,7 @@ class RunFolder:
         the evaluation's and the data's; curves written before the settings were recorded pass) on the
         weights the label holds now; else {}."""
         c = read_json(self.layout.attack(label, attack.name, seed) / CURVE)
-        current = c.get("attack") == attack.model_dump(mode="json") and \
+        current = attack.made_curve(c) and \
             c.get("settings_key", self._attack_settings) == self._attack_settings
         return c if current and self.of_current_model(c, label) else {}
 
