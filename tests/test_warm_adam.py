@@ -150,9 +150,15 @@ def test_a_launch_across_processes_is_refused_before_the_model_loads(tiny_pipeli
     from metaunlearn.errors import ConfigError
     from metaunlearn.stages import preflight
 
+    from metaunlearn.config import AttackConfig
+
     config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.inner_step=adam_warm")
+    config = config.model_copy(update={"attacks": [AttackConfig(name="full", steps=2, eval_at=[0, 2])]})
     preflight(config)  # one process: fine
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each process
     with pytest.raises(ConfigError, match="'adam_warm' runs in one process only"):
-        preflight(config)
-    preflight(config, unlearns=False, attacks=[])  # evaluating or attacking across processes trains no meta stage
+        preflight(config, attacks=[])
+    preflight(config, unlearns=False, attacks=[])  # evaluating across processes trains no meta stage
+    # attacks across processes: each would train on a batch the processes' count times the configured one
+    with pytest.raises(ConfigError, match="attacks run in one process"):
+        preflight(config, unlearns=False)

@@ -135,7 +135,7 @@ def unlearn(config: ConfigArg, set_: SetOpt = None, seed: SeedOpt = None,
     cfg = _config(config, set_, meta)
     if METHODS.get(cfg.method.name, "method.name").impl.needs_meta and not cfg.meta.enabled:
         raise ConfigError(NOTHING_TO_TRAIN.format(name=cfg.method.name) + "; add --meta")
-    preflight(cfg)
+    preflight(cfg, attacks=[])  # it runs no attack
     for s in [seed] if seed is not None else cfg.seeds:
         if fresh:  # the checkpoints only: a finished model of these settings stays (and is returned as done)
             shutil.rmtree(RunLayout.of(cfg).unlearn(unlearn_label(cfg, s)) / "checkpoints", ignore_errors=True)

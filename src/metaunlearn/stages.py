@@ -58,14 +58,22 @@ def preflight(config: StudyConfig, unlearns: bool = True, attacks: list[AttackCo
 
     world = world_for(config.model)
     evaluation_entries(config, world)
-    _check_image_folders(config, unlearns, config.attacks if attacks is None else attacks)
+    attacks = config.attacks if attacks is None else attacks
+    across = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched across processes (torchrun sets it)
+    if attacks and across:
+        # each process would finetune on its own batches with gradients averaged (a batch the processes'
+        # count times the configured one, which the curve's fingerprint does not hold) and sample every
+        # evaluation; a study's attacks go in parallel on Ray instead
+        raise ConfigError("attacks run in one process: launch `metaunlearn unlearn` across processes, and the "
+                          "attacks without accelerate (or a study's stages in parallel: --executor ray)")
+    _check_image_folders(config, unlearns, attacks)
     # a metric's class declares the values it always returns (the forget rate among them for concept_rate
     # and plugins like it); the run-time check (unlearn.forget_judge) asks the built metrics the same
     rates = any(FORGET_RATE in {v.key for v in METRICS.get(name, "evaluation.metrics").impl.values}
                 for name in config.evaluation.metrics)
     if unlearns and METHODS.get(config.method.name, "method.name").impl.judges_edits and not rates:
         raise ConfigError(JUDGE_NEEDS_RATE)
-    if unlearns and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched across processes (torchrun sets it)
+    if unlearns and across:
         check_one_process_settings(config)
     for name in config.evaluation.metrics:
         METRICS.get(name, "evaluation.metrics").impl.check(config.evaluation.options(name), config, world)
