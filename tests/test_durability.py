@@ -176,6 +176,16 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     worse = summarise(grid, weak, "forget_rate")
     assert worse["worst_up_to_default"] == {"attacker": "strong", "ratio": None, "only_meta_relearns": True}
     assert worse["worst"]["attacker"] == "strong" and "strong (meta relearns, the base does not)" in table(worse)
+    # the base's attack on seed 2 failed: meta/base on seeds 0 and 1 only, not every meta seed against two bases
+    def seeded(variant, seed, forget):
+        return [dict(c, model=f"esd{'-meta' * (variant == 'meta')}-seed{seed}", seed=seed) for c in run(forget, keep)]
+
+    gap = dict(curves, **{"g.v2.ref": {"base": seeded("base", 0, [0, 0.6, 1.0]) + seeded("base", 1, [0, 0.6, 1.0]),
+                                       "meta": seeded("meta", 0, [0, 0.2, 0.4]) + seeded("meta", 1, [0, 0.2, 0.4])
+                                       + seeded("meta", 2, [0, 1.0, 1.0])}})
+    row = summarise(grid, gap, "forget_rate")["rows"][0]
+    assert row["unpaired"] == 1 and row["ratio"] == pytest.approx(0.3 / 0.8)
+    assert "note: ref: 1 curve(s) left out" in table(summarise(grid, gap, "forget_rate"))
     both_zero = dict(curves, **{"g.v2.strong": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], keep)}})
     assert summarise(grid, both_zero, "forget_rate")["worst"]["attacker"] == "ref"  # neither relearns: no case
     # two unlearned models of the meta variant, two attack seeds each, under the reference attacker

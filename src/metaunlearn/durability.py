@@ -20,6 +20,7 @@ left out of the worst cases. Attacks are ordinary attack stages
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -203,6 +204,25 @@ def attack_cost(curves: list[dict], key: str) -> float | None:
 ONLY_META = "meta relearns, the base does not"  # a ratio over a base window of 0
 
 
+def paired(by_variant: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], int]:
+    """The base's and the meta variant's curves on the (unlearning seed, attack seed) pairs both have, and how
+    many curves were left out: after a failed attack, meta/base must not compare the meta models of every seed
+    with the base models of the others (the models differ far more between seeds than attacks do)."""
+    def key(curve: dict):
+        found = re.search(r"-seed(\d+)$", curve.get("model") or "")
+        return (int(found.group(1)), curve.get("seed")) if found else None
+
+    if not {"base", "meta"} <= by_variant.keys():
+        return by_variant, 0
+    keys = {v: {key(c) for c in by_variant[v]} for v in ("base", "meta")}
+    if None in keys["base"] | keys["meta"]:  # curves that do not name their unlearning seed: nothing to pair on
+        return by_variant, 0
+    common = keys["base"] & keys["meta"]
+    out = {v: [c for c in curves if key(c) in common] if v in ("base", "meta") else curves
+           for v, curves in by_variant.items()}
+    return out, sum(len(by_variant[v]) - len(out[v]) for v in ("base", "meta"))
+
+
 def merged(defaults: dict, spec: dict) -> dict:
     """An attacker's settings over the grid's defaults, nested sections merged key by key (defaults
     `lora: {rank: 16}` and an attacker's `lora: {targets: [...]}` give both), not replaced whole."""
@@ -224,7 +244,7 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
 
     rows = []
     for attack in grid.attacks(world):
-        by_variant = curves[attack.name]
+        by_variant, unpaired = paired(curves[attack.name])
         summaries = {v: durability.summary(c, key, grid.window_until, rate, rises) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
         name = attack.name[len(grid.name) + 1:]  # the grid's name may hold dots too
@@ -232,7 +252,8 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
                      "benign": benign, "variants": summaries,
                      "ratio": None if benign else relative(summaries.get("meta"), summaries.get("base")),
                      "after": {v: {k: mean_at(c, k, None) for k in QUALITY} for v, c in by_variant.items()},
-                     "cost": {v: {k: attack_cost(c, k) for k in QUALITY} for v, c in by_variant.items()}})
+                     "cost": {v: {k: attack_cost(c, k) for k in QUALITY} for v, c in by_variant.items()},
+                     "unpaired": unpaired})
     for row in rows:  # an attack that wrecks the base is no measure of relearning: kept apart
         base_cost = row["cost"].get("base", {}).get("unrelated_accuracy")
         row["destructive"] = base_cost is not None and base_cost > DESTRUCTIVE
@@ -301,6 +322,10 @@ def table(summary: dict) -> str:
         lines.append(f"\n{name.replace('_', ' ')}: {shown}{gaps}")
     for f in summary.get("failed", []):
         lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
+    for r in summary["rows"]:
+        if r.get("unpaired"):
+            lines.append(f"\nnote: {r['attacker']}: {r['unpaired']} curve(s) left out, whose seeds the other variant "
+                         "has no curve of (its attack failed): base and meta are compared on the same seeds")
     for name in summary.get("selected_on_this_grid", []):
         lines.append(f"\nnote: {name} chose a model on this grid: its numbers here are not held out")
     extra = summary.get("benign_extra_cost") or {}
