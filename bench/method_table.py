@@ -17,8 +17,10 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def window(entry: dict) -> str:
-    w = entry["window"]
+def window(entry: dict | None) -> str:
+    w = (entry or {}).get("window")
+    if not w:  # no curve of this variant (its attacks failed, or the other variant's did)
+        return "–"
     return f"{pct(w['mean'])} ± {pct(w['std'])}" if w.get("n", 1) > 1 else pct(w["mean"])
 
 
@@ -38,8 +40,9 @@ def table(rows: list[tuple[str, dict]]) -> str:
         for name in attackers:
             row = by_name[name]
             ratio = row["ratio"]
-            cells += [window(row["variants"]["base"]), window(row["variants"]["meta"]),
-                      "–" if ratio is None else f"{ratio:.2f}"]
+            shown = "meta relearns, the base does not" if row.get("only_meta_relearns") else \
+                "–" if ratio is None else f"{ratio:.2f}"
+            cells += [window(row["variants"].get("base")), window(row["variants"].get("meta")), shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

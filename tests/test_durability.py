@@ -98,6 +98,12 @@ def test_a_grid_is_validated_on_its_own(tmp_path):
               "attackers": [{"name": "a"}, {"name": "b", "lora": {"targets": ["to_q"]}}]}
     lora = GridConfig.model_validate(nested).attacks()[1].options()
     assert (lora.rank, lora.alpha, lora.targets) == (16, 16, ["to_q"])
+    # but one concept's description replaced whole: its prompts and an attacker's own classes never mix
+    concept = {**good, "defaults": {**good["defaults"], "data": {"prompts": ["a cat"]}},
+               "attackers": [{"name": "a"}, {"name": "b", "data": {"classes": ["two"]}}]}
+    world = world_for(ModelConfig(source="digits"))
+    data = GridConfig.model_validate(concept).attacks(world)[1].data
+    assert data.classes == ["two"] and not data.prompts
     path.write_text("name: g\nreference: a\nattackers:\n  - name: a\n    lr: 1.0e-4\n    lr: 1.0e-3\n")
     with pytest.raises(ConfigError, match="the key 'lr' appears twice"):
         load_grid(path)
@@ -185,6 +191,12 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
                                        + seeded("meta", 2, [0, 1.0, 1.0])}})
     row = summarise(grid, gap, "forget_rate")["rows"][0]
     assert row["unpaired"] == 1 and row["ratio"] == pytest.approx(0.3 / 0.8)
+    # a meta attack that failed leaves the attacker's strength on every base curve, as the reference's
+    lost = dict(gap, **{"g.v2.strong": {"base": seeded("base", 0, [0, 0.6, 1.0]) + seeded("base", 1, [0, 1.0, 1.0]),
+                                        "meta": seeded("meta", 0, [0, 0.2, 0.4])}})
+    rows = {r["attacker"]: r for r in summarise(grid, lost, "forget_rate")["rows"]}
+    assert rows["strong"]["strength"] == pytest.approx(0.9 / 0.8)  # not 0.8 / 0.8 over seed 0's base alone
+    assert rows["strong"]["variants"]["base"]["window"]["mean"] == pytest.approx(0.8)
     assert "note: ref: 1 curve(s) left out" in table(summarise(grid, gap, "forget_rate"))
     both_zero = dict(curves, **{"g.v2.strong": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], keep)}})
     assert summarise(grid, both_zero, "forget_rate")["worst"]["attacker"] == "ref"  # neither relearns: no case

@@ -217,3 +217,21 @@ def test_adding_a_seed_to_an_attack_keeps_the_curves_already_made(tmp_path):
     assert attack_fingerprint(config, faster, 0, "m") != attack_fingerprint(config, two, 0, "m")
     curve = {"attack": one.model_dump(mode="json")}  # as a curve records its attack's settings, seeds included
     assert two.made_curve(curve) and not faster.made_curve(curve) and not two.made_curve({})
+
+
+def test_a_curve_made_while_the_seed_list_was_in_the_fingerprint_stays_done(tmp_path):
+    """Curves made before the seed list was left out of an attack's fingerprint are not re-run (hours at SD
+    scale), as long as the settings they recorded are the attack's."""
+    from metaunlearn.layout import CURVE, RunLayout, attack_done
+
+    config = study(tmp_path)
+    attack = AttackConfig(name="full", seeds=[0, 1])
+    folder = RunLayout.of(config).attack("esd-seed0", attack.name, 0)
+    folder.mkdir(parents=True)
+    old = {"attack": AttackConfig(name="full", seeds=[0]).model_dump(mode="json"), "points": [{"step": 0}],
+           "fingerprint": attack_fingerprint(config, attack, 0, "m", recorded_seeds=[0])}
+    (folder / CURVE).write_text(json.dumps(old))
+    assert attack_done(config, attack, 0, "m", "esd-seed0")
+    assert not attack_done(config, AttackConfig(name="full", seeds=[0, 1], lr=1e-3), 0, "m", "esd-seed0")
+    (folder / CURVE).write_text(json.dumps({**old, "fingerprint": "something else"}))
+    assert not attack_done(config, attack, 0, "m", "esd-seed0")

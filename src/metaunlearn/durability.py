@@ -224,11 +224,15 @@ def paired(by_variant: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], in
 
 
 def merged(defaults: dict, spec: dict) -> dict:
-    """An attacker's settings over the grid's defaults, nested sections merged key by key (defaults
-    `lora: {rank: 16}` and an attacker's `lora: {targets: [...]}` give both), not replaced whole."""
+    """An attacker's settings over the grid's defaults, an attack kind's option section merged key by key
+    (defaults `lora: {rank: 16}` and an attacker's `lora: {targets: [...]}` give both); anything else, `data`
+    (one concept's description) among it, replaced whole."""
+    from .registry import ATTACKS
+
     out = dict(defaults)
     for key, value in spec.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        section = key in ATTACKS.names() and isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if section else value
     return out
 
 
@@ -242,9 +246,12 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
     def relative(a: dict | None, b: dict | None) -> float | None:  # a's window over b's, oriented
         return durability.ratio(a, b) if rises else durability.ratio(b, a)
 
-    rows = []
+    # per attacker, over every base curve (whichever the meta variant lacks): its strength, and whether it
+    # wrecks the base; the rows' own numbers are over the seeds both variants have
+    rows, whole = [], {}
     for attack in grid.attacks(world):
         by_variant, unpaired = paired(curves[attack.name])
+        base_curves = curves[attack.name].get("base")
         summaries = {v: durability.summary(c, key, grid.window_until, rate, rises) for v, c in by_variant.items()}
         benign = attack.data != "forget"  # an honest finetune: what it costs, not how fast it relearns
         name = attack.name[len(grid.name) + 1:]  # the grid's name may hold dots too
@@ -254,12 +261,15 @@ def summarise(grid: GridConfig, curves: dict, key: str, world=None, rate: bool =
                      "after": {v: {k: mean_at(c, k, None) for k in QUALITY} for v, c in by_variant.items()},
                      "cost": {v: {k: attack_cost(c, k) for k in QUALITY} for v, c in by_variant.items()},
                      "unpaired": unpaired})
+        if base_curves:
+            whole[name] = (durability.summary(base_curves, key, grid.window_until, rate, rises),
+                           attack_cost(base_curves, "unrelated_accuracy"))
     for row in rows:  # an attack that wrecks the base is no measure of relearning: kept apart
-        base_cost = row["cost"].get("base", {}).get("unrelated_accuracy")
+        base_cost = whole.get(row["attacker"], (None, None))[1]
         row["destructive"] = base_cost is not None and base_cost > DESTRUCTIVE
-    reference = next(r for r in rows if r["attacker"] == grid.reference)
+    reference = whole.get(grid.reference, (None, None))[0]
     for row in rows:
-        row["strength"] = relative(row["variants"].get("base"), reference["variants"].get("base"))
+        row["strength"] = relative(whole.get(row["attacker"], (None, None))[0], reference)
     for row in rows:  # the worst case of all, which no ratio expresses: the base never relearns, meta does
         base, meta = (row["variants"].get(v, {}).get("window") for v in ("base", "meta"))
         row["only_meta_relearns"] = bool(rises and not row["benign"] and base and meta

@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import ROLES, AttackConfig, StudyConfig, with_prompt_file_digest
 
@@ -408,9 +409,18 @@ def evaluation_fingerprint(config: StudyConfig, source: str | os.PathLike) -> st
                   *([outside] if outside else []))
 
 
-def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike) -> str:
+NOT_RECORDED = object()
+
+
+def attack_fingerprint(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike,
+                       recorded_seeds: Any = NOT_RECORDED) -> str:
+    """`recorded_seeds`: the fingerprint a curve made before an attack's seed list was left out of it holds,
+    with the list that curve recorded (so such curves stay valid)."""
     outside = outside_inputs(config)
-    return digest(attack_inputs(attack), seed, model_identity(source),
+    inputs = attack_inputs(attack)
+    if recorded_seeds is not NOT_RECORDED:
+        inputs["seeds"] = recorded_seeds
+    return digest(inputs, seed, model_identity(source),
                   config.fingerprint("model", "concepts", "data", "evaluation"), *([outside] if outside else []))
 
 
@@ -460,4 +470,11 @@ def evaluation_done(config: StudyConfig, source: str | os.PathLike, label: str) 
 def attack_done(config: StudyConfig, attack: AttackConfig, seed: int, source: str | os.PathLike,
                 label: str) -> bool:
     curve = read_json(RunLayout.of(config).attack(label, attack.name, seed) / CURVE)
-    return curve.get("fingerprint") == attack_fingerprint(config, attack, seed, source) and bool(curve.get("points"))
+    if not curve.get("points"):
+        return False
+    if curve.get("fingerprint") == attack_fingerprint(config, attack, seed, source):
+        return True
+    # made before the seed list was left out of the fingerprint: the same settings, with the list it recorded
+    recorded = curve.get("attack") or {}
+    return "seeds" in recorded and attack.made_curve(curve) and \
+        curve.get("fingerprint") == attack_fingerprint(config, attack, seed, source, recorded["seeds"])
