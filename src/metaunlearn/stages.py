@@ -65,7 +65,8 @@ def preflight(config: StudyConfig, unlearns: bool = True, attacks: list[AttackCo
         # count times the configured one, which the curve's fingerprint does not hold) and sample every
         # evaluation; a study's attacks go in parallel on Ray instead
         raise ConfigError("attacks run in one process: launch `metaunlearn unlearn` across processes, and the "
-                          "attacks without accelerate (or a study's stages in parallel: --executor ray)")
+                          "attacks without accelerate (a study's stages run in parallel with `metaunlearn run "
+                          "--executor ray`)")
     _check_image_folders(config, unlearns, attacks)
     # a metric's class declares the values it always returns (the forget rate among them for concept_rate
     # and plugins like it); the run-time check (unlearn.forget_judge) asks the built metrics the same
