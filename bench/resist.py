@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from metaunlearn.config import load_config
-from metaunlearn.durability import attack_grid, load_grid, summarise, table
+from metaunlearn.durability import attack_grid, load_grid, paired_grid, summarise, table
 from metaunlearn.plots import plot_grid
 from metaunlearn.worlds import world_for
 
@@ -58,7 +58,7 @@ def main() -> None:
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})
         results[name] = summary
-        plot_grid(curves, "forget_rate", Path(args.out) / f"{name}-{grid.name}.png", grid.name,
+        plot_grid(paired_grid(curves), "forget_rate", Path(args.out) / f"{name}-{grid.name}.png", grid.name,
                   title=f"forget rate under grid '{grid.name}': base vs {name}")
         b, m = summary["before"]["base"], summary["before"]["meta"]
         print(f"## {name} ({', '.join(overrides) or 'defaults'})\n\nbefore any attack (F / R / U): base "

@@ -197,6 +197,10 @@ def test_the_summary_keeps_destructive_and_benign_attackers_out_of_the_worst_cas
     rows = {r["attacker"]: r for r in summarise(grid, lost, "forget_rate")["rows"]}
     assert rows["strong"]["strength"] == pytest.approx(0.9 / 0.8)  # not 0.8 / 0.8 over seed 0's base alone
     assert rows["strong"]["variants"]["base"]["window"]["mean"] == pytest.approx(0.8)
+    from metaunlearn.durability import paired_grid
+
+    shown = paired_grid(lost)  # the figure's curves: the pairs the table's numbers are over
+    assert len(shown["g.v2.strong"]["base"]) == len(shown["g.v2.strong"]["meta"]) == 1
     assert "note: ref: 1 curve(s) left out" in table(summarise(grid, gap, "forget_rate"))
     both_zero = dict(curves, **{"g.v2.strong": {"base": run([0, 0, 0], keep), "meta": run([0, 0, 0], keep)}})
     assert summarise(grid, both_zero, "forget_rate")["worst"]["attacker"] == "ref"  # neither relearns: no case

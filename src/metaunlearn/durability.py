@@ -140,7 +140,7 @@ def run_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, log=p
                "selected_on_this_grid": chosen_here}
     write_json(runs.file(f"durability-{grid.name}.json"), summary)
     write_text(runs.file(f"durability-{grid.name}.md"), table(summary))
-    plot_grid(curves, key, runs.file(f"durability-{grid.name}.png"), grid.name)
+    plot_grid(paired_grid(curves), key, runs.file(f"durability-{grid.name}.png"), grid.name)  # as the table
     return summary
 
 
@@ -221,6 +221,11 @@ def paired(by_variant: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], in
     out = {v: [c for c in curves if key(c) in common] if v in ("base", "meta") else curves
            for v, curves in by_variant.items()}
     return out, sum(len(by_variant[v]) - len(out[v]) for v in ("base", "meta"))
+
+
+def paired_grid(curves: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
+    """Every attacker's curves paired (`paired`): what the summary's numbers are over, for its figure."""
+    return {attacker: paired(by_variant)[0] for attacker, by_variant in curves.items()}
 
 
 def merged(defaults: dict, spec: dict) -> dict:
