@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from metaunlearn.config import load_config
-from metaunlearn.durability import attack_grid, load_grid, paired_grid, summarise, table
+from metaunlearn.durability import attack_grid, failure_line, load_grid, paired_grid, summarise, table
 from metaunlearn.plots import plot_grid
 from metaunlearn.worlds import world_for
 
@@ -53,7 +53,7 @@ def main() -> None:
         curves = {a: {**base[a], **meta[a]} for a in base}
         summary = {**summarise(grid, curves, key="forget_rate", world=world_for(config.model)), "failed": failed}
         for f in failed:
-            print(f"failed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}", flush=True)
+            print(failure_line(f), flush=True)
         ref = f"{grid.name}.{grid.reference}"
         summary.update(overrides=overrides, before={"base": before(curves, "base", ref),
                                                     "meta": before(curves, "meta", ref)})

@@ -281,7 +281,7 @@ def test_an_attacker_that_diverges_is_reported_and_the_grid_still_summarised(tin
     assert result.exit_code == 1, result.output
     summary = json.loads((run / "durability-g.json").read_text())
     assert [(f["attacker"], f["variant"], f["seed"]) for f in summary["failed"]] == [("wreck", "base", 0)]
-    assert "diverged" in summary["failed"][0]["error"] and "failed: wreck on base seed 0" in result.output
+    assert "diverged" in summary["failed"][0]["error"] and "failed: wreck on esd-seed0 (attack seed 0)" in result.output
     assert "worst: " in result.output and "(over the attacks that ran: 1 failed, listed below)" in result.output
     assert summary["rows"][0]["variants"]["base"]["window"] is not None  # the others were measured
 

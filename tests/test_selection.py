@@ -144,3 +144,24 @@ def test_the_select_command_on_a_tiny_study(tiny_pipeline_dir, tmp_path):
     report = CliRunner().invoke(app, ["durability", str(study), str(grid), "--set", "variants=[meta]"])
     assert report.exit_code == 0, report.output
     assert "note: selection-meta-s.json chose a model on this grid" in report.output
+
+
+def test_a_selection_with_no_quality_measured_says_so_and_a_failure_names_its_model():
+    """A detector that judges the forget prompts only (NudeNet) leaves related and unrelated accuracy None: the
+    rule then rules on the forget rate alone, which the table must say; a failed attack names the model."""
+    from metaunlearn.selection import table
+
+    def forget_only(c: dict) -> dict:
+        for p in c["points"]:
+            p["values"].update(related_accuracy=None, unrelated_accuracy=None)
+        return c
+
+    models = {m: {"a": [forget_only(curve(m, [0.0, w, w]))]} for m, w in (("m0", 0.4), ("m1", 0.2))}
+    out = rank(models, "forget_rate", until=100)
+    assert out["quality_judged"] is False and out["chosen"] == "m1"
+    failed = {"attacker": "a", "variant": "meta", "model": "esd-meta-seed2", "seed": 300, "error": "diverged"}
+    text = table({**out, "failed": [failed]})
+    assert "note: no related or unrelated accuracy was measured" in text
+    assert "failed: a on esd-meta-seed2 (attack seed 300): diverged" in text
+    assert rank({m: {"a": [curve(m, [0.0, 0.2, 0.2])]} for m in ("m0", "m1")}, "forget_rate",
+                until=100)["quality_judged"] is True

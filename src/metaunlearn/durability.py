@@ -166,10 +166,10 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
     metrics = metrics or stages.evaluator(config)  # the study's metrics: loaded once (detectors, features)
     curves: dict[str, dict[str, list[dict]]] = {a.name: {} for a in attacks}
     runs = RunLayout.of(config)
-    targets = [(m.variant, m.config, m.seed, runs.model(m.label)) for m in unlearned_models(config)]
+    targets = [(m.variant, m.config, m.seed, runs.model(m.label), m.label) for m in unlearned_models(config)]
     if grid.original:
-        targets.append(("original", config, None, None))
-    for variant, vcfg, seed, model_dir in targets:
+        targets.append(("original", config, None, None, "original"))
+    for variant, vcfg, seed, model_dir, label in targets:
         if seed is not None:
             stages.run_unlearn(vcfg, seed, progress=progress)
         for attack in attacks:
@@ -181,8 +181,8 @@ def attack_grid(config: StudyConfig, grid: GridConfig, progress: bool = True, lo
                 except MetaunlearnError as err:
                     if failed is None:
                         raise
-                    failed.append({"attacker": attack.name[len(grid.name) + 1:], "variant": variant, "seed": s,
-                                   "error": str(err)})
+                    failed.append({"attacker": attack.name[len(grid.name) + 1:], "variant": variant, "model": label,
+                                   "seed": s, "error": str(err)})
                     log(f"durability {grid.name}: {attack.name} seed {s} failed: {err}")
                     continue
                 curves[attack.name].setdefault(variant, []).append(curve)
@@ -199,6 +199,12 @@ def attack_cost(curves: list[dict], key: str) -> float | None:
     """How much an attack lowers `key`: before minus after, mean over curves."""
     before, after = mean_at(curves, key, 0), mean_at(curves, key, None)
     return before["mean"] - after["mean"] if before and after else None
+
+
+def failure_line(f: dict) -> str:
+    """A failed attack as one line: the attacker, the model it attacked and its attack seed."""
+    on = f.get("model") or f"{f['variant']} seed"  # records written before they named the model
+    return f"failed: {f['attacker']} on {on} (attack seed {f['seed']}): {f['error']}"
 
 
 ONLY_META = "meta relearns, the base does not"  # a ratio over a base window of 0
@@ -336,7 +342,7 @@ def table(summary: dict) -> str:
             f"{w['attacker']} ({w['ratio']:.2f}x)"
         lines.append(f"\n{name.replace('_', ' ')}: {shown}{gaps}")
     for f in summary.get("failed", []):
-        lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
+        lines.append(f"\n{failure_line(f)}")
     for r in summary["rows"]:
         if r.get("unpaired"):
             lines.append(f"\nnote: {r['attacker']}: {r['unpaired']} curve(s) left out, whose seeds the other variant "

@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 
 from .config import StudyConfig
-from .durability import QUALITY, GridConfig, attack_cost, attack_grid, mean_at, relearning_key
+from .durability import QUALITY, GridConfig, attack_cost, attack_grid, failure_line, mean_at, relearning_key
 from .errors import ConfigError
 from .layout import RunLayout, atomic_dir, unlearned_models, write_json, write_text
 from .metrics import durability
@@ -112,8 +112,11 @@ def rank(models: dict[str, dict[str, list[dict]]], key: str, until: int, toleran
     eligible = [(sign * r["window"], math.inf if r["collateral"] is None else r["collateral"], i, label)
                 for i, (label, r) in enumerate(rows.items()) if r["eligible"]]
     # the tolerance the gate used: 0 (plain Pareto) when a tolerance would have ruled out every model
+    # whether any quality rate ruled on the models at all (not with a detector that judges the forget role only)
+    quality = any(r["before"].get(k) is not None for r in rows.values() for k in QUALITY) or \
+        (collateral and any(r["collateral"] is not None for r in rows.values()))
     return {"key": key, "rate": _declared(models).get(key, {}).get("fraction", True), "tolerance": slack,
-            "collateral": collateral, "models": rows,
+            "collateral": collateral, "models": rows, "quality_judged": quality,
             "chosen": min(eligible)[3] if eligible else None}
 
 
@@ -191,7 +194,11 @@ def table(selection: dict) -> str:
                      f" | {window(r['window'])} | {window(b[selection['key']])} / {pct(b.get('related_accuracy'))} / "
                      f"{pct(b.get('unrelated_accuracy'))} | {pct(r['collateral'])} | {mark} |")
     for f in selection.get("failed", []):
-        lines.append(f"\nfailed: {f['attacker']} on {f['variant']} seed {f['seed']}: {f['error']}")
+        lines.append(f"\n{failure_line(f)}")
+    if models and selection.get("quality_judged") is False:
+        lines.append("\nnote: no related or unrelated accuracy was measured (the concept detector judges the "
+                     "forget prompts only): models were ruled out on the key before any attack alone, so one an "
+                     "attack wrecked is not ruled out; check the released model's quality by other means")
     lines.append(f"\nkey: {selection['key']}; chosen: "
                  + (selection["chosen"] or "none (no model was measured under every attack)"))
     return "\n".join(lines) + "\n"
