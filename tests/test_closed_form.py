@@ -20,7 +20,7 @@ from metaunlearn.methods.uce import aligned_keys, projections, solve
 from metaunlearn.unlearn import unlearn
 
 from helpers import concept_data
-from test_train import assert_same_weights, crash_then_resume, log_records, make_config, weights
+from test_train import assert_same_weights, crash_then_resume, uninterrupted_run, log_records, make_config, weights
 
 
 def rand(*shape, seed=0):
@@ -163,9 +163,7 @@ def test_reapply_solves_again_only_after_a_stage_that_trained_the_projections(ti
 def test_a_closed_form_run_with_meta_resumes_like_any_other(tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "method.name=uce", "method.params=full", "meta.enabled=true",
                          "method.uce.meta_route=anchor", "method.lr=1e-4")
-    uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, unlearn_fingerprint(config, 0),
-            progress=False)
+    uninterrupted = uninterrupted_run(config, tiny_pipeline_dir, tmp_path / "a")
     model = crash_then_resume(config, tiny_pipeline_dir, tmp_path / "b")  # the edit again, then the checkpoint
     assert [r["step"] for r in log_records(tmp_path / "b")] == list(range(1, 9))
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))

@@ -5,6 +5,7 @@ an uninterrupted one."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from metaunlearn.unlearn import unlearn
 
 from helpers import concept_data
 from test_meta import BATCH
-from test_train import assert_same_weights, crash_then_resume, log_records, make_config, weights
+from test_train import assert_same_weights, crash_then_resume, uninterrupted_run, log_records, make_config, weights
 
 # a fixed attacker (nothing drawn: the generator's draws are the same with and without an episode)
 FIXED = dict(inner_lr=1e-2, inner_steps=1, inner_step="sgd", low_rank=0.0, forget_sharpness=0.0)
@@ -106,9 +107,7 @@ def test_a_run_resumes_mid_episode_like_an_uninterrupted_one(tiny_pipeline_dir, 
     # checkpoints at steps 2 and 4; with episodes of 3 the resume at 4 is one step into an episode
     config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.persistent=3", "method.lr=1e-3",
                          "meta.inner_lr=0.05", "meta.inner_step=sgd", "meta.low_rank=0")
-    uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, unlearn_fingerprint(config, 0),
-            progress=False)
+    uninterrupted = uninterrupted_run(config, tiny_pipeline_dir, tmp_path / "a")
     depths = [r.get("meta/attack_depth") for r in log_records(tmp_path / "a")]
     assert depths == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]
     model = crash_then_resume(config, tiny_pipeline_dir, tmp_path / "b")
@@ -152,16 +151,22 @@ def test_the_simulated_attacker_also_moves_the_weights_the_defence_leaves_frozen
     assert any(not torch.allclose(a, b) for a, b in zip(grads["all"], grads["trained"]))
 
 
-def test_a_persistent_attacker_across_processes_is_refused_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting, refusal", [
+    ("meta.persistent=3", "meta.persistent runs in one process only"),
+    ("meta.inner_step=[sgd, adam_warm]", "'adam_warm' runs in one process only")])
+def test_per_process_meta_state_across_processes_is_refused_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                                            setting, refusal):
+    """A persistent attacker's episode and a running Adam's moments are each process's own, and a checkpoint
+    holds the main process's only."""
     import types
 
     import metaunlearn.unlearn as unlearn_module
     from metaunlearn.errors import ConfigError
 
-    config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.persistent=3")
+    config = make_config(tiny_pipeline_dir, "meta.enabled=true", setting)
     model = DiffusionModel.load(tiny_pipeline_dir)
     monkeypatch.setattr(unlearn_module, "make_accelerator", lambda *a: types.SimpleNamespace(num_processes=2))
-    with pytest.raises(ConfigError, match="meta.persistent runs in one process only"):
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
         unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
                 progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "run.json").exists()

@@ -253,6 +253,13 @@ class Crash(Exception):
     pass
 
 
+def uninterrupted_run(config, pipeline, out: Path) -> DiffusionModel:
+    """`config` unlearned into `out` in one go (seed 0): what a resumed run must equal."""
+    model = DiffusionModel.load(pipeline)
+    unlearn(config, model, concept_data(model), out, 0, unlearn_fingerprint(config, 0), progress=False)
+    return model
+
+
 def crash_then_resume(config, pipeline, out: Path, at: int = 5) -> DiffusionModel:
     """Run `config` until it crashes at step `at` (0-based; checkpoints before it stay), check the run is
     marked unfinished, then run it again in a fresh model, as a new process would: the resumed model."""

@@ -10,17 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from metaunlearn import DiffusionModel
 from metaunlearn.config import MetaConfig
 from metaunlearn.engine import StepContext
-from metaunlearn.layout import unlearn_fingerprint
 from metaunlearn.simulated import Attacker, WarmAdam
-from metaunlearn.unlearn import unlearn
 
 from helpers import concept_data
 from test_meta import BATCH
 from test_persistent import make, step
-from test_train import assert_same_weights, crash_then_resume, make_config, weights
+from test_train import assert_same_weights, crash_then_resume, uninterrupted_run, make_config, weights
 
 ATTACKER = dict(inner_lr=1e-3, inner_steps=1, low_rank=0.0, forget_sharpness=0.0)
 
@@ -118,9 +115,7 @@ def test_the_moments_survive_the_state_dict(tiny_model):
 def test_a_run_with_a_warm_attacker_resumes_like_an_uninterrupted_one(tiny_pipeline_dir, tmp_path):
     config = make_config(tiny_pipeline_dir, "meta.enabled=true", "method.lr=1e-3", "meta.inner_lr=1e-2",
                          "meta.inner_step=adam_warm", "meta.low_rank=0")
-    uninterrupted = DiffusionModel.load(tiny_pipeline_dir)
-    unlearn(config, uninterrupted, concept_data(uninterrupted), tmp_path / "a", 0, unlearn_fingerprint(config, 0),
-            progress=False)
+    uninterrupted = uninterrupted_run(config, tiny_pipeline_dir, tmp_path / "a")
     model = crash_then_resume(config, tiny_pipeline_dir, tmp_path / "b")
     assert_same_weights(weights(model.unet), weights(uninterrupted.unet))
 
@@ -129,21 +124,6 @@ def test_a_run_with_a_warm_attacker_resumes_like_an_uninterrupted_one(tiny_pipel
 def test_a_warm_attacker_off_the_in_place_first_order_route_is_refused(settings):
     with pytest.raises(ValidationError, match="adam_warm"):
         MetaConfig(enabled=True, inner_step=["adam", "adam_warm"], **settings)
-
-
-def test_a_warm_attacker_across_processes_is_refused_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch):
-    import types
-
-    import metaunlearn.unlearn as unlearn_module
-    from metaunlearn.errors import ConfigError
-
-    config = make_config(tiny_pipeline_dir, "meta.enabled=true", "meta.inner_step=[sgd, adam_warm]")
-    model = DiffusionModel.load(tiny_pipeline_dir)
-    monkeypatch.setattr(unlearn_module, "make_accelerator", lambda *a: types.SimpleNamespace(num_processes=2))
-    with pytest.raises(ConfigError, match="'adam_warm' runs in one process only"):
-        unlearn(config, model, concept_data(model), tmp_path / "run", 0, unlearn_fingerprint(config, 0),
-                progress=False)
-    assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_a_launch_across_processes_is_refused_before_the_model_loads(tiny_pipeline_dir, monkeypatch):
